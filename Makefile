@@ -1,0 +1,35 @@
+# sokd: `make demo` (set-up + the embedded default job), `make test` (set-up + tests).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.sokd-installed
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup demo test test-slow study bench clean
+
+setup: $(STAMP) fmnist-data
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,export]'
+	@touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist when missing and apt is usable (else the
+# loader explains the other ways: data.root=..., data.download=true).
+fmnist-data:
+	@if [ ! -e $(FMNIST)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null 2>&1 \
+		|| echo "note: could not apt-get install dataset-fashion-mnist; see README (Data)"; fi
+
+demo: setup
+	$(VENV)/bin/sokd demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf runs .pytest_cache

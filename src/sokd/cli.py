@@ -1,0 +1,57 @@
+"""`sokd` command line: parse, call the runner/commands, print. Knows no tensors.
+
+User mistakes (SokdError) are printed as one line and exit with status 2; `--debug` shows the
+traceback. An interrupted run exits 128+signal after saving a resumable checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from .errors import SokdError
+
+COMMANDS = ("train", "eval", "models", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+    parser = argparse.ArgumentParser(prog="sokd", description="Semi-Online Knowledge Distillation and baselines")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f".commands.{name}", __package__)
+        module.add_parser(sub)
+    return parser
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.run(args) or 0)
+    except SokdError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"sokd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sokd: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an exception that is sokd's fault, not the user's
+        from .engine.signals import Interrupted
+        if isinstance(err, Interrupted):
+            print(f"sokd: {err}", file=sys.stderr)
+            return err.exit_code
+        if debug:
+            raise
+        print(f"sokd: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback "
+              f"and report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

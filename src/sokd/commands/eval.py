@@ -1,0 +1,38 @@
+"""sokd eval CHECKPOINT: test accuracy of every network in a run checkpoint or model file."""
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint (last.pt, best.pt, student.pt, ...)")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="data.key=value",
+                   help="data overrides, e.g. data.root=/data/fmnist")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from .. import runner
+    from ..config import parse_override
+    from ..errors import SokdError
+    from .table import pct, render
+    data = {}
+    for text in args.overrides:
+        path, value = parse_override(text)
+        if len(path) != 2 or path[0] != "data":
+            raise SokdError(f"eval accepts only data.KEY=VALUE overrides, got '{text}'")
+        data[path[1]] = value
+    result = runner.evaluate_checkpoint(args.checkpoint, data, args.device, args.precision)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['checkpoint']}: {result['n']} test images")
+    print(render(["role", "top-1", "top-5"],
+                 [[r, pct(m["top1"]), pct(m["top5"])] for r, m in result["roles"].items()]))
+    for pair, m in result["compare"].items():
+        print(f"  {pair}: agreement {m['agreement']:.2f}%  KL {m['kl']:.4f}")
+    return 0

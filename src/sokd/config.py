@@ -1,0 +1,189 @@
+"""Typed, validated run configuration: YAML file + dotted `key=value` overrides -> Config.
+
+Unknown keys and wrong types are one-line SokdErrors naming the key (with a suggestion).
+Method options are validated against the chosen method's own options model.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from .data.config import DataConfig
+from .errors import SokdError
+from .validation import describe, validate
+
+DataConfig.__pydantic_config__ = ConfigDict(extra="forbid")  # strict keys for the data section
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class NetworkSpec(Strict):
+    arch: str = Field(description="zoo name, e.g. wrn_40_2, resnet20, tv.resnet18")
+    checkpoint: str | None = Field(None, description="sokd run checkpoint or model file to start from")
+    checkpoint_role: str | None = Field(None, description="role inside a run checkpoint (default: best guess)")
+    weights: str | None = Field(None, description="torchvision/timm state-dict file (local)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments")
+
+
+class MethodSpec(BaseModel):
+    """`name` plus that method's options (validated by the method's own options model)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "sokd"
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimSpec(Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_per_role: dict[str, float] = Field(default_factory=dict, description="e.g. {teacher: 0.01}")
+
+
+class ScheduleSpec(Strict):
+    name: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[int] = Field(default_factory=lambda: [100, 150])
+    gamma: float = 0.1
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr_factor: float = Field(0.0, ge=0, description="cosine floor as a fraction of lr")
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(200, ge=1)
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+
+class OutputSpec(Strict):
+    dir: str = Field("runs/{name}", description="run directory; {name}, {method}, {seed} are replaced")
+    resume: bool = False
+    overwrite: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class DistributedSpec(Strict):
+    sync_bn: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+class Config(Strict):
+    name: str = "run"
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    model: NetworkSpec | None = None
+    teacher: NetworkSpec | None = None
+    student: NetworkSpec | None = None
+    peers: list[NetworkSpec] = Field(default_factory=list)
+    data: DataConfig
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+
+    @model_validator(mode="after")
+    def _check_method(self):
+        from . import methods
+        validate(methods.options_model(self.method.name), self.method.options(), prefix="method.")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir.replace("{name}", self.name).replace("{method}", self.method.name)
+                    .replace("{seed}", str(self.train.seed)))
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise SokdError(f"override '{text}' is not key=value (e.g. train.epochs=5)")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise SokdError(f"override '{text}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Set dotted keys (creating missing mappings); validation later rejects unknown ones."""
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise SokdError(f"override '{text}': '{'.'.join(path[:i + 1])}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """Read a YAML config; a `base: other.yaml` key (relative to this file) is merged underneath."""
+    path = Path(path)
+    if not path.is_file():
+        raise SokdError(f"config file '{path}' not found; pass a YAML file such as configs/fmnist/sokd.yaml")
+    if path.resolve() in _seen:
+        raise SokdError(f"config '{path}' includes itself through `base`")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SokdError(f"config '{path}' is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(tree, dict):
+        raise SokdError(f"config '{path}' must be a mapping of keys to values")
+    base = tree.pop("base", None)
+    if base:
+        bases = [base] if isinstance(base, str) else list(base)
+        merged: dict = {}
+        for b in bases:
+            merged = _deep_merge(merged, read_yaml(path.parent / b, _seen + (path.resolve(),)))
+        tree = _deep_merge(merged, tree)
+    return tree
+
+
+def build(tree: dict) -> Config:
+    return validate(Config, tree)
+
+
+def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    tree = read_yaml(path) if path is not None else {}
+    return build(apply_overrides(tree, list(overrides)))
+
+
+def default_config_path() -> Path:
+    """The embedded default job (Fashion-MNIST SOKD) shipped inside the package."""
+    return Path(__file__).parent / "presets" / "fmnist_sokd.yaml"

@@ -1,0 +1,270 @@
+"""The one training loop. Every method goes through `fit`; it never branches on a method's name."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import SokdError
+from . import rundir
+from .checkpoint import atomic_save
+from .distributed import DistContext
+from .evaluate import evaluate
+from .logger import RunLogger
+from .optim import build_optimizer, build_scheduler
+from .precision import autocast, grad_scaler, resolve_device
+from .signals import Interrupted, StopRequest
+
+
+class NonFiniteLoss(SokdError):
+    pass
+
+
+@dataclass
+class EpochAccumulator:
+    """Running sums of one epoch's training statistics (saved in mid-epoch checkpoints)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+    seconds: float = 0.0
+
+    def add(self, out: dict, labels: torch.Tensor) -> None:
+        n = labels.numel()
+        self.samples += n
+        values = {"loss": out["loss"].detach().float() * n}
+        for name, t in out["terms"].items():
+            values[f"terms/{name}"] = t.detach().float() * n
+        for role, z in out["logits"].items():
+            values[f"top1/{role}"] = z.detach().argmax(1).eq(labels).sum().float()
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def result(self) -> dict:
+        n = max(self.samples, 1)
+        out: dict = {"loss": self.sums.get("loss", 0.0) / n, "terms": {}, "top1": {}}
+        for k, v in self.sums.items():
+            if "/" in k:
+                group, name = k.split("/", 1)
+                out[group][name] = v / n * (100.0 if group == "top1" else 1.0)
+        out["images_per_s"] = self.samples / self.seconds if self.seconds > 0 else 0.0
+        out["samples"], out["seconds"] = self.samples, self.seconds
+        return out
+
+    def state(self) -> dict:
+        return {"sums": dict(self.sums), "samples": self.samples, "seconds": self.seconds}
+
+
+def _first_bad_term(out: dict) -> str:
+    for name, t in out["terms"].items():
+        if not torch.isfinite(t.detach()).all():
+            return name
+    return "loss"
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@dataclass
+class FitContext:
+    """What fit needs besides the method and data: config, where to write, how to name nets."""
+
+    cfg: object                      # sokd.config.Config
+    run_dir: Path
+    arch_of: dict[str, dict]         # role -> {"arch", "num_classes", "in_channels", "params"}
+    dist: DistContext = field(default_factory=DistContext)
+
+
+def fit(method, data, ctx: FitContext) -> dict:
+    """Train `method` on `data` per the config; returns the summary dict (also summary.json)."""
+    cfg, dist = ctx.cfg, ctx.dist
+    tr = cfg.train
+    device = resolve_device(tr.device) if not dist.enabled else dist.device
+    if tr.threads:
+        torch.set_num_threads(tr.threads)
+    memory_format = torch.channels_last if tr.channels_last else torch.contiguous_format
+    method.to(device=device, memory_format=memory_format)
+    for source in (data.train, data.test):
+        source.channels_last = tr.channels_last
+
+    ckpt = None
+    if dist.is_main:
+        ckpt = rundir.prepare(ctx.run_dir, cfg.to_dict(), cfg.output.resume, cfg.output.overwrite)
+    ckpt = dist.broadcast_object(ckpt)
+
+    step_module = dist.wrap(method, sync_bn=cfg.distributed.sync_bn)
+    optimizer = build_optimizer(method, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule, tr.epochs)
+    scaler = grad_scaler(device, tr.precision)
+
+    start_epoch, start_step, history, accum_state, prior_wall = 0, 0, [], None, 0.0
+    if ckpt is not None:
+        method.load_state_dict(ckpt["method"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt.get("scaler", {})) if ckpt.get("scaler") else None
+        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
+        history = list(ckpt.get("history", []))
+        accum_state = ckpt.get("accum")
+        prior_wall = float(ckpt.get("wall_time_s", 0.0))
+        _set_rng_state(ckpt["rng"], device)
+        if start_epoch >= tr.epochs:
+            dist.print(f"run already finished {start_epoch} epochs; raise train.epochs to train more")
+
+    logger = RunLogger(ctx.run_dir, cfg.output.tensorboard, start_epoch if ckpt else None) if dist.is_main else None
+    if tr.compile:
+        step_module = torch.compile(step_module)
+
+    def save(epoch: int, step: int, accum: EpochAccumulator | None, path: str = "last.pt") -> dict:
+        state = {
+            "format": "sokd-run", "version": 1, "epoch": epoch, "step": step,
+            "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "wall_time_s": prior_wall + time.perf_counter() - wall0,
+            "rng": _rng_state(device), "config": cfg.to_dict(), "history": history,
+            "accum": accum.state() if accum else None, "arch_of": ctx.arch_of,
+            "data": {"name": data.name, "shape": list(data.shape), "mean": list(data.mean),
+                     "std": list(data.std), "num_classes": data.num_classes},
+        }
+        if dist.is_main:
+            atomic_save(state, ctx.run_dir / path)
+        return state
+
+    def run_eval() -> dict:
+        return evaluate(method, data.test, device, tr.precision, reduce=dist.all_reduce_sum)
+
+    wall0 = time.perf_counter()
+    if ckpt is None:
+        initial = run_eval()
+        row = {"epoch": 0, "test": initial["roles"], "compare": initial["compare"]}
+        history.append(row)
+        if logger:
+            logger.log(row)
+
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, tr.epochs):
+            data.train.set_epoch(epoch)
+            accum = EpochAccumulator()
+            if start_step and accum_state:
+                accum = EpochAccumulator(**accum_state)
+            else:
+                torch.manual_seed(tr.seed * 100_003 + epoch)
+            step = start_step
+            start_step, accum_state = 0, None
+            total = len(data.train) if tr.steps_per_epoch is None else min(len(data.train), tr.steps_per_epoch)
+            bar = tqdm(total=total, initial=step, desc=f"epoch {epoch + 1}/{tr.epochs}", unit="step",
+                       leave=False, disable=not (cfg.output.progress and dist.is_main), dynamic_ncols=True)
+            method.train()
+            t0 = time.perf_counter()
+            for images, labels in data.train.iter_from(step):
+                if step >= total:
+                    break
+                with autocast(device, tr.precision):
+                    out = step_module(images, labels)
+                loss = out["loss"]
+                if not torch.isfinite(loss.detach()):
+                    raise NonFiniteLoss(
+                        f"non-finite loss in term '{_first_bad_term(out)}' at epoch {epoch + 1} step {step}; "
+                        f"last.pt (end of the last good epoch) is intact — lower optim.lr or use fp32/bf16")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                accum.add(out, labels)
+                step += 1
+                bar.update(1)
+                if step % 10 == 0 or step == total:
+                    elapsed = accum.seconds + time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{float(loss):.3f}",
+                                    img_s=f"{accum.samples * dist.world_size / max(elapsed, 1e-9):.0f}")
+                if dist.any_flag(stop.requested):
+                    accum.seconds += time.perf_counter() - t0
+                    save(epoch, step, accum)
+                    bar.close()
+                    raise Interrupted(stop.signum or 15, epoch, step, ctx.run_dir)
+            accum.seconds += time.perf_counter() - t0
+            bar.close()
+            lrs = {g["role"]: g["lr"] for g in optimizer.param_groups}
+            scheduler.step()
+            result = run_eval()
+            train_stats = accum.result()
+            train_stats["images_per_s"] *= dist.world_size
+            row = {"epoch": epoch + 1, "wall_time_s": time.perf_counter() - wall0 + prior_wall, "lr": lrs,
+                   "train": train_stats, "test": result["roles"], "compare": result["compare"]}
+            history.append(row)
+            if logger:
+                logger.log(row)
+            state = save(epoch + 1, 0, None)
+            primary = method.primary
+            best_so_far = max(r["test"][primary]["top1"] for r in history[1:] if primary in r["test"])
+            if dist.is_main and result["roles"].get(primary, {}).get("top1") == best_so_far:
+                atomic_save(state, ctx.run_dir / "best.pt")
+            dist.print(_epoch_line(row, primary))
+
+    summary = _summary(cfg, method, data, history, ctx, device)
+    if dist.is_main:
+        _save_standalone(method, data, ctx)
+        logger.summary(summary)
+        logger.close()
+    return summary
+
+
+def _epoch_line(row: dict, primary: str) -> str:
+    tests = "  ".join(f"{r} {m['top1']:.2f}" for r, m in row["test"].items())
+    return (f"epoch {row['epoch']:>3}  loss {row['train']['loss']:.4f}  "
+            f"{row['train']['images_per_s']:.0f} img/s  test top-1: {tests}")
+
+
+def _save_standalone(method, data, ctx: FitContext) -> None:
+    """Each network worth shipping as its own classifier file (`sokd eval` / `sokd export` read it)."""
+    for name, (arch_role, module) in method.standalone().items():
+        info = ctx.arch_of[arch_role]
+        atomic_save({
+            "format": "sokd-model", "version": 1, "name": name, **info,
+            "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+            "preprocess": {"shape": list(data.shape), "mean": list(data.mean), "std": list(data.std)},
+            "data": {"name": data.name, "num_classes": data.num_classes},
+            "config": ctx.cfg.to_dict(),
+        }, ctx.run_dir / f"{name}.pt")
+
+
+def _summary(cfg, method, data, history, ctx, device) -> dict:
+    trained_rows = [r for r in history if "train" in r]
+    samples = sum(r["train"]["samples"] for r in trained_rows) * ctx.dist.world_size
+    seconds = sum(r["train"]["seconds"] for r in trained_rows)
+    nets = {}
+    for role in history[-1]["test"] if history else []:
+        curve = [(r["epoch"], r["test"][role]) for r in history if role in r.get("test", {})]
+        trained = [(e, m) for e, m in curve if e > 0] or curve
+        best_epoch, best = max(trained, key=lambda em: em[1]["top1"])
+        info = ctx.arch_of.get(role, {})
+        nets[role] = {
+            "arch": info.get("arch"), "params": info.get("params"),
+            "top1_final": curve[-1][1]["top1"], "top5_final": curve[-1][1]["top5"],
+            "top1_best": best["top1"], "best_epoch": best_epoch,
+            "top1_initial": curve[0][1]["top1"] if curve[0][0] == 0 else None,
+        }
+    return {
+        "method": cfg.method.name, "name": cfg.name, "dataset": data.name,
+        "epochs": history[-1]["epoch"] if history else 0, "seed": cfg.train.seed,
+        "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
+        "device": str(device), "world_size": ctx.dist.world_size,
+        "wall_time_s": history[-1].get("wall_time_s", 0.0) if history else 0.0,
+        "train_images_per_s": samples / seconds if seconds else None,
+        "primary_role": method.primary, "networks": nets,
+        "compare": history[-1].get("compare", {}) if history else {},
+        "note": "top1_final = last epoch; top1_best = best epoch (selected on the test set, optimistic)",
+    }

@@ -1,0 +1,34 @@
+"""Optimizer and learning-rate schedule from the config, over the method's param groups."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import OptimSpec, ScheduleSpec
+
+
+def build_optimizer(method, spec: OptimSpec) -> torch.optim.Optimizer:
+    groups = method.param_groups(spec.lr, spec.lr_per_role)
+    if spec.name == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                               weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+
+
+def lr_factor(spec: ScheduleSpec, epochs: int, epoch: float) -> float:
+    """Multiplier of the base lr at (fractional) epoch `epoch` (0-based)."""
+    if spec.warmup_epochs and epoch < spec.warmup_epochs:
+        return (epoch + 1) / (spec.warmup_epochs + 1)
+    if spec.name == "multistep":
+        return spec.gamma ** sum(1 for m in spec.milestones if epoch >= m)
+    if spec.name == "cosine":
+        span = max(1, epochs - spec.warmup_epochs)
+        t = min(1.0, (epoch - spec.warmup_epochs) / span)
+        return spec.min_lr_factor + (1 - spec.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def build_scheduler(optimizer, spec: ScheduleSpec, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per epoch; its state (last_epoch, base lrs) goes into checkpoints."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(spec, epochs, e))

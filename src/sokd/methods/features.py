@@ -1,0 +1,90 @@
+"""Feature-based terms (FitNet hints, attention transfer) between a student's and a target's stages.
+
+A term compares student stage i with target stage j (default j = i, counted the same way, so
+negative indices pair the last stages of nets with different depths). FitNet's 1x1-conv regressors
+are trainable and are optimised together with the student, in one stage.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..errors import SokdError
+from ..models.staged import StagedNet
+from . import losses
+
+DEFAULT_WEIGHT = {"at": 1000.0, "fitnet": 1.0}
+
+
+class FeatureSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["at", "fitnet"]
+    stages: list[int] = Field(default_factory=lambda: [-1], description="student stage indices")
+    target_stages: list[int] | None = Field(None, description="target stage indices (default: same)")
+    weight: float | None = Field(None, description="default: 1000 for at (beta), 1 for fitnet")
+
+
+def _resolve(idx: int, n: int, who: str, kind: str) -> int:
+    if not -n <= idx < n:
+        raise SokdError(f"feature term '{kind}' asks for {who} stage {idx}, but the {who} has {n} "
+                        f"stages (valid: 0..{n - 1} or -{n}..-1); fix method.features")
+    return idx % n
+
+
+def _stage_channels(net: StagedNet, input_shape) -> list[int]:
+    """Channels of each stage output, from one dry forward in eval mode on a 1-image batch."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            param = next(net.parameters())
+            x = torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
+            _, feats = net(x, features=True)
+    finally:
+        net.train(was_training)
+    return [f.shape[1] for f in feats]
+
+
+class FeatureTerms(nn.Module):
+    """Computes every configured feature term; holds FitNet regressors as parameters."""
+
+    def __init__(self, specs: list[FeatureSpec], student: StagedNet, target: StagedNet, input_shape):
+        super().__init__()
+        kinds = [s.kind for s in specs]
+        if len(set(kinds)) != len(kinds):
+            raise SokdError("method.features lists the same kind twice; list all its stages in one entry")
+        ns, nt = student.num_stages, target.num_stages
+        self.pairs: dict[str, list[tuple[int, int]]] = {}
+        self.weights: dict[str, float] = {}
+        self.regressors = nn.ModuleDict()
+        s_ch = t_ch = None
+        for spec in specs:
+            tgt = spec.target_stages if spec.target_stages is not None else spec.stages
+            if len(tgt) != len(spec.stages):
+                raise SokdError(f"feature term '{spec.kind}': stages and target_stages differ in length")
+            pairs = [(_resolve(i, ns, "student", spec.kind), _resolve(j, nt, "teacher", spec.kind))
+                     for i, j in zip(spec.stages, tgt)]
+            name = f"student_{spec.kind}"
+            self.pairs[name] = pairs
+            self.weights[name] = spec.weight if spec.weight is not None else DEFAULT_WEIGHT[spec.kind]
+            if spec.kind == "fitnet":
+                if s_ch is None:
+                    s_ch, t_ch = _stage_channels(student, input_shape), _stage_channels(target, input_shape)
+                for i, j in pairs:
+                    self.regressors[f"{i}_{j}"] = nn.Sequential(
+                        nn.Conv2d(s_ch[i], t_ch[j], kernel_size=1, bias=False), nn.BatchNorm2d(t_ch[j]))
+
+    def forward(self, student_feats: list[torch.Tensor], target_feats: list[torch.Tensor]) -> dict:
+        terms = {}
+        for name, pairs in self.pairs.items():
+            total = 0.0
+            for i, j in pairs:
+                if name == "student_fitnet":
+                    total = total + losses.hint(self.regressors[f"{i}_{j}"](student_feats[i]), target_feats[j])
+                else:
+                    total = total + losses.attention_transfer(student_feats[i], target_feats[j])
+            terms[name] = total
+        return terms

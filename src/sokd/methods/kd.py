@@ -1,0 +1,35 @@
+"""Hinton KD: a frozen teacher (eval mode) teaches the student; optional feature terms."""
+from __future__ import annotations
+
+import torch
+
+from .base import Method, MethodOptions, roles_required
+from . import losses
+
+
+class KD(Method):
+    term_names = ("student_ce", "student_kl_teacher")
+    frozen = ("teacher",)
+    comparisons = (("teacher", "student"),)
+
+    def __init__(self, teacher=None, student=None, options: MethodOptions | None = None,
+                 input_shape=(3, 32, 32)):
+        roles_required("kd", {"teacher": teacher, "student": student}, ["teacher", "student"])
+        super().__init__({"teacher": teacher, "student": student}, options or MethodOptions())
+        self._attach_features(student, teacher, input_shape)
+
+    def forward(self, images, labels):
+        teacher, student = self.nets["teacher"], self.nets["student"]
+        want_feats = self.features is not None
+        with torch.no_grad():
+            t_out = teacher(images, features=want_feats)
+        s_out = student(images, features=want_feats)
+        (t_logits, t_feats), (s_logits, s_feats) = (t_out, s_out) if want_feats else ((t_out, None), (s_out, None))
+        T = self.options.T
+        terms = {
+            "student_ce": losses.cross_entropy(s_logits, labels),
+            "student_kl_teacher": losses.soft_target(t_logits, s_logits, T),
+        }
+        if want_feats:
+            terms.update(self.features(s_feats, t_feats))
+        return self.combine(terms, {"student": s_logits, "teacher": t_logits})

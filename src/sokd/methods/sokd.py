@@ -1,0 +1,78 @@
+"""Semi-Online Knowledge Distillation (Liu, Liu & Huang, BMVC 2021).
+
+The teacher is frozen; a knowledge bridge module (KBM) grafted onto its trunk learns online with
+the student. One backward pass per step:
+  KBM:     CE(y, A) + KL_T(teacher -> A) + KL_T(student -> A)
+  student: CE(y, S) + KL_T(A -> S)            (+ optional feature terms vs the teacher branch)
+The frozen trunk runs once per batch and feeds both the teacher's own tail and the KBM.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from .base import Method, MethodOptions, roles_required
+from .kbm import build_kbm, teacher_branch
+from . import losses
+
+
+class SOKDOptions(MethodOptions):
+    kbm_stages: int = Field(1, ge=1, description="how many of the teacher's last stages the KBM copies")
+    kbm_init: Literal["random", "teacher"] = Field("random", description="reference: random")
+    teacher_bn: Literal["train", "eval"] = Field(
+        "train", description="frozen teacher's BatchNorm: batch statistics (reference) or running ones")
+
+
+class SOKD(Method):
+    Options = SOKDOptions
+    term_names = ("kbm_ce", "kbm_kl_teacher", "kbm_kl_student", "student_ce", "student_kl_kbm")
+    frozen = ("teacher",)
+    comparisons = (("teacher", "student"), ("kbm", "student"))
+
+    def __init__(self, teacher=None, student=None, options: SOKDOptions | None = None,
+                 input_shape=(3, 32, 32)):
+        roles_required("sokd", {"teacher": teacher, "student": student}, ["teacher", "student"])
+        options = options or SOKDOptions()
+        kbm = build_kbm(teacher, options.kbm_stages, options.kbm_init)
+        super().__init__({"teacher": teacher, "student": student, "kbm": kbm}, options)
+        self.frozen_bn_train = options.teacher_bn == "train"
+        self.split = teacher.num_stages - options.kbm_stages
+        # student features are compared with the teacher branch: trunk stages, then KBM stages
+        self._attach_features(student, teacher, input_shape)
+
+    def _branches(self, images):
+        """Frozen trunk once; teacher tail and KBM both fed from it. Returns logits and features."""
+        teacher, kbm = self.nets["teacher"], self.nets["kbm"]
+        with torch.no_grad():
+            trunk, trunk_feats = teacher.forward_trunk(images, self.split)
+            t_logits, _ = teacher.forward_tail(trunk, self.split)
+        a_logits, a_feats = kbm(trunk.detach())
+        return t_logits, a_logits, trunk_feats + a_feats
+
+    def forward(self, images, labels):
+        t_logits, a_logits, branch_feats = self._branches(images)
+        want_feats = self.features is not None
+        s_out = self.nets["student"](images, features=want_feats)
+        s_logits, s_feats = s_out if want_feats else (s_out, None)
+        T = self.options.T
+        terms = {
+            "kbm_ce": losses.cross_entropy(a_logits, labels),
+            "kbm_kl_teacher": losses.soft_target(t_logits, a_logits, T),
+            "kbm_kl_student": losses.soft_target(s_logits, a_logits, T),
+            "student_ce": losses.cross_entropy(s_logits, labels),
+            "student_kl_kbm": losses.soft_target(a_logits, s_logits, T),
+        }
+        if want_feats:
+            terms.update(self.features(s_feats, branch_feats))
+        return self.combine(terms, {"student": s_logits, "teacher": t_logits, "kbm": a_logits})
+
+    @torch.no_grad()
+    def predict(self, images):
+        t_logits, a_logits, _ = self._branches(images)
+        return {"student": self.nets["student"](images), "teacher": t_logits, "kbm": a_logits}
+
+    def standalone(self):
+        branch = teacher_branch(self.nets["teacher"], self.nets["kbm"])
+        return {"student": ("student", self.nets["student"]), "teacher_branch": ("teacher", branch)}

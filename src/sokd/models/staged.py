@@ -1,0 +1,70 @@
+"""The one shape every sokd network has: stem -> ordered stages -> head.
+
+Distillation methods only ever talk to this interface: feature terms read stage outputs, and the
+knowledge bridge module is built by copying a teacher's last stages and head. Any network that can
+be cut this way (CIFAR zoo, torchvision, a user's own) works with every method.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class StagedNet(nn.Module):
+    """A classifier cut into `stem`, `stages` (nn.ModuleList) and `head` (pool + classifier).
+
+    `head` maps the last stage's output to logits (it holds everything after the last stage:
+    final norm/activation, extra 1x1 convs, pooling, flatten, dropout, linear).
+    """
+
+    def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module):
+        super().__init__()
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        self.head = head
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        """Logits, or (logits, [output of each stage]) when `features` is true."""
+        x = self.stem(x)
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        logits = self.head(x)
+        return (logits, feats) if features else logits
+
+    def forward_trunk(self, x: torch.Tensor, upto: int):
+        """Run stem and stages[:upto]; returns (output, [stage outputs])."""
+        x = self.stem(x)
+        feats = []
+        for stage in self.stages[:upto]:
+            x = stage(x)
+            feats.append(x)
+        return x, feats
+
+    def forward_tail(self, x: torch.Tensor, start: int):
+        """Run stages[start:] and the head on a trunk output; returns (logits, [stage outputs])."""
+        feats = []
+        for stage in self.stages[start:]:
+            x = stage(x)
+            feats.append(x)
+        return self.head(x), feats
+
+    def reset_parameters(self, module: nn.Module | None = None) -> None:
+        """Fresh initialisation of `module` (default: the whole net), as at construction.
+
+        Subclasses with a custom init scheme override `init_module`.
+        """
+        for m in (module or self).modules():
+            self.init_module(m)
+
+    def init_module(self, m: nn.Module) -> None:
+        """Default init: each layer's own `reset_parameters`."""
+        if hasattr(m, "reset_parameters") and m is not self:
+            m.reset_parameters()

@@ -1,0 +1,129 @@
+"""Composition root: config -> data, networks, method -> engine. The CLI calls only this."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import data as data_layer
+from . import methods, models
+from .config import Config, NetworkSpec
+from .engine import DistContext, FitContext, evaluate, fit, load_state_strict, resolve_device, safe_load
+from .errors import SokdError
+
+#: methods whose teacher must come trained (a checkpoint or local weights)
+NEEDS_TRAINED_TEACHER = {"kd", "kd_dml", "sokd"}
+
+
+def _state_from_checkpoint(ckpt: dict, path: str, role: str | None) -> dict:
+    """A network's state dict from a model file or from one role of a run checkpoint."""
+    fmt = ckpt.get("format")
+    if fmt == "sokd-model":
+        return ckpt["state_dict"]
+    if fmt == "sokd-run":
+        states = ckpt["method"]
+        roles = sorted({k.split(".")[1] for k in states if k.startswith("nets.")})
+        if role is None:
+            role = next((r for r in ("model", "student") if r in roles), roles[0] if roles else None)
+        if role not in roles:
+            raise SokdError(f"checkpoint '{path}' has no role '{role}'; it holds: {', '.join(roles)} "
+                            f"(set checkpoint_role)")
+        prefix = f"nets.{role}."
+        return {k[len(prefix):]: v for k, v in states.items() if k.startswith(prefix)}
+    if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt  # a bare state dict
+    raise SokdError(f"'{path}' is not a sokd checkpoint, model file or state dict")
+
+
+def build_network(spec: NetworkSpec, role: str, num_classes: int, in_channels: int) -> torch.nn.Module:
+    kwargs = dict(spec.kwargs)
+    if spec.weights:
+        if not Path(spec.weights).is_file():
+            raise SokdError(f"{role}.weights file '{spec.weights}' not found; give a local state-dict path")
+        kwargs["weights"] = spec.weights
+    net = models.create(spec.arch, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if spec.checkpoint:
+        ckpt = safe_load(spec.checkpoint)
+        state = _state_from_checkpoint(ckpt, spec.checkpoint, spec.checkpoint_role)
+        load_state_strict(net, state, f"{role}.checkpoint '{spec.checkpoint}'")
+    return net
+
+
+def build_method(cfg: Config, num_classes: int, shape,
+                 require_trained: bool = True) -> tuple[methods.Method, dict]:
+    """The method with its networks, and role -> architecture facts for saved model files."""
+    name = cfg.method.name
+    teacher = cfg.teacher
+    if require_trained and name in NEEDS_TRAINED_TEACHER and teacher is not None and not (teacher.checkpoint or teacher.weights):
+        raise SokdError(f"method '{name}' needs a trained teacher: set teacher.checkpoint=PATH "
+                        f"(train one first with method.name=vanilla) or teacher.weights=PATH")
+    specs = {"model": cfg.model, "teacher": cfg.teacher, "student": cfg.student}
+    nets = {role: build_network(spec, role, num_classes, shape[0])
+            for role, spec in specs.items() if spec is not None}
+    peers = [build_network(s, "peer", num_classes, shape[0]) for s in cfg.peers]
+    if peers:
+        nets["peers"] = peers
+    method = methods.create(name, input_shape=tuple(shape), **nets, **cfg.method.options())
+    arch_of = {}
+    for role, net in method.nets.items():
+        spec = specs.get(role) or (cfg.teacher if role == "kbm" else None)
+        if spec is None and role.startswith("peer"):
+            idx = 0 if role == "peer" else int(role[4:]) - 1
+            spec = cfg.peers[idx]
+        if spec is not None:
+            arch_of[role] = {"arch": spec.arch, "num_classes": num_classes, "in_channels": shape[0],
+                             "kwargs": dict(spec.kwargs),
+                             "params": sum(p.numel() for p in net.parameters())}
+    return method, arch_of
+
+
+def train(cfg: Config) -> dict:
+    dist = DistContext.from_env(cfg.train.device, cfg.distributed.backend)
+    device = dist.device if dist.enabled else resolve_device(cfg.train.device)
+    bundle = data_layer.create(cfg.data, device=device, rank=dist.rank, world_size=dist.world_size,
+                               seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    method, arch_of = build_method(cfg, bundle.num_classes, bundle.shape)
+    ctx = FitContext(cfg=cfg, run_dir=cfg.run_dir, arch_of=arch_of, dist=dist)
+    return fit(method, bundle, ctx)
+
+
+def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: str = "auto",
+                        precision: str = "fp32") -> dict:
+    """Score a run checkpoint (every role) or a model file on its data set's test split."""
+    from .data.config import DataConfig
+    ckpt = safe_load(path)
+    fmt = ckpt.get("format")
+    dev = resolve_device(device)
+    if fmt == "sokd-run":
+        cfg = Config.model_validate(ckpt["config"])
+        data_cfg = cfg.data
+    elif fmt == "sokd-model":
+        run_cfg = ckpt.get("config")
+        data_cfg = Config.model_validate(run_cfg).data if run_cfg else DataConfig(name=ckpt["data"]["name"])
+    else:
+        raise SokdError(f"'{path}' is not a sokd run checkpoint or model file")
+    if data_overrides:
+        data_cfg = DataConfig(**{**data_cfg.__dict__, **data_overrides})
+    bundle = data_layer.create(data_cfg, device=dev)
+    if fmt == "sokd-run":
+        method, _ = build_method(cfg.model_copy(update={"teacher": _no_ckpt(cfg.teacher)}),
+                                 bundle.num_classes, bundle.shape, require_trained=False)
+        load_state_strict(method, ckpt["method"], f"checkpoint '{path}'")
+    else:
+        net = models.create(ckpt["arch"], num_classes=ckpt["num_classes"],
+                            in_channels=ckpt["in_channels"], **ckpt.get("kwargs", {}))
+        load_state_strict(net, ckpt["state_dict"], f"model file '{path}'")
+        method = methods.create("vanilla", model=net)
+    method.to(dev)
+    result = evaluate(method, bundle.test, dev, precision)
+    result["checkpoint"] = str(path)
+    result["epoch"] = ckpt.get("epoch")
+    return result
+
+
+def _no_ckpt(spec: NetworkSpec | None) -> NetworkSpec | None:
+    """The run checkpoint already holds the teacher's weights: don't re-read its source file."""
+    if spec is None:
+        return None
+    return spec.model_copy(update={"checkpoint": None, "weights": None})

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny synthetic runs that train in seconds on a CPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+torch.set_num_threads(2)
+
+
+def tiny_config(tmp_path: Path, method: str = "vanilla", **sections) -> dict:
+    """A run config on the synthetic data set with small networks; override sections by kwargs."""
+    cfg = {
+        "name": method,
+        "method": {"name": method},
+        "data": {"name": "synthetic", "synthetic_size": 256, "synthetic_shape": [3, 16, 16],
+                 "synthetic_classes": 4, "batch_size": 32, "eval_batch_size": 64},
+        "optim": {"lr": 0.05},
+        "schedule": {"name": "multistep", "milestones": [2]},
+        "train": {"epochs": 2, "seed": 0},
+        "output": {"dir": str(tmp_path / "runs" / method), "tensorboard": False, "progress": False},
+    }
+    if method == "vanilla":
+        cfg["model"] = {"arch": "resnet8"}
+    elif method == "dml":
+        cfg["student"] = {"arch": "resnet8"}
+        cfg["peers"] = [{"arch": "resnet8"}]
+    else:
+        cfg["teacher"] = {"arch": "resnet14", "checkpoint": str(tmp_path / "teacher.pt")}
+        cfg["student"] = {"arch": "resnet8"}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_config(tmp_path: Path, cfg: dict, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    def make(method="vanilla", **sections):
+        return tiny_config(tmp_path, method, **sections)
+    return make
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory):
+    """A resnet14 teacher trained 2 epochs on the synthetic set, saved as a model file."""
+    from sokd import config, runner
+    tmp = tmp_path_factory.mktemp("teacher")
+    cfg = tiny_config(tmp, "vanilla", model={"arch": "resnet14"}, train={"epochs": 2, "seed": 0})
+    runner.train(config.build(cfg))
+    return Path(cfg["output"]["dir"]) / "model.pt"

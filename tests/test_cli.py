@@ -1,0 +1,70 @@
+"""The command line end to end: every method for one epoch, eval of its checkpoints, errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sokd.cli import main
+
+from .conftest import tiny_config, write_config
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("method", ["vanilla", "kd", "dml", "kd_dml", "sokd"])
+def test_each_method_trains_one_epoch_and_writes_a_valid_summary(method, tmp_path, teacher_file, capsys):
+    cfg = tiny_config(tmp_path, method, train={"epochs": 1})
+    if "teacher" in cfg:
+        cfg["teacher"]["checkpoint"] = str(teacher_file)
+    path = write_config(tmp_path, cfg)
+    assert run_cli("train", path) == 0
+    run_dir = tmp_path / "runs" / method
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["method"] == method and summary["epochs"] == 1
+    expected_roles = {"vanilla": {"model"}, "kd": {"student", "teacher"}, "dml": {"student", "peer"},
+                      "kd_dml": {"student", "teacher"}, "sokd": {"student", "teacher", "kbm"}}[method]
+    assert set(summary["networks"]) == expected_roles
+    for net in summary["networks"].values():
+        assert 0.0 <= net["top1_final"] <= 100.0 and net["params"] > 0
+    if method != "vanilla":
+        pair = next(iter(summary["compare"].values()))
+        assert 0.0 <= pair["agreement"] <= 100.0 and pair["kl"] >= 0.0
+    if method in ("kd", "sokd"):
+        teacher = summary["networks"]["teacher"]
+        assert teacher["top1_initial"] is not None
+    out = capsys.readouterr().out
+    assert "top-1 final" in out
+
+    # eval the run checkpoint (every role) and the standalone student/teacher-branch files
+    assert run_cli("eval", run_dir / "last.pt", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["roles"]) == expected_roles
+    assert result["roles"][summary["primary_role"]]["top1"] == pytest.approx(
+        summary["networks"][summary["primary_role"]]["top1_final"], abs=1e-6)
+    if method == "sokd":
+        assert run_cli("eval", run_dir / "teacher_branch.pt", "--json") == 0
+        branch = json.loads(capsys.readouterr().out)
+        assert branch["roles"]["model"]["top1"] == pytest.approx(summary["networks"]["kbm"]["top1_final"], abs=1e-6)
+
+
+def test_overrides_and_models_listing(tmp_path, capsys):
+    path = write_config(tmp_path, tiny_config(tmp_path, "vanilla"))
+    assert run_cli("train", path, "train.epochs=1", "name=over", f"output.dir={tmp_path}/o") == 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["epochs"] == 1
+    assert run_cli("models", "--filter", "wrn", "--input", "1x28x28") == 0
+    out = capsys.readouterr().out
+    assert "wrn_40_2" in out and "MACs" in out
+
+
+def test_cli_error_is_one_line_with_nonzero_exit(tmp_path):
+    path = write_config(tmp_path, tiny_config(tmp_path, "vanilla"))
+    proc = subprocess.run([sys.executable, "-m", "sokd", "train", str(path), "train.epoch=3"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown config key 'train.epoch'" in lines[0] and "epochs" in lines[0]

@@ -1,0 +1,272 @@
+"""Distillation methods: loss algebra, gradient isolation, frozen teachers, KBM construction."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sokd
+from sokd.errors import SokdError
+from sokd.methods import losses
+
+torch.set_num_threads(2)
+
+
+def nets(teacher="wrn_16_2", student="wrn_16_1", classes=10, ch=3):
+    torch.manual_seed(0)
+    return (sokd.models.create(teacher, num_classes=classes, in_channels=ch),
+            sokd.models.create(student, num_classes=classes, in_channels=ch))
+
+
+def batch(n=8, ch=3, size=32, classes=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, ch, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def sgd_steps(method, steps=3, lr=0.1):
+    opt = torch.optim.SGD(method.param_groups(lr=lr), momentum=0.9)
+    method.train()
+    for i in range(steps):
+        x, y = batch(seed=i)
+        out = method(x, y)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    return out
+
+
+# -- 3. KL terms equal their closed form -------------------------------------------------------
+def test_soft_target_matches_hand_computed_value():
+    t = torch.tensor([[2.0, 0.0, -2.0]])
+    s = torch.tensor([[0.0, 1.0, 0.0]])
+    T = 2.0
+    pt = [math.exp(v / T) for v in (2.0, 0.0, -2.0)]
+    pt = [p / sum(pt) for p in pt]
+    ps = [math.exp(v / T) for v in (0.0, 1.0, 0.0)]
+    ps = [p / sum(ps) for p in ps]
+    expected = sum(a * math.log(a / b) for a, b in zip(pt, ps)) * T * T
+    assert losses.soft_target(t, s, T).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_soft_target_is_batch_mean_and_zero_for_equal_logits():
+    a, b = torch.randn(4, 5), torch.randn(4, 5)
+    per = torch.stack([losses.soft_target(a[i:i + 1], b[i:i + 1], 4.0) for i in range(4)])
+    assert losses.soft_target(a, b, 4.0).item() == pytest.approx(per.mean().item(), rel=1e-5)
+    assert losses.soft_target(a, a, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    ref = F.kl_div(F.log_softmax(b / 4, 1), F.softmax(a / 4, 1), reduction="batchmean") * 16
+    assert losses.soft_target(a, b, 4.0).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_soft_target_detaches_target():
+    a = torch.randn(3, 4, requires_grad=True)
+    b = torch.randn(3, 4, requires_grad=True)
+    losses.soft_target(a, b).backward()
+    assert a.grad is None and b.grad is not None
+
+
+def test_attention_transfer_zero_for_same_features_and_handles_spatial_mismatch():
+    f = torch.randn(2, 8, 8, 8)
+    assert losses.attention_transfer(f, f).item() == pytest.approx(0.0, abs=1e-7)
+    assert losses.attention_transfer(torch.randn(2, 4, 8, 8), torch.randn(2, 16, 4, 4)).item() > 0
+
+
+# -- SOKD ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("teacher_bn", ["train", "eval"])
+def test_sokd_frozen_teacher_is_bitwise_unchanged(teacher_bn):
+    teacher, student = nets()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    method = sokd.methods.create("sokd", teacher=teacher, student=student, teacher_bn=teacher_bn)
+    sgd_steps(method)
+    after = teacher.state_dict()
+    for k, v in before.items():
+        is_buffer = "running" in k or "num_batches" in k
+        if is_buffer and teacher_bn == "train":
+            continue  # batch statistics keep updating by design (reference behaviour)
+        assert torch.equal(v, after[k]), k
+    if teacher_bn == "train":
+        key = next(k for k in before if k.endswith("running_mean"))
+        assert not torch.equal(before[key], after[key])
+
+
+def _grads(method, terms):
+    method.zero_grad(set_to_none=True)
+    x, y = batch()
+    out = method(x, y)
+    sum(out["terms"][t] for t in terms).backward()
+    def has(role):
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.nets[role].parameters())
+    return {r: has(r) for r in method.nets}
+
+
+def test_sokd_gradient_isolation():
+    teacher, student = nets()
+    method = sokd.methods.create("sokd", teacher=teacher, student=student)
+    method.train()
+    g = _grads(method, ["student_ce", "student_kl_kbm"])
+    assert g == {"teacher": False, "student": True, "kbm": False}
+    g = _grads(method, ["kbm_ce", "kbm_kl_teacher", "kbm_kl_student"])
+    assert g == {"teacher": False, "student": False, "kbm": True}
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_sokd_param_groups_hold_only_learners():
+    teacher, student = nets()
+    method = sokd.methods.create("sokd", teacher=teacher, student=student)
+    groups = method.param_groups(lr=0.1, lr_per_role={"kbm": 0.05})
+    roles = {g["role"]: g for g in groups}
+    assert set(roles) == {"student", "kbm"}
+    assert roles["kbm"]["lr"] == 0.05 and roles["student"]["lr"] == 0.1
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not teacher_ids & {id(p) for g in groups for p in g["params"]}
+
+
+def test_kbm_init_teacher_reproduces_teacher_logits_at_step_0():
+    teacher, student = nets()
+    method = sokd.methods.create("sokd", teacher=teacher, student=student, kbm_init="teacher")
+    method.eval()
+    x, _ = batch()
+    out = method.predict(x)
+    assert torch.equal(out["kbm"], out["teacher"])
+    assert torch.equal(out["teacher"], teacher(x))
+
+
+def test_kbm_init_random_differs_from_teacher():
+    teacher, student = nets()
+    method = sokd.methods.create("sokd", teacher=teacher, student=student, kbm_init="random")
+    kbm_w = dict(method.nets["kbm"].named_parameters())
+    t_w = dict(teacher.stages[-1].named_parameters())
+    k, v = next((k, v) for k, v in t_w.items() if v.dim() == 4)
+    assert not torch.equal(kbm_w[f"stages.0.{k}"], v)
+
+
+def test_teacher_branch_is_a_standalone_classifier_equal_to_trunk_plus_kbm():
+    teacher, student = nets()
+    method = sokd.methods.create("sokd", teacher=teacher, student=student, kbm_stages=2)
+    sgd_steps(method, steps=2)
+    method.eval()
+    x, _ = batch()
+    branch = method.standalone()["teacher_branch"][1].eval()
+    assert torch.allclose(branch(x), method.predict(x)["kbm"], atol=1e-5)
+    fresh = sokd.models.create("wrn_16_2", num_classes=10)
+    fresh.load_state_dict(branch.state_dict())  # same architecture, same keys
+
+
+def test_sokd_rejects_too_many_kbm_stages_and_unknown_options():
+    teacher, student = nets()
+    with pytest.raises(SokdError, match="kbm_stages=3 but the teacher has 3 stages"):
+        sokd.methods.create("sokd", teacher=teacher, student=student, kbm_stages=3)
+    with pytest.raises(SokdError, match="unknown config key 'method.kbm_stage'.*kbm_stages"):
+        sokd.methods.create("sokd", teacher=teacher, student=student, kbm_stage=1)
+    with pytest.raises(SokdError, match="unknown loss-term weight 'student_kl'"):
+        sokd.methods.create("sokd", teacher=teacher, student=student, weights={"student_kl": 2})
+    with pytest.raises(SokdError, match="unknown method"):
+        sokd.methods.create("sokdd", teacher=teacher, student=student)
+
+
+def test_term_weights_scale_the_loss():
+    teacher, student = nets()
+    x, y = batch()
+    m1 = sokd.methods.create("sokd", teacher=teacher, student=student, kbm_init="teacher").eval()
+    m2 = sokd.methods.create("sokd", teacher=teacher, student=student, kbm_init="teacher",
+                             weights={"student_ce": 3.0, "kbm_kl_teacher": 0.0}).eval()
+    o1, o2 = m1(x, y), m2(x, y)
+    t = o1["terms"]
+    expected = o1["loss"] + 2 * t["student_ce"] - t["kbm_kl_teacher"]
+    assert torch.allclose(o2["loss"], expected, rtol=1e-5)
+
+
+# -- 5. every zoo model can be the SOKD teacher --------------------------------------------------
+ZOO = [n for n in sokd.models.list_models() if not n.startswith("wrn_") or n in ("wrn_16_2",)]
+
+
+@pytest.mark.parametrize("arch", ZOO + ["tv.resnet18"])
+@pytest.mark.parametrize("stages", [1, 2])
+def test_every_zoo_model_can_be_sokd_teacher(arch, stages):
+    torch.manual_seed(0)
+    size = 32
+    teacher = sokd.models.create(arch, num_classes=5)
+    student = sokd.models.create("resnet8", num_classes=5)
+    if stages >= teacher.num_stages:
+        pytest.skip(f"{arch} has {teacher.num_stages} stages")
+    method = sokd.methods.create("sokd", teacher=teacher, student=student, kbm_stages=stages).train()
+    x, y = batch(n=4, size=size, classes=5)
+    out = method(x, y)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert out["logits"]["kbm"].shape == (4, 5)
+    assert any(p.grad is not None for p in method.nets["kbm"].parameters())
+
+
+# -- feature terms -------------------------------------------------------------------------------
+@pytest.mark.parametrize("method_name", ["kd", "sokd"])
+def test_feature_terms_add_named_terms_and_train_regressors(method_name):
+    teacher, student = nets()
+    method = sokd.methods.create(method_name, teacher=teacher, student=student,
+                                 features=[{"kind": "at", "stages": [0, 1, 2]},
+                                           {"kind": "fitnet", "stages": [-1], "weight": 0.5}])
+    out = sgd_steps(method, steps=1)
+    assert {"student_at", "student_fitnet"} <= set(out["terms"])
+    groups = {g["role"] for g in method.param_groups(lr=0.1)}
+    assert "student_regressors" in groups
+    with pytest.raises(SokdError, match="student stage 5"):
+        sokd.methods.create(method_name, teacher=teacher, student=student,
+                            features=[{"kind": "at", "stages": [5]}])
+
+
+# -- 6. DML / KD / KD+DML -------------------------------------------------------------------------
+def test_dml_terms_are_symmetric():
+    a, b = nets("wrn_16_1", "wrn_16_1")
+    method = sokd.methods.create("dml", student=a, peers=[b]).eval()
+    x, y = batch()
+    t = method(x, y)["terms"]
+    za, zb = a(x), b(x)
+    assert torch.allclose(t["student_kl_peers"], losses.soft_target(zb, za, 4.0))
+    assert torch.allclose(t["peer_kl_peers"], losses.soft_target(za, zb, 4.0))
+    method.nets["peer"].load_state_dict(a.state_dict())
+    t = method(x, y)["terms"]
+    assert torch.allclose(t["student_kl_peers"], t["peer_kl_peers"])
+    assert torch.allclose(t["student_ce"], t["peer_ce"])
+
+
+def test_dml_with_three_networks_averages_over_others():
+    a, b = nets("wrn_16_1", "wrn_16_1")
+    c = sokd.models.create("resnet8", num_classes=10)
+    method = sokd.methods.create("dml", student=a, peers=[b, c]).eval()
+    x, y = batch()
+    t = method(x, y)["terms"]
+    expected = (losses.soft_target(b(x), a(x)) + losses.soft_target(c(x), a(x))) / 2
+    assert torch.allclose(t["student_kl_peers"], expected, rtol=1e-5)
+    assert set(method.nets) == {"student", "peer1", "peer2"}
+
+
+def test_kd_never_updates_teacher_and_kd_dml_does():
+    teacher, student = nets()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    sgd_steps(sokd.methods.create("kd", teacher=teacher, student=student))
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    sgd_steps(sokd.methods.create("kd_dml", teacher=teacher, student=student))
+    changed = [k for k, v in before.items() if not torch.equal(v, teacher.state_dict()[k])]
+    assert any(k.endswith("weight") for k in changed)
+
+
+def test_method_output_contract():
+    teacher, student = nets()
+    x, y = batch()
+    for name, kwargs in [("vanilla", {"model": student}), ("kd", {"teacher": teacher, "student": student}),
+                         ("dml", {"student": student, "peers": [teacher]}),
+                         ("kd_dml", {"teacher": teacher, "student": student}),
+                         ("sokd", {"teacher": teacher, "student": student})]:
+        out = sokd.methods.create(name, **kwargs)(x, y)
+        assert set(out) == {"loss", "terms", "logits"}
+        assert out["loss"].dim() == 0
+        assert all(z.shape == (8, 10) for z in out["logits"].values())
+
+
+def test_wrong_networks_for_a_method_is_a_clear_error():
+    teacher, student = nets()
+    with pytest.raises(SokdError, match="needs a teacher"):
+        sokd.methods.create("kd", student=student)
+    with pytest.raises(SokdError, match="does not use a teacher"):
+        sokd.methods.create("vanilla", model=student, teacher=teacher)

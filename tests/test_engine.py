@@ -81,14 +81,23 @@ def test_interrupt_mid_epoch_saves_and_resume_matches(make_config, monkeypatch):
     assert strip_timing(metrics(full.run_dir)) == strip_timing(metrics(cut.run_dir))
 
 
-def test_non_finite_loss_names_term_and_keeps_last_checkpoint(make_config):
+def test_non_finite_loss_names_term_and_keeps_last_checkpoint(make_config, monkeypatch):
     cfg = config.build(make_config("vanilla", train={"epochs": 1}))
     runner.train(cfg)
     before = (cfg.run_dir / "last.pt").read_bytes()
-    bad = config.build(make_config("vanilla", train={"epochs": 2}, optim={"lr": 1e30},
-                                   output={**make_config()["output"], "resume": True}))
-    with pytest.raises(NonFiniteLoss, match=r"term 'model_ce' at epoch 2 step \d+"):
-        runner.train(bad)
+    from sokd.methods import losses
+    real, calls = losses.cross_entropy, {"n": 0}
+
+    def poisoned(logits, labels):  # the 4th step of the resumed epoch produces NaN
+        calls["n"] += 1
+        out = real(logits, labels)
+        return out * float("nan") if calls["n"] == 4 else out
+
+    monkeypatch.setattr(losses, "cross_entropy", poisoned)
+    resumed = config.build(make_config("vanilla", train={"epochs": 2},
+                                       output={**make_config()["output"], "resume": True}))
+    with pytest.raises(NonFiniteLoss, match=r"term 'model_ce' at epoch 2 step 3"):
+        runner.train(resumed)
     assert (cfg.run_dir / "last.pt").read_bytes() == before
 
 

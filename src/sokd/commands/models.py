@@ -24,9 +24,9 @@ def run(args) -> int:
     names = [n for n in models.list_models() if args.filter in n] + [f"tv.{n}" for n in args.tv]
     rows = []
     for name in names:
-        info = models.model_info(name, input_shape=shape, num_classes=args.classes)
-        rows.append([name, f"{info['params'] / 1e6:.2f}M", f"{info['macs'] / 1e6:.1f}M",
-                     info.get("num_stages", "")])
+        net = models.create(name, num_classes=args.classes, in_channels=shape[0])
+        info = models.model_info(net, input_shape=shape)
+        rows.append([name, f"{info['params'] / 1e6:.2f}M", f"{info['macs'] / 1e6:.1f}M", net.num_stages])
     print(f"input {'x'.join(map(str, shape))}, {args.classes} classes")
     print(render(["model", "params", "MACs", "stages"], rows))
     return 0

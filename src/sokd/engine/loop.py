@@ -174,13 +174,13 @@ def fit(method, data, ctx: FitContext) -> dict:
                     break
                 with autocast(device, tr.precision):
                     out = step_module(images, labels)
-                loss = out["loss"]
-                if not torch.isfinite(loss.detach()):
+                loss = out["loss"].detach()
+                if not torch.isfinite(loss):
                     raise NonFiniteLoss(
                         f"non-finite loss in term '{_first_bad_term(out)}' at epoch {epoch + 1} step {step}; "
                         f"last.pt (end of the last good epoch) is intact — lower optim.lr or use fp32/bf16")
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(out["loss"]).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 accum.add(out, labels)
@@ -188,7 +188,7 @@ def fit(method, data, ctx: FitContext) -> dict:
                 bar.update(1)
                 if step % 10 == 0 or step == total:
                     elapsed = accum.seconds + time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{float(loss):.3f}",
+                    bar.set_postfix(loss=f"{loss.item():.3f}",
                                     img_s=f"{accum.samples * dist.world_size / max(elapsed, 1e-9):.0f}")
                 if dist.any_flag(stop.requested):
                     accum.seconds += time.perf_counter() - t0

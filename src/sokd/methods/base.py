@@ -46,8 +46,8 @@ class Method(nn.Module):
         self.options = options
         self._check_weights()
         self._weights = {t: float(options.weights.get(t, 1.0)) for t in self.term_names}
-        for role in self.frozen:
-            self.nets[role].requires_grad_(False)
+        for role, net in self.nets.items():  # the method decides what learns, whatever came before
+            net.requires_grad_(role not in self.frozen)
         self.features: FeatureTerms | None = None
 
     # -- construction helpers -------------------------------------------------------------

@@ -1,0 +1,207 @@
+"""Training-step speed of every method on one device/precision, in one process.
+
+For each variant: warm-up steps (excluded), then repetitions of timed steps; the median images/s
+is reported with FLOPs per step (counted by torch.utils.flop_counter), achieved GFLOP/s, the
+fraction of a matmul peak measured on the same device and precision, and peak memory.
+`plain_sokd_step` is the straightforward way to write an SOKD step (fp32, NCHW, teacher run in
+full and the trunk recomputed for the KBM) so our speed-up is a ratio measured in the same run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import methods, models
+from .engine.precision import autocast
+
+VARIANTS = {
+    "vanilla": ("vanilla", {}),
+    "kd": ("kd", {}),
+    "kd+at": ("kd", {"features": [{"kind": "at", "stages": [0, 1, 2]}]}),
+    "kd+fitnet": ("kd", {"features": [{"kind": "fitnet", "stages": [-1]}]}),
+    "dml": ("dml", {}),
+    "kd_dml": ("kd_dml", {}),
+    "sokd": ("sokd", {}),
+    "sokd+at": ("sokd", {"features": [{"kind": "at", "stages": [0, 1, 2]}]}),
+    "sokd+fitnet": ("sokd", {"features": [{"kind": "fitnet", "stages": [-1]}]}),
+}
+
+
+@dataclass
+class StepResult:
+    name: str
+    images_per_s: float
+    step_ms: float
+    gflop_per_step: float
+    gflop_per_s: float
+    peak_fraction: float | None
+    peak_mem_mb: float | None
+    precision: str
+    channels_last: bool
+
+    def row(self) -> dict:
+        return dict(self.__dict__)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(device: torch.device, precision: str, n: int = 2048, reps: int = 10) -> float:
+    """Measured dense matmul throughput (GFLOP/s) at this precision: the practical ceiling."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def count_flops(step) -> float:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def peak_memory_mb(step, device: torch.device) -> float | None:
+    """Peak memory of one step: CUDA allocator high-water, or the CPU profiler's live-bytes peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage if hasattr(e, "self_cpu_memory_usage") else e.cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2 ** 20
+
+
+def time_step(step, images: int, device, warmup: int, reps: int, steps_per_rep: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(steps_per_rep):
+            step()
+        sync(device)
+        rates.append(images * steps_per_rep / (time.perf_counter() - t0))
+    med = statistics.median(rates)
+    return med, 1000.0 * images / med
+
+
+def make_train_step(method, optimizer, x, y, device, precision):
+    def step():
+        with autocast(device, precision):
+            out = method(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+    return step
+
+
+def plain_sokd_step(teacher, student, kbm_stages: int, x, y, T: float = 4.0, lr: float = 0.1):
+    """The SOKD step written the plain way: fp32, NCHW, separate full passes, no shared trunk."""
+    n = teacher.num_stages
+    kbm = methods.build_kbm(teacher, kbm_stages)
+    trunk_stem = teacher.stem
+    trunk_stages = torch.nn.Sequential(*list(teacher.stages[: n - kbm_stages]))
+    opt = torch.optim.SGD(list(student.parameters()) + list(kbm.parameters()), lr=lr, momentum=0.9,
+                          weight_decay=5e-4)
+
+    def kl(target, logits):
+        return F.kl_div(F.log_softmax(logits / T, 1), F.softmax(target.detach() / T, 1),
+                        reduction="batchmean") * T * T
+
+    def step():
+        with torch.no_grad():
+            t_logits = teacher(x)                          # the teacher, in full
+            feat = trunk_stages(trunk_stem(x))             # the trunk again, for the KBM
+        a_logits, _ = kbm(feat)
+        s_logits = student(x)
+        loss = (F.cross_entropy(a_logits, y) + kl(t_logits, a_logits) + kl(s_logits, a_logits)
+                + F.cross_entropy(s_logits, y) + kl(a_logits, s_logits))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "cpu",
+        precision: str = "bf16", channels_last: bool = True, num_classes: int = 100,
+        shape=(3, 32, 32), variants=None, warmup: int = 3, reps: int = 5, steps_per_rep: int = 3,
+        plain: bool = True, memory: bool = True, log=print) -> dict:
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    x = torch.randn(batch, *shape, device=dev)
+    y = torch.randint(0, num_classes, (batch,), device=dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    peak = matmul_peak_gflops(dev, precision)
+    peak_fp32 = matmul_peak_gflops(dev, "fp32") if precision != "fp32" else peak
+    log(f"matmul peak: {peak:.0f} GFLOP/s ({precision}), {peak_fp32:.0f} GFLOP/s (fp32)")
+    results = []
+
+    def measure(name, step, prec, cl, flops_step=None):
+        flops = count_flops(flops_step or step)
+        ips, ms = time_step(step, batch, dev, warmup, reps, steps_per_rep)
+        gflops = flops / 1e9 * ips / batch
+        ref_peak = peak if prec == precision else peak_fp32
+        mem = peak_memory_mb(step, dev) if memory else None
+        r = StepResult(name, ips, ms, flops / 1e9, gflops, gflops / ref_peak, mem, prec, cl)
+        results.append(r)
+        log(f"{name:>14}: {ips:8.1f} img/s  {ms:7.1f} ms/step  {flops / 1e9:7.2f} GFLOP/step  "
+            f"{gflops:6.0f} GFLOP/s ({100 * r.peak_fraction:.0f}% of matmul peak)"
+            + (f"  peak mem {mem:.0f} MB" if mem is not None else ""))
+
+    for name in variants or VARIANTS:
+        method_name, opts = VARIANTS[name]
+        teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0])
+        student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0])
+        nets = {"vanilla": {"model": student}, "dml": {"student": student, "peers": [teacher]}}.get(
+            method_name, {"teacher": teacher, "student": student})
+        method = methods.create(method_name, input_shape=shape, **nets, **opts).to(dev, memory_format=fmt)
+        opt = torch.optim.SGD(method.param_groups(lr=0.01), momentum=0.9, weight_decay=5e-4)
+        xs = x.contiguous(memory_format=fmt)
+        method.train()
+        measure(name, make_train_step(method, opt, xs, y, dev, precision), precision, channels_last)
+        del method, opt
+    if plain:
+        teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0]).to(dev)
+        student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0]).to(dev)
+        teacher.requires_grad_(False)
+        teacher.train()
+        student.train()
+        measure("plain sokd", plain_sokd_step(teacher, student, 1, x, y), "fp32", False)
+
+    by = {r.name: r for r in results}
+    ratios = {}
+    if "sokd" in by and "plain sokd" in by:
+        ratios["sokd_vs_plain_speedup"] = by["sokd"].images_per_s / by["plain sokd"].images_per_s
+    if "sokd" in by and "kd" in by:
+        ratios["sokd_over_kd_time"] = by["sokd"].step_ms / by["kd"].step_ms
+        ratios["sokd_over_kd_flops"] = by["sokd"].gflop_per_step / by["kd"].gflop_per_step
+    if "vanilla" in by:
+        ratios["student_step_peak_fraction"] = by["vanilla"].peak_fraction
+    return {"teacher": teacher_arch, "student": student_arch, "batch": batch, "device": str(dev),
+            "precision": precision, "channels_last": channels_last, "shape": list(shape),
+            "threads": torch.get_num_threads(), "matmul_peak_gflops": peak,
+            "matmul_peak_gflops_fp32": peak_fp32, "results": [r.row() for r in results], "ratios": ratios}

@@ -1,0 +1,21 @@
+"""sokd report RUN_DIR...: mean ± std table over seeds, and PNG plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="aggregate finished runs into a markdown table and plots")
+    p.add_argument("runs", nargs="+", help="run directories or folders containing them")
+    p.add_argument("--out", default=None, help="write report.md and PNG plots into this folder")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from .. import report
+    res = report.build(args.runs, args.out)
+    print(res["markdown"])
+    if args.out:
+        (Path(args.out) / "report.md").write_text(res["markdown"] + "\n")
+        print(f"wrote {args.out}/report.md and " + ", ".join(res["plots"]))
+    return 0

@@ -1,0 +1,376 @@
+"""Cut torchvision (and timm) classifiers into stem / stages / head automatically.
+
+`from_torchvision(model)` recognises, in this order:
+
+1. ResNet-like models (torchvision resnet*/resnext*/wide_resnet*, timm resnets): children
+   conv1, bn1, relu|act1, maxpool, layer1..layer4, avgpool|global_pool, fc
+   -> stem = conv1-bn1-relu-maxpool, stages = layer1..layer4, head = pool-flatten-fc.
+2. RegNet-like models: stem, trunk_output (block1..block4), avgpool, fc
+   -> stages = the children of trunk_output.
+3. Any other model whose forward is a plain chain of its children (torchvision mobilenet_v2/v3,
+   efficientnet(_v2), convnext, vgg, alexnet, densenet, mnasnet, shufflenet_v2, squeezenet,
+   regnet, maxvit, ...; most timm CNNs). Trailing classifier-like children (classifier / fc /
+   head / pooling / flatten / dropout) form the head; the rest is the trunk, with a lone
+   Sequential trunk (`features`) or children named features/blocks/stages/layers/trunk_output
+   (and any ModuleList) expanded into their blocks. The first block is the stem (torchvision:
+   `features[0]`); the remaining blocks are grouped by a dry forward pass on a dummy image:
+   a block that changes the spatial size starts a new stage, blocks that do not join the current
+   stage. Groups without any convolution (a lone ReLU, the final max-pool of VGG, densenet's
+   norm0/relu0) are merged into the stage before (or the stem). Consequently the trailing
+   1x1 "expand" conv of mobilenet/efficientnet (to 1280 / 576 channels) stays in the LAST STAGE,
+   so a copied last stage (SOKD's knowledge bridge) includes it.
+
+The head is then chosen among a few candidates (the trailing children as they are; with a
+flatten after their pooling; global-average-pool + flatten before them; ReLU + pool + flatten
+before them (densenet); flatten after them (squeezenet)) as the first one whose logits equal the
+original model's on the dummy image in eval mode. If no recogniser reproduces the logits, a
+SokdError explains that the model cannot be cut automatically and points to
+`sokd.models.adapt`. The adapted net shares its modules (and parameters) with the original model.
+
+Initialisation: `reset_parameters` of an adapted net calls each layer's own `reset_parameters`;
+parameters held directly by modules without one (e.g. ConvNeXt's layer_scale) are refilled with
+the constant they had when the model was built, if they were constant (otherwise left as is).
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import SokdError, unknown
+from .staged import StagedNet
+
+PROBE_SIZES = (64, 224)
+_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+_TAIL_MARKERS = (nn.Linear, nn.Flatten, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)  # classifier contents
+_TAIL_TYPES = _TAIL_MARKERS + (nn.Dropout,)
+_TAIL_NAMES = {"classifier", "fc", "head", "heads", "avgpool", "global_pool", "pool", "flatten",
+               "dropout", "drop", "last_linear", "head_drop"}
+_EXPAND_NAMES = {"features", "blocks", "stages", "layers", "trunk_output"}
+
+
+class AdaptedNet(StagedNet):
+    """A StagedNet cut out of an existing classifier; see the module docstring for the init rule."""
+
+    def __init__(self, stem: nn.Module, stages: Iterable[nn.Module], head: nn.Module,
+                 constants: dict | None = None):
+        super().__init__(stem, list(stages), head)
+        self.constant_init = dict(constants or {})  # {(module type, parameter name): value}
+
+    def init_module(self, m: nn.Module) -> None:
+        super().init_module(m)
+        for (cls, pname), value in self.constant_init.items():
+            if type(m) is cls and isinstance(getattr(m, pname, None), nn.Parameter):
+                with torch.no_grad():
+                    getattr(m, pname).fill_(value)
+
+
+class _CutError(Exception):
+    pass
+
+
+def constant_parameters(model: nn.Module) -> dict:
+    """{(type, name): value} for constant-valued parameters of modules lacking reset_parameters."""
+    found: dict = {}
+    conflicting = set()
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            flat = p.detach().reshape(-1)
+            if flat.numel() == 0 or not bool((flat == flat[0]).all()):
+                conflicting.add((type(m), pname))
+                continue
+            key, value = (type(m), pname), float(flat[0])
+            if found.setdefault(key, value) != value:
+                conflicting.add(key)
+    return {k: v for k, v in found.items() if k not in conflicting}
+
+
+def _has_conv(modules: Iterable[nn.Module]) -> bool:
+    return any(isinstance(x, nn.modules.conv._ConvNd) for m in modules for x in m.modules())
+
+
+def _as_module(blocks: list[nn.Module]) -> nn.Module:
+    return blocks[0] if len(blocks) == 1 else nn.Sequential(*blocks)
+
+
+def _check_map(out, what: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise _CutError(f"{what} does not output a 4-D feature map (got {shape})")
+    return out
+
+
+# ---------------------------------------------------------------- recognisers
+def _resnet_like(model: nn.Module, x: torch.Tensor):
+    c = dict(model.named_children())
+    act = c.get("relu", c.get("act1"))
+    pool = c.get("avgpool", c.get("global_pool"))
+    needed = ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4", "fc")
+    if act is None or pool is None or not all(k in c for k in needed):
+        return None
+    stem = nn.Sequential(c["conv1"], c["bn1"], act, c["maxpool"])
+    return stem, [c[f"layer{i}"] for i in range(1, 5)], [pool, c["fc"]]
+
+
+def _regnet_like(model: nn.Module, x: torch.Tensor):
+    c = dict(model.named_children())
+    if not all(k in c for k in ("stem", "trunk_output", "avgpool", "fc")):
+        return None
+    return c["stem"], list(c["trunk_output"].children()), [c["avgpool"], c["fc"]]
+
+
+def _is_tail(name: str, m: nn.Module) -> bool:
+    if name in _TAIL_NAMES or isinstance(m, _TAIL_TYPES):
+        return True
+    return isinstance(m, nn.Sequential) and any(isinstance(c, _TAIL_MARKERS) for c in m.children())
+
+
+def _chain_like(model: nn.Module, x: torch.Tensor):
+    children = list(model.named_children())
+    cut = len(children)
+    while cut > 0 and _is_tail(*children[cut - 1]):
+        cut -= 1
+    trunk, tail = children[:cut], [m for _, m in children[cut:]]
+    if not trunk or not tail:
+        raise _CutError("no trunk/classifier split among the model's children")
+    blocks: list[nn.Module] = []
+    for name, m in trunk:
+        if isinstance(m, nn.ModuleList) or (name in _EXPAND_NAMES and isinstance(m, nn.Sequential)) \
+                or (len(trunk) == 1 and isinstance(m, nn.Sequential)):
+            blocks.extend(m.children())
+        else:
+            blocks.append(m)
+    if len(blocks) < 3:
+        raise _CutError("the trunk has fewer than 3 blocks")
+
+    h = _check_map(blocks[0](x.clone()), "the first block")
+    stem, groups = [blocks[0]], []
+    for b in blocks[1:]:
+        out = _check_map(b(h), f"block {type(b).__name__}")
+        if not groups or out.shape[-2:] != h.shape[-2:]:
+            groups.append([b])
+        else:
+            groups[-1].append(b)
+        h = out
+    stages: list[list[nn.Module]] = []
+    for g in groups:
+        if _has_conv(g):
+            stages.append(g)
+        else:
+            (stages[-1] if stages else stem).extend(g)
+    return _as_module(stem), [_as_module(g) for g in stages], tail
+
+
+_RECOGNISERS = (("resnet", _resnet_like), ("regnet", _regnet_like), ("chain of children", _chain_like))
+
+
+def _head_candidates(tail: list[nn.Module]) -> list[nn.Module]:
+    cands = [nn.Sequential(*tail)]
+    pools = [i for i, m in enumerate(tail) if isinstance(m, _POOLS)]
+    if pools:
+        i = pools[-1] + 1
+        cands.append(nn.Sequential(*tail[:i], nn.Flatten(1), *tail[i:]))
+    cands.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), *tail))
+    cands.append(nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), *tail))
+    cands.append(nn.Sequential(*tail, nn.Flatten(1)))
+    return cands
+
+
+def _same(out, ref: torch.Tensor) -> bool:
+    return (isinstance(out, torch.Tensor) and out.shape == ref.shape
+            and torch.allclose(out, ref, rtol=1e-4, atol=1e-5))
+
+
+def _pick_head(stem, stages, tail, x, ref):
+    if len(stages) < 2:
+        raise _CutError(f"found {len(stages)} stage(s), need at least 2")
+    h = _check_map(stem(x.clone()), "the stem")
+    for i, stage in enumerate(stages):
+        h = _check_map(stage(h), f"stage {i}")
+    for head in _head_candidates(tail):
+        try:
+            out = head(h.clone())
+        except Exception:  # a wrong candidate usually fails on shapes
+            continue
+        if _same(out, ref):
+            return head
+    raise _CutError("no head reproduces the model's logits")
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return name, m
+    return None
+
+
+def from_torchvision(module: nn.Module, *, probe_size: int | None = None,
+                     constants: dict | None = None) -> StagedNet:
+    """Wrap a torchvision (or timm / similar) classifier as a StagedNet, finding its stages.
+
+    The returned net shares modules with `module`, and gives the same logits (checked on a dummy
+    image in eval mode). See the module docstring for how stages are found. `probe_size` fixes the
+    dummy image size (default: 64, then 224 if the model fails at 64). `constants` overrides the
+    constant parameter values used by `reset_parameters` (default: read from `module`).
+    Raises SokdError when the model cannot be cut automatically; use `sokd.models.adapt` then.
+    """
+    if isinstance(module, StagedNet):
+        return module
+    if not isinstance(module, nn.Module):
+        raise SokdError(f"from_torchvision needs an nn.Module, got {type(module).__name__}")
+    first = _first_conv(module)
+    in_channels = first[1].in_channels if first is not None else 3
+    param = next(iter(module.parameters()), None)
+    device = param.device if param is not None else None
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    was_training = module.training
+    reasons: list[str] = []
+    module.eval()
+    try:
+        with torch.no_grad():
+            for size in ((probe_size,) if probe_size else PROBE_SIZES):
+                gen = torch.Generator().manual_seed(0)
+                x = torch.randn(1, in_channels, size, size, generator=gen).to(device=device, dtype=dtype)
+                try:
+                    ref = module(x.clone())
+                except Exception as err:
+                    reasons.append(f"forward on a 1x{in_channels}x{size}x{size} image failed: {err}")
+                    continue
+                if not isinstance(ref, torch.Tensor) or ref.dim() != 2:
+                    reasons.append("the model does not return a (batch, classes) logits tensor")
+                    break
+                for label, recognise in _RECOGNISERS:
+                    try:
+                        cut = recognise(module, x)
+                        if cut is None:
+                            continue
+                        head = _pick_head(*cut, x, ref)
+                    except Exception as err:
+                        reasons.append(f"{label}: {err}")
+                        continue
+                    net = AdaptedNet(cut[0], cut[1], head,
+                                     constant_parameters(module) if constants is None else constants)
+                    return net.train(was_training)
+                break
+    finally:
+        module.train(was_training)
+    raise SokdError(f"{type(module).__name__} cannot be cut into stem / stages / head automatically "
+                    f"({'; '.join(reasons)}); build the StagedNet yourself with "
+                    "sokd.models.adapt(stem, stages, head)")
+
+
+# ---------------------------------------------------------------- construction by name
+def load_weights(model: nn.Module, path, label: str) -> None:
+    """Load a local state-dict file into `model`, with a SokdError naming any mismatching tensors."""
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise SokdError(f"{label}: weights file '{path}' does not exist (sokd never downloads weights)")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise SokdError(f"{label}: could not read weights file '{path}' as a PyTorch state dict: {err}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SokdError(f"{label}: '{path}' is not a state dict (name -> tensor)")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    own = model.state_dict()
+    mismatch = [f"{k} (file {tuple(obj[k].shape)}, model {tuple(v.shape)})"
+                for k, v in own.items() if k in obj and obj[k].shape != v.shape]
+    if mismatch:
+        raise SokdError(f"{label}: weights '{path}' do not fit the model, shape mismatch for "
+                        f"{', '.join(mismatch[:8])}{' ...' if len(mismatch) > 8 else ''}; a classifier "
+                        "mismatch means the file was saved for another num_classes: create the model "
+                        "with the file's number of classes")
+    missing = [k for k in own if k not in obj]
+    unexpected = [k for k in obj if k not in own]
+    if missing or unexpected:
+        raise SokdError(f"{label}: weights '{path}' do not fit the model; missing: {missing[:8]}, "
+                        f"unexpected: {unexpected[:8]}")
+    model.load_state_dict(obj)
+
+
+def replace_first_conv(model: nn.Module, in_channels: int, pretrained: bool) -> None:
+    """Swap the first Conv2d for one taking `in_channels` inputs.
+
+    Fresh models get a freshly initialised conv. With loaded weights the RGB kernels are summed
+    and spread evenly over the new channels (for 1 channel: exactly the model applied to the
+    grey image replicated to RGB).
+    """
+    found = _first_conv(model)
+    if found is None:
+        raise SokdError(f"{type(model).__name__} has no Conv2d whose input channels could be changed")
+    name, old = found
+    if old.in_channels == in_channels:
+        return
+    if old.groups != 1:
+        raise SokdError(f"{type(model).__name__}: the first conv is grouped; cannot change its input channels")
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
+                    1, old.bias is not None, old.padding_mode, device=old.weight.device, dtype=old.weight.dtype)
+    if pretrained:
+        with torch.no_grad():
+            new.weight.copy_(old.weight.sum(1, keepdim=True).expand_as(new.weight) / in_channels)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def create_torchvision(name: str, num_classes: int, in_channels: int = 3, weights=None, **kwargs) -> StagedNet:
+    """`tv.<name>`: torchvision.models.get_model(name, weights=None, num_classes=...), adapted.
+
+    `weights`: path to a local state dict for that torchvision model (loaded before adapting).
+    Other kwargs go to the torchvision builder (e.g. dropout).
+    """
+    import torchvision
+
+    valid = torchvision.models.list_models(module=torchvision.models)
+    if name not in valid:
+        raise unknown("torchvision model", f"tv.{name}", [f"tv.{v}" for v in valid])
+    if weights is not None and not isinstance(weights, (str, Path)):
+        raise SokdError(f"tv.{name}: weights must be a path to a local state-dict file, got {weights!r} "
+                        "(sokd never downloads weights)")
+    if "pretrained" in kwargs:
+        raise SokdError(f"tv.{name}: 'pretrained' is not supported; pass weights=<path to a state dict>")
+    try:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise SokdError(f"tv.{name}: invalid options {sorted(kwargs)}: {err}") from None
+    constants = constant_parameters(model)
+    if weights is not None:
+        load_weights(model, weights, f"tv.{name}")
+    if in_channels != 3:
+        replace_first_conv(model, in_channels, pretrained=weights is not None)
+    return from_torchvision(model, constants=constants)
+
+
+def create_timm(name: str, num_classes: int, in_channels: int = 3, weights=None, **kwargs) -> StagedNet:
+    """`timm.<name>`: timm.create_model(name, pretrained=False, ...), adapted (needs sokd[timm])."""
+    try:
+        import timm
+    except ImportError:
+        raise SokdError(f"timm.{name} needs the optional timm package: pip install sokd[timm]") from None
+    if kwargs.pop("pretrained", False):
+        raise SokdError(f"timm.{name}: pretrained=True is not supported; pass weights=<path to a state dict>")
+    known = timm.is_model(name) if hasattr(timm, "is_model") else name in timm.list_models()
+    if not known:
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        raise SokdError(f"unknown timm model 'timm.{name}'"
+                        + (f" (close: {', '.join('timm.' + c for c in close)})" if close else "")
+                        + "; see timm.list_models()")
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise SokdError(f"timm.{name}: invalid options {sorted(kwargs)}: {err}") from None
+    constants = constant_parameters(model)
+    if weights is not None:
+        load_weights(model, weights, f"timm.{name}")
+    return from_torchvision(model, constants=constants)

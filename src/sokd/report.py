@@ -1,0 +1,130 @@
+"""Aggregate finished runs: mean ± std over seeds per run name and role, and plots.
+
+Final-epoch and best-epoch accuracies are separate, labelled columns: best-epoch numbers are
+selected on the test set and therefore optimistic.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .errors import SokdError
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """Run directories (holding summary.json) under the given paths."""
+    runs = []
+    for p in map(Path, paths):
+        if (p / "summary.json").is_file():
+            runs.append(p)
+        elif p.is_dir():
+            runs.extend(sorted(q.parent for q in p.rglob("summary.json")))
+        else:
+            raise SokdError(f"'{p}' is not a run directory or a folder of runs")
+    if not runs:
+        raise SokdError(f"no finished runs (summary.json) under {', '.join(paths)}")
+    return runs
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def load(run: Path) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return {"dir": run, "summary": summary, "metrics": rows}
+
+
+def group(runs: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[r["summary"]["name"]].append(r)
+    return dict(groups)
+
+
+def table(groups: dict[str, list[dict]]) -> str:
+    from .commands.table import render
+    rows = []
+    for name, runs in groups.items():
+        roles = list(runs[0]["summary"]["networks"])
+        for role in roles:
+            nets = [r["summary"]["networks"][role] for r in runs if role in r["summary"]["networks"]]
+            comp = {}
+            for r in runs:
+                for pair, m in r["summary"].get("compare", {}).items():
+                    if pair.endswith(f"->{role}"):
+                        comp.setdefault(pair, []).append(m)
+            agree = "; ".join(f"{p.split('->')[0]}: {_ms([m['agreement'] for m in ms])}" for p, ms in comp.items())
+            kl = "; ".join(f"{p.split('->')[0]}: {_ms([m['kl'] for m in ms])}" for p, ms in comp.items())
+            init = [n["top1_initial"] for n in nets if n.get("top1_initial") is not None]
+            rows.append([name, runs[0]["summary"]["method"], role, nets[0]["arch"], len(nets),
+                         _ms([n["top1_final"] for n in nets]), _ms([n["top1_best"] for n in nets]),
+                         _ms(init) if role in ("teacher", "kbm") else "", agree, kl])
+    return render(["run", "method", "role", "arch", "seeds", "top-1 final (last epoch)",
+                   "top-1 best epoch (optimistic)", "top-1 at start", "agreement % with", "KL(ref‖role)"],
+                  rows, align="lllllrrrll")
+
+
+def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, runs in groups.items():
+        primary = runs[0]["summary"]["primary_role"]
+        epochs = [r["epoch"] for r in runs[0]["metrics"] if r["epoch"] > 0]
+        curves = [[r["test"][primary]["top1"] for r in run["metrics"] if r["epoch"] > 0] for run in runs]
+        n = min(len(c) for c in curves)
+        mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
+        ax.plot(epochs[:n], mean, label=f"{name} ({primary}, n={len(runs)})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Test top-1 per epoch (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    lo = [l.get_ydata().min() for l in ax.lines]
+    if lo:
+        ax.set_ylim(bottom=max(0, min(sorted(lo)[len(lo) // 2] - 10, 100)))
+    p = out_dir / "test_top1.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+
+    names = list(groups)
+    cols = min(3, len(names))
+    rows_n = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        run = groups[name][0]
+        rows = [r for r in run["metrics"] if "train" in r]
+        for term in rows[0]["train"]["terms"] if rows else []:
+            ax.plot([r["epoch"] for r in rows], [r["train"]["terms"][term] for r in rows], label=term)
+        ax.set_title(f"{name}: train loss terms (seed {run['summary']['seed']})", fontsize=9)
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    p = out_dir / "loss_terms.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def build(paths: list[str], out_dir: str | None = None) -> dict:
+    runs = [load(r) for r in find_runs(paths)]
+    groups = group(runs)
+    md = table(groups)
+    plots = plot(groups, Path(out_dir)) if out_dir else []
+    return {"markdown": md, "plots": [str(p) for p in plots], "groups": {k: len(v) for k, v in groups.items()}}

@@ -99,6 +99,6 @@ def normalize(x_uint8: torch.Tensor, mean: Sequence[float] | torch.Tensor,
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, memory_format) -> torch.Tensor:
-    # in place mul/add: ~4x faster than one broadcasting addcmul on CPU; the layout change is
-    # cheaper on float32 than on uint8 (vectorised 4-byte transposes)
-    return x.float().contiguous(memory_format=memory_format).mul_(scale).add_(shift)
+    # in place mul/add on the contiguous float tensor (~4x faster than a broadcasting addcmul and
+    # ~9x faster than the same ops on a channels_last tensor on CPU), then change layout once
+    return x.float().mul_(scale).add_(shift).contiguous(memory_format=memory_format)

@@ -105,7 +105,7 @@ def check_splits(s: ArraySplits) -> ArraySplits:
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
             bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
             raise SokdError(f"{s.source}: {split} label {bad} is outside 0..{k - 1} ({k} classes); "
-                            f"fix the labels or give matching class_names")
+                            f"fix the labels (or, in an .npz, store one class_names entry per class)")
     return s
 
 
@@ -283,9 +283,13 @@ def _numpy_attr(*paths: str):
     return None
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a callable outside the data-only allow-list."""
+
+
 def _latin1_encode(text, encoding="latin1", errors="strict"):
     if str(encoding).lower().replace("-", "") not in ("latin1", "iso88591"):
-        raise pickle.UnpicklingError(f"codec '{encoding}' is not allowed")
+        raise RefusedGlobal(f"codec '{encoding}' is not allowed")
     return codecs.encode(text, "latin1", errors)
 
 
@@ -318,14 +322,14 @@ class SafeUnpickler(pickle.Unpickler):
         try:
             return SafeUnpickler._allowed[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load '{module}.{name}'") from None
+            raise RefusedGlobal(f"refusing to load '{module}.{name}'") from None
 
 
 def safe_unpickle(path: Path) -> object:
     try:
         with open(path, "rb") as f:
             obj = SafeUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as err:
+    except RefusedGlobal as err:
         raise SokdError(f"'{path}' is not a safe data pickle ({err}); only arrays, lists and dicts are "
                         f"allowed — use the original CIFAR files from the official site") from None
     except OSError as err:
@@ -456,8 +460,7 @@ def load_npz(path: str | Path, name: str) -> ArraySplits:
     y_train = to_labels(arrays["y_train"], len(x_train), f"'{path}' y_train")
     y_test = to_labels(arrays["y_test"], len(x_test), f"'{path}' y_test")
     if names is None:
-        top = max([int(y.max()) for y in (y_train, y_test) if y.numel()] or [0])
-        names = list(defaults) if top < len(defaults) else [f"class_{i}" for i in range(top + 1)]
+        names = list(defaults)  # labels beyond these are reported by check_splits
     return check_splits(ArraySplits(x_train, y_train, x_test, y_test, names, str(path)))
 
 

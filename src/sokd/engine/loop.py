@@ -166,7 +166,8 @@ def fit(method, data, ctx: FitContext) -> dict:
             start_step, accum_state = 0, None
             total = len(data.train) if tr.steps_per_epoch is None else min(len(data.train), tr.steps_per_epoch)
             bar = tqdm(total=total, initial=step, desc=f"epoch {epoch + 1}/{tr.epochs}", unit="step",
-                       leave=False, disable=not (cfg.output.progress and dist.is_main), dynamic_ncols=True)
+                       leave=False, dynamic_ncols=True,
+                       disable=None if cfg.output.progress and dist.is_main else True)  # None: off when not a TTY
             method.train()
             t0 = time.perf_counter()
             for images, labels in data.train.iter_from(step):

@@ -61,7 +61,7 @@ class StagedNet(nn.Module):
 
         Subclasses with a custom init scheme override `init_module`.
         """
-        for m in (module or self).modules():
+        for m in (module if module is not None else self).modules():
             self.init_module(m)
 
     def init_module(self, m: nn.Module) -> None:

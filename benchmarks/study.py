@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Regenerate the reproduction study (issue 5): every run, then the report. Resumable.
+
+    .venv/bin/python benchmarks/study.py fmnist            # Fashion-MNIST: 3 seeds + ablations
+    .venv/bin/python benchmarks/study.py cifar100          # WRN-40-2 -> WRN-40-1, 40 epochs
+    .venv/bin/python benchmarks/study.py fmnist --seeds 0 --dry-run
+
+Each run is `sokd train` in a subprocess. A finished run (summary.json) is skipped, a started one
+(last.pt) is resumed, so the script can be killed and restarted at any point. Finished summaries
+and metrics are copied to docs/results/<study>/runs/ and the report is rebuilt after every run;
+with --commit they are committed right away (only those paths).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOKD = [sys.executable, "-m", "sokd"]
+
+STUDIES = {
+    "fmnist": {
+        "configs": ROOT / "configs/study/fmnist",
+        "main": ["vanilla", "kd", "sokd", "dml", "kd_dml", "kd_at", "sokd_at"],
+        "ablations": ["sokd_bn_eval", "sokd_init_teacher", "sokd_kbm2", "sokd_fp32"],
+        "seeds": [0, 1, 2],
+    },
+    "cifar100": {
+        "configs": ROOT / "configs/study/cifar100",
+        "main": ["vanilla", "kd", "sokd"],
+        "ablations": [],
+        "seeds": [0],
+    },
+}
+NEEDS_TEACHER = {"kd", "kd_at", "kd_dml", "sokd", "sokd_at", "sokd_bn_eval", "sokd_init_teacher",
+                 "sokd_kbm2", "sokd_fp32"}
+
+
+def plan(study: str, seeds: list[int]) -> list[tuple[str, int]]:
+    """Seed by seed: teacher first, then every method; ablations after the first seed."""
+    s = STUDIES[study]
+    order = []
+    for i, seed in enumerate(seeds):
+        order += [("teacher", seed)] + [(m, seed) for m in s["main"]]
+        if i == 0:
+            order += [(a, seed) for a in s["ablations"]]
+    return order
+
+
+def run_dir(study: str, name: str, seed: int) -> Path:
+    return ROOT / "runs/study" / study / f"{name}-s{seed}"
+
+
+def git_commit(paths: list[Path], message: str) -> None:
+    rel = [str(p.relative_to(ROOT)) for p in paths]
+    for _ in range(5):
+        add = subprocess.run(["git", "add", "--", *rel], cwd=ROOT, capture_output=True, text=True)
+        if add.returncode == 0:
+            done = subprocess.run(["git", "commit", "-q", "-m", message, "--", *rel], cwd=ROOT,
+                                  capture_output=True, text=True)
+            if done.returncode == 0 or "nothing" in done.stdout + done.stderr:
+                return
+        time.sleep(3)  # index.lock held by another git command: retry
+    print(f"warning: could not commit {rel}", flush=True)
+
+
+def publish(study: str, name: str, seed: int, commit: bool) -> None:
+    src = run_dir(study, name, seed)
+    out = ROOT / "docs/results" / study
+    dst = out / "runs" / f"{name}-s{seed}"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in ("summary.json", "metrics.jsonl", "config.yaml"):
+        shutil.copy2(src / f, dst / f)
+    subprocess.run(SOKD + ["report", str(out / "runs"), "--out", str(out)], cwd=ROOT,
+                   stdout=subprocess.DEVNULL, check=False)
+    if commit:
+        git_commit([dst, out / "report.md", out / "test_top1.png", out / "loss_terms.png"],
+                   f"study {study}: {name} seed {seed} finished")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("study", choices=sorted(STUDIES))
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--only", nargs="+", default=None, help="run names to include (default: all)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    ap.add_argument("--commit", action="store_true", help="git-commit each finished summary")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="extra key=value for every run")
+    args = ap.parse_args()
+    cfg_dir = STUDIES[args.study]["configs"]
+    for name, seed in plan(args.study, args.seeds or STUDIES[args.study]["seeds"]):
+        if args.only and name not in args.only and name != "teacher":
+            continue
+        rd = run_dir(args.study, name, seed)
+        if (rd / "summary.json").exists():
+            print(f"done     {name} seed {seed}", flush=True)
+            continue
+        cmd = SOKD + ["train", str(cfg_dir / f"{name}.yaml"), f"train.seed={seed}",
+                      f"output.dir={rd}", f"output.resume={str((rd / 'last.pt').exists()).lower()}"]
+        if name in NEEDS_TEACHER:
+            cmd.append(f"teacher.checkpoint={run_dir(args.study, 'teacher', seed) / 'model.pt'}")
+        if args.threads:
+            cmd.append(f"train.threads={args.threads}")
+        cmd += args.overrides
+        print(("would run " if args.dry_run else "run      ") + " ".join(cmd[2:]), flush=True)
+        if args.dry_run:
+            continue
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT)
+        if proc.returncode != 0:
+            print(f"FAILED   {name} seed {seed} (exit {proc.returncode}); rerun to resume", flush=True)
+            return proc.returncode
+        print(f"finished {name} seed {seed} in {time.time() - t0:.0f} s", flush=True)
+        publish(args.study, name, seed, args.commit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

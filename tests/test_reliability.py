@@ -1,0 +1,225 @@
+"""Never lose a run, never accept bad input silently (issue 4)."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sokd.engine import safe_load
+from sokd.engine.checkpoint import atomic_save
+from sokd.errors import SokdError
+
+from .conftest import tiny_config, write_config
+
+PY = [sys.executable, "-m", "sokd"]
+
+
+def sokd_cli(*args, timeout=300):
+    return subprocess.run(PY + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+
+
+def final_metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{"epoch": r["epoch"], "test": r["test"], "loss": r.get("train", {}).get("loss")} for r in rows]
+
+
+def run_config(tmp_path, name, **kw):
+    cfg = tiny_config(tmp_path, "vanilla", name=name, train={"epochs": 6, "seed": 11, "threads": 1}, **kw)
+    cfg["output"]["dir"] = str(tmp_path / "runs" / name)
+    return write_config(tmp_path, cfg, f"{name}.yaml"), Path(cfg["output"]["dir"])
+
+
+# -- kill -9 at a random moment, resume, same final metrics --------------------------------------
+def test_sigkill_at_random_moment_then_resume_matches_uninterrupted(tmp_path):
+    ref_cfg, ref_dir = run_config(tmp_path, "reference")
+    cut_cfg, cut_dir = run_config(tmp_path, "killed")
+    assert sokd_cli("train", ref_cfg).returncode == 0
+    proc = subprocess.Popen(PY + ["train", str(cut_cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (cut_dir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    moment = random.uniform(0.0, 3.0)
+    time.sleep(moment)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    print(f"killed after {moment:.2f} s of training")
+    if (cut_dir / "last.pt").exists():
+        safe_load(cut_dir / "last.pt")  # the last good checkpoint always loads
+        resumed = sokd_cli("train", cut_cfg, "output.resume=true")
+    else:  # killed before the first checkpoint: start again
+        resumed = sokd_cli("train", cut_cfg, "output.overwrite=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert final_metrics(cut_dir) == final_metrics(ref_dir)
+    a, b = safe_load(ref_dir / "last.pt")["method"], safe_load(cut_dir / "last.pt")["method"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- SIGTERM / SIGINT: finish the step, checkpoint, exit non-zero with a resume hint --------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_and_explains_how_to_resume(tmp_path, sig):
+    ref_cfg, ref_dir = run_config(tmp_path, "reference")
+    cut_cfg, cut_dir = run_config(tmp_path, "signalled")
+    assert sokd_cli("train", ref_cfg).returncode == 0
+    proc = subprocess.Popen(PY + ["train", str(cut_cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (cut_dir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.2, 1.5))
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("run finished before the signal arrived")
+    assert proc.returncode == 128 + sig
+    assert "output.resume=true" in err and err.strip().count("\n") == 0
+    ckpt = safe_load(cut_dir / "last.pt")
+    assert ckpt["step"] > 0 or ckpt["epoch"] > 0
+    assert sokd_cli("train", cut_cfg, "output.resume=true").returncode == 0
+    assert final_metrics(cut_dir) == final_metrics(ref_dir)
+
+
+# -- malicious checkpoints are refused --------------------------------------------------------------
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "sokd-model", "state_dict": {}, "payload": Exploit(marker)}, evil)
+    with pytest.raises(SokdError, match="refused"):
+        safe_load(evil)
+    assert not marker.exists()
+    proc = sokd_cli("eval", evil)
+    assert proc.returncode == 2 and "refused" in proc.stderr and not marker.exists()
+    raw = tmp_path / "raw.pt"  # a bare pickle, not even a torch zip file
+    raw.write_bytes(pickle.dumps(Exploit(marker)))
+    with pytest.raises(SokdError):
+        safe_load(raw)
+    assert not marker.exists()
+
+
+def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_save({"a": Boom()}, path)
+    assert torch.equal(safe_load(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+# -- every bad input: one line, non-zero exit, nothing half-written ---------------------------------
+def _idx(path, arr, code=0x08):
+    header = bytes([0, 0, code, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, teacher_file):
+    """(name, config-dict mutator or argv, expected message fragment)."""
+    d = tmp_path_factory.mktemp("bad")
+    good_teacher = teacher_file
+    # a checkpoint of another architecture / number of classes
+    other = d / "other_arch.pt"
+    ck = safe_load(good_teacher)
+    atomic_save({**ck, "arch": "resnet8",
+                 "state_dict": {k: v[:1] if v.dim() else v for k, v in ck["state_dict"].items()}}, other)
+    trunc = d / "truncated.pt"
+    trunc.write_bytes(good_teacher.read_bytes()[:2000])
+    garbage = d / "garbage.pt"
+    garbage.write_bytes(os.urandom(4096))
+    # data files
+    fm = d / "fmnist_corrupt"
+    fm.mkdir()
+    for split, n in (("train", 20), ("t10k", 10)):
+        _idx(fm / f"{split}-images-idx3-ubyte.gz", np.zeros((n, 28, 28)))
+        _idx(fm / f"{split}-labels-idx1-ubyte.gz", np.zeros(n))
+    raw = gzip.decompress((fm / "train-images-idx3-ubyte.gz").read_bytes())
+    (fm / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    labels_bad = d / "labels.npz"
+    np.savez(labels_bad, x_train=np.zeros((8, 8, 8, 3), np.uint8), y_train=np.full(8, 200),
+             x_test=np.zeros((4, 8, 8, 3), np.uint8), y_test=np.zeros(4, np.int64))
+    empty = d / "empty.npz"
+    np.savez(empty, x_train=np.zeros((0, 8, 8, 3), np.uint8), y_train=np.zeros(0, np.int64),
+             x_test=np.zeros((4, 8, 8, 3), np.uint8), y_test=np.zeros(4, np.int64))
+    npz_corrupt = d / "corrupt.npz"
+    npz_corrupt.write_bytes(b"PK\x03\x04" + os.urandom(200))
+    pk = d / "cifar-10-batches-py"
+    pk.mkdir()
+    (pk / "data_batch_1").write_bytes(b"\x80\x04not a pickle at all")
+    taken = d / "taken_run"
+    taken.mkdir()
+    (taken / "last.pt").write_bytes(b"x")
+    (taken / "config.yaml").write_text("name: other\n")
+    blocker = d / "a_file"
+    blocker.write_text("x")
+    teacher = f"teacher.checkpoint={good_teacher}"
+    return [
+        ("unknown config key", ["vanilla", "train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'epochs'?)"),
+        ("wrong value type", ["vanilla", "train.epochs=many"], "bad value for 'train.epochs'"),
+        ("unknown model", ["vanilla", "model.arch=resnet9"], "unknown model 'resnet9'"),
+        ("unknown method", ["vanilla", "method.name=sokdd"], "unknown method 'sokdd'"),
+        ("unknown data set", ["vanilla", "data.name=fmnist"], "unknown data set 'fmnist'"),
+        ("missing teacher checkpoint", ["kd", "teacher.checkpoint=/nonexistent/teacher.pt"], "not found"),
+        ("no teacher checkpoint at all", ["kd", "teacher.checkpoint=null"], "needs a trained teacher"),
+        ("checkpoint of another architecture", ["kd", f"teacher.checkpoint={other}"], "does not fit"),
+        ("checkpoint with another number of classes", ["kd", teacher, "data.synthetic_classes=7"], "shape mismatch"),
+        ("truncated checkpoint", ["kd", f"teacher.checkpoint={trunc}"], "corrupt or truncated"),
+        ("corrupt checkpoint", ["kd", f"teacher.checkpoint={garbage}"], "corrupt or truncated"),
+        ("data set not found", ["vanilla", "data.name=fashion_mnist", f"data.root={d}/nowhere"], "apt-get install dataset-fashion-mnist"),
+        ("corrupt IDX file", ["vanilla", "data.name=fashion_mnist", f"data.root={fm}"], "train-images-idx3-ubyte"),
+        ("corrupt npz file", ["vanilla", "data.name=cifar10", f"data.root={npz_corrupt}"], "corrupt.npz"),
+        ("corrupt pickle", ["vanilla", "data.name=cifar10", f"data.root={pk}"], "data_batch_1"),
+        ("labels out of range", ["vanilla", "data.name=cifar10", f"data.root={labels_bad}"], "label"),
+        ("empty data set", ["vanilla", "data.name=cifar10", f"data.root={empty}"], "empty"),
+        ("run dir holds another run", ["vanilla", f"output.dir={taken}"], "already holds a run"),
+        ("unwritable output dir", ["vanilla", f"output.dir={blocker}/run"], "output"),
+        ("kbm_stages > teacher stages", ["sokd", teacher, "method.kbm_stages=3"], "kbm_stages=3 but the teacher has 3 stages"),
+        ("feature term on missing stage", ["sokd", teacher, "method.features=[{kind: at, stages: [4]}]"], "student stage 4"),
+    ]
+
+
+def test_bad_inputs_give_one_line_errors_and_write_nothing(bad_inputs, tmp_path):
+    table = []
+    for name, (method, *overrides), expected in bad_inputs:
+        cfg = tiny_config(tmp_path, method, name=name.replace(" ", "_"))
+        run_dir = tmp_path / "runs" / cfg["name"]
+        cfg["output"]["dir"] = str(run_dir)
+        path = write_config(tmp_path, cfg, "bad.yaml")
+        proc = sokd_cli("train", path, *overrides)
+        msg = proc.stderr.strip()
+        table.append((name, msg))
+        assert proc.returncode == 2, (name, proc.stdout, msg)
+        assert len(msg.splitlines()) == 1 and msg.startswith("sokd: error:"), (name, msg)
+        assert expected in msg, (name, msg)
+        if not any(o.startswith("output.dir") for o in overrides):
+            assert not run_dir.exists() or not any(run_dir.iterdir()), name
+    Path(os.environ.get("SOKD_BAD_INPUT_TABLE", tmp_path / "table.md")).write_text(
+        "| bad input | what the user sees |\n|---|---|\n"
+        + "".join(f"| {n} | `{m}` |\n" for n, m in table))
+
+
+def test_debug_flag_shows_traceback(tmp_path):
+    path = write_config(tmp_path, tiny_config(tmp_path, "vanilla"))
+    proc = sokd_cli("--debug", "train", path, "model.arch=resnet9")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr

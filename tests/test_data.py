@@ -59,13 +59,31 @@ def cifar_rows(n: int, offset: int = 0) -> np.ndarray:
     return rows.reshape(n, 3072)
 
 
+def py2_pickle(rows: np.ndarray, labels: list[int]) -> bytes:
+    """A batch dict pickled the way Python 2 cPickle wrote the original CIFAR files: str payloads
+    (BINSTRING, decoded as latin1 on load) and the old numpy.core.multiarray module path."""
+    def s(b: bytes) -> bytes:
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<I", len(b)) + b
+    n, m = rows.shape
+    arr = (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + b"K\x00\x85" + s(b"b") + b"\x87R"
+           + b"(K\x01" + b"J" + struct.pack("<i", n) + b"J" + struct.pack("<i", m) + b"\x86"
+           + b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R"
+           + b"(K\x03" + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+           + b"\x89" + s(rows.tobytes()) + b"tb")
+    labs = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return b"\x80\x02}(" + s(b"data") + arr + s(b"labels") + labs + b"u."
+
+
 def write_cifar10(folder: Path, per_batch=4, protocol=2) -> Path:
     folder = folder / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     for i in range(1, 6):
         batch = {"data": cifar_rows(per_batch, (i - 1) * per_batch),
                  "labels": [j % 10 for j in range(per_batch)]}
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=protocol))
+        raw = (py2_pickle(batch["data"], batch["labels"]) if protocol == "py2"
+               else pickle.dumps(batch, protocol=protocol))
+        (folder / f"data_batch_{i}").write_bytes(raw)
+    protocol = 2 if protocol == "py2" else protocol
     test = {b"data": cifar_rows(3), b"labels": [9, 8, 7]}  # bytes keys, as Python 2 pickles load
     (folder / "test_batch").write_bytes(pickle.dumps(test, protocol=protocol))
     meta = {"label_names": readers.CIFAR10_CLASSES}
@@ -132,6 +150,15 @@ def test_list_datasets():
 def test_config_validation(kw, needle):
     with pytest.raises(SokdError, match=needle.replace("(", r"\(")):
         DataConfig(**kw)
+
+
+def test_config_from_dict():
+    c = DataConfig.from_dict({"name": "synthetic", "batch_size": 4})
+    assert c.batch_size == 4
+    with pytest.raises(SokdError, match="unknown config key 'data.batchsize' \\(did you mean 'batch_size'"):
+        DataConfig.from_dict({"name": "synthetic", "batchsize": 4})
+    with pytest.raises(SokdError, match="data.name"):
+        DataConfig.from_dict({"root": "x"})
 
 
 def test_config_inside_pydantic_model():
@@ -304,7 +331,7 @@ def test_fashion_mnist_default_location():
 
 # ------------------------------------------------------------------------------------------- CIFAR
 
-@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+@pytest.mark.parametrize("protocol", ["py2", 2, pickle.HIGHEST_PROTOCOL])
 def test_cifar10_pickle_folder(tmp_path, protocol):
     folder = write_cifar10(tmp_path, protocol=protocol)
     for root in (tmp_path, folder):  # the folder itself or its parent
@@ -358,6 +385,10 @@ def test_cifar_pickle_wrong_content(tmp_path):
     (folder / "data_batch_2").write_bytes(b"\x80\x02}q\x01(U")  # truncated
     with pytest.raises(SokdError, match="data_batch_2.*corrupt"):
         readers.load_cifar("cifar10", str(folder))
+    (folder / "data_batch_2").unlink()
+    (folder / "test_batch").unlink()
+    with pytest.raises(SokdError, match="data_batch_2' is missing.*incomplete"):
+        readers.load_cifar("cifar10", str(tmp_path))  # a partial folder is reported, not "not found"
 
 
 def test_cifar_missing_mentions_fixes(tmp_path):
@@ -441,6 +472,11 @@ def test_shape_errors(tmp_path):
         data.create(cfg(name="cifar10", root=str(path), pad_to=4, batch_size=2))
     with pytest.raises(SokdError, match="data.mean has 1 values"):
         data.create(cfg(name="cifar10", root=str(path), mean=[0.5], std=[0.5], batch_size=2))
+    gray = write_npz(tmp_path / "g.npz", x_train=np.zeros((20, 6, 6), np.uint8), x_test=np.zeros((8, 6, 6), np.uint8))
+    with pytest.raises(SokdError, match="default cifar10 mean has 3 values.*set data.mean and data.std"):
+        data.create(cfg(name="cifar10", root=str(gray), batch_size=2))
+    b = data.create(cfg(name="cifar10", root=str(gray), batch_size=2, mean=[0.5], std=[0.2]))
+    assert b.shape == (1, 6, 6) and b.mean == (0.5,)
 
 
 @pytest.mark.skipif(not SHARED_CIFAR100.is_file(), reason="../shared/data/cifar100.npz not present")

@@ -86,6 +86,8 @@ class DistributedSpec(Strict):
 
 class Config(Strict):
     name: str = "run"
+    imports: list[str] = Field(default_factory=list, description=(
+        "Python modules or .py files imported first, e.g. to register your own models"))
     method: MethodSpec = Field(default_factory=MethodSpec)
     model: NetworkSpec | None = None
     teacher: NetworkSpec | None = None
@@ -111,6 +113,30 @@ class Config(Strict):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+
+def import_plugins(names: list[str]) -> None:
+    """Import user modules (dotted names or .py paths) so their @register decorators run."""
+    import importlib
+    import importlib.util
+    import sys
+    for name in names:
+        try:
+            if name.endswith(".py"):
+                path = Path(name).resolve()
+                if not path.is_file():
+                    raise SokdError(f"imports: file '{name}' not found")
+                mod_name = f"sokd_plugin_{path.stem}"
+                if mod_name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(mod_name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except ImportError as err:
+            raise SokdError(f"imports: cannot import '{name}' ({err}); check the module name / PYTHONPATH") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -7,7 +7,7 @@ import torch
 
 from . import data as data_layer
 from . import methods, models
-from .config import Config, NetworkSpec
+from .config import Config, NetworkSpec, import_plugins
 from .engine import DistContext, FitContext, evaluate, fit, load_state_strict, resolve_device, safe_load
 from .errors import SokdError
 
@@ -52,6 +52,7 @@ def build_network(spec: NetworkSpec, role: str, num_classes: int, in_channels: i
 def build_method(cfg: Config, num_classes: int, shape,
                  require_trained: bool = True) -> tuple[methods.Method, dict]:
     """The method with its networks, and role -> architecture facts for saved model files."""
+    import_plugins(cfg.imports)
     name = cfg.method.name
     teacher = cfg.teacher
     if require_trained and name in NEEDS_TRAINED_TEACHER and teacher is not None and not (teacher.checkpoint or teacher.weights):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SokdError
-from . import augment, readers
+from . import readers
 from .config import DATASETS, DataConfig
 from .sources import BatchSource, LoaderBatches, TensorBatches, epoch_indices, shard_bounds
 
@@ -57,12 +57,13 @@ def create(cfg: DataConfig, device: torch.device | str = "cpu", rank: int = 0, w
         splits = readers.load_cifar(cfg.name, cfg.root, cfg.download)
 
     x_train, y_train, x_test, y_test = splits.x_train, splits.y_train, splits.x_test, splits.y_test
+    _check_nonempty(len(y_train), len(y_test), splits.source, None)
     keep = _train_subset(y_train, cfg)
     if keep is not None:
         x_train, y_train = x_train[keep], y_train[keep]
     if cfg.test_limit is not None:
         x_test, y_test = x_test[: cfg.test_limit], y_test[: cfg.test_limit]
-    _check_nonempty(len(y_train), len(y_test), splits.source)
+    _check_nonempty(len(y_train), len(y_test), splits.source, cfg)
     if cfg.pad_to is not None:
         x_train, x_test = (pad_center(x, cfg.pad_to) for x in (x_train, x_test))
 
@@ -102,29 +103,31 @@ def _train_subset(labels: torch.Tensor, cfg: DataConfig) -> torch.Tensor | slice
     return keep
 
 
-def _check_nonempty(n_train: int, n_test: int, source: str) -> None:
-    for split, n, keys in (("train", n_train, "data.train_per_class / data.train_limit"),
-                           ("test", n_test, "data.test_limit")):
+def _check_nonempty(n_train: int, n_test: int, source: str, cfg: DataConfig | None) -> None:
+    """Empty splits are errors; with `cfg`, blame the limits that were applied (if any)."""
+    for split, n, keys in (("train", n_train, ("train_per_class", "train_limit")),
+                           ("test", n_test, ("test_limit",))):
         if n == 0:
-            raise SokdError(f"the {split} split of {source} is empty (after {keys}); "
-                            f"check the data files or raise the limits")
+            used = [f"data.{k}" for k in keys if cfg is not None and getattr(cfg, k) is not None]
+            if used:
+                raise SokdError(f"the {split} split of {source} is empty after {' / '.join(used)}; raise them")
+            raise SokdError(f"the {split} split of {source} is empty (no images); check the data files")
 
 
 def _stats(cfg: DataConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    if cfg.mean is not None and cfg.std is not None:
-        mean, std = tuple(cfg.mean), tuple(cfg.std)
-    else:
-        default = readers.STATS.get(cfg.name)
-        if default is None:  # synthetic: centre [0, 255] roughly on zero
-            default = ((0.5,) * channels, (0.25,) * channels)
-        mean = tuple(cfg.mean) if cfg.mean is not None else tuple(default[0])
-        std = tuple(cfg.std) if cfg.std is not None else tuple(default[1])
-        if cfg.mean is None and cfg.std is None and len(mean) == 1 and channels > 1:
-            mean, std = mean * channels, std * channels
-    for key, value in (("mean", mean), ("std", std)):
-        if len(value) != channels:
-            raise SokdError(f"data.{key} has {len(value)} values but the {cfg.name} images have {channels} "
-                            f"channels; give one value per channel")
+    """Per-channel mean/std: the config's, else the data set's defaults (synthetic: 0.5 / 0.25)."""
+    default = readers.STATS.get(cfg.name, ((0.5,), (0.25,)))
+    if len(default[0]) == 1 and channels > 1:
+        default = (default[0] * channels, default[1] * channels)
+    for key, given, fallback in (("mean", cfg.mean, default[0]), ("std", cfg.std, default[1])):
+        if given is not None and len(given) != channels:
+            raise SokdError(f"data.{key} has {len(given)} values but the {cfg.name} images have {channels} "
+                            f"channel(s); give one value per channel")
+        if given is None and len(fallback) != channels:
+            raise SokdError(f"the default {cfg.name} {key} has {len(fallback)} values but these images have "
+                            f"{channels} channel(s); set data.mean and data.std (one value per channel)")
+    mean = tuple(cfg.mean) if cfg.mean is not None else tuple(default[0])
+    std = tuple(cfg.std) if cfg.std is not None else tuple(default[1])
     return mean, std
 
 
@@ -149,6 +152,7 @@ def _create_folder(cfg: DataConfig, device: torch.device, rank: int, world_size:
     val_tf = T.Compose([T.Resize(round(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size)] + norm)
     train_ds, val_ds = readers.image_folders(root, train_tf, val_tf)
     classes = list(train_ds.classes)
+    _check_nonempty(len(train_ds), len(val_ds), str(root), None)
     targets = torch.as_tensor(train_ds.targets, dtype=torch.int64)
     keep = _train_subset(targets, cfg)
     if keep is not None:
@@ -156,7 +160,7 @@ def _create_folder(cfg: DataConfig, device: torch.device, rank: int, world_size:
         train_ds = torch.utils.data.Subset(train_ds, idx)
     if cfg.test_limit is not None:
         val_ds = torch.utils.data.Subset(val_ds, range(min(cfg.test_limit, len(val_ds))))
-    _check_nonempty(len(train_ds), len(val_ds), str(root))
+    _check_nonempty(len(train_ds), len(val_ds), str(root), cfg)
     train = LoaderBatches(train_ds, cfg.batch_size, device=device, shuffle=True, drop_last=cfg.drop_last,
                           num_workers=cfg.num_workers, seed=seed, rank=rank, world_size=world_size)
     test = LoaderBatches(val_ds, cfg.eval_batch_size, device=device, shuffle=False, drop_last=False,

@@ -1,7 +1,7 @@
 """Batched image augmentation on uint8 NCHW tensors, on whatever device they live on.
 
 No per-sample Python: a random crop (after virtual reflect/zero padding) and a horizontal flip are
-one gather with per-sample source coordinates; normalisation is one fused multiply-add on the float
+one gather with per-sample source coordinates; normalisation is an in-place multiply-add on the float
 conversion. All functions are pure (randomness comes only from the `generator` argument).
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ key and the fix. Constructing it directly (tests, `sokd eval` overrides) runs th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..errors import SokdError, suggest
 
@@ -39,6 +39,18 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DataConfig":
+        """Build from a mapping; unknown keys are a SokdError (with a suggestion), not a TypeError."""
+        valid = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in valid:
+                raise SokdError(f"unknown config key 'data.{key}'{suggest(key, valid)}; "
+                                f"valid keys here: {', '.join(valid)}")
+        if "name" not in values:
+            raise SokdError("missing required config key 'data.name'")
+        return cls(**values)
 
     def validate(self) -> None:
         """Raise SokdError for the first bad value (names the key and what is allowed)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import gzip
 import math
-import os
 import pickle
 import socket
 import zipfile
@@ -372,7 +371,8 @@ def find_cifar(name: str, root: str | None) -> Path | None:
             return cand
         if cand.is_dir():
             for folder in (cand, cand / info["folder"]):
-                if all((folder / f).is_file() for f in info["train"] + info["test"]):
+                # a partial folder is returned too: loading it names the missing/corrupt file
+                if any((folder / f).is_file() for f in info["train"] + info["test"]):
                     return folder
             if root is not None and (cand / info["npz"]).is_file():
                 return cand / info["npz"]
@@ -380,6 +380,9 @@ def find_cifar(name: str, root: str | None) -> Path | None:
 
 
 def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():  # files are read in order, so an earlier corrupt file is reported first
+        raise SokdError(f"'{path}' is missing: the CIFAR folder '{path.parent}' is incomplete; "
+                        f"re-extract it, set data.download=true, or fix data.root")
     obj = safe_unpickle(path)
     if not isinstance(obj, dict):
         raise SokdError(f"'{path}' holds a {type(obj).__name__}, not a CIFAR batch dict; re-download it")

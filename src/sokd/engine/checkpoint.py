@@ -63,12 +63,14 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if "weights_only" in str(err) or "Unsupported" in str(err) or "global" in str(err).lower():
-            raise SokdError(f"checkpoint '{path}' contains code or objects that are not plain tensors "
-                            f"and was refused for safety (weights_only load): {first[:160]}") from None
-        raise SokdError(f"checkpoint '{path}' is corrupt or truncated ({first[:120]}); "
-                        f"use another copy, e.g. best.pt or an older backup") from None
+        text = str(err)
+        detail = next((ln.strip() for ln in text.splitlines()
+                       if "GLOBAL" in ln or "Unsupported" in ln or "invalid load key" in ln), "")
+        if "GLOBAL" in text:
+            raise SokdError(f"checkpoint '{path}' was refused: it would import code on load "
+                            f"({detail[:140]}); only load checkpoints holding plain tensors") from None
+        raise SokdError(f"checkpoint '{path}' is corrupt or truncated, or not a PyTorch checkpoint "
+                        f"({detail[:100] or type(err).__name__}); use another copy, e.g. best.pt") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SokdError(f"checkpoint '{path}' is corrupt or truncated ({msg[:120]}); "

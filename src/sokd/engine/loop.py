@@ -12,6 +12,7 @@ from tqdm import tqdm
 from ..errors import SokdError
 from . import rundir
 from .checkpoint import atomic_save
+from .ddp import sync_frozen_buffers
 from .distributed import DistContext
 from .evaluate import evaluate
 from .logger import RunLogger
@@ -146,15 +147,15 @@ def fit(method, data, ctx: FitContext) -> dict:
     def run_eval() -> dict:
         return evaluate(method, data.test, device, tr.precision, reduce=dist.all_reduce_sum)
 
-    wall0 = time.perf_counter()
-    if ckpt is None:
-        initial = run_eval()
-        row = {"epoch": 0, "test": initial["roles"], "compare": initial["compare"]}
-        history.append(row)
-        if logger:
-            logger.log(row)
-
     with StopRequest() as stop:
+        wall0 = time.perf_counter()
+        if ckpt is None:
+            initial = run_eval()
+            row = {"epoch": 0, "test": initial["roles"], "compare": initial["compare"]}
+            history.append(row)
+            if logger:
+                logger.log(row)
+
         for epoch in range(start_epoch, tr.epochs):
             data.train.set_epoch(epoch)
             accum = EpochAccumulator()
@@ -198,6 +199,7 @@ def fit(method, data, ctx: FitContext) -> dict:
                     raise Interrupted(stop.signum or 15, epoch, step, ctx.run_dir)
             accum.seconds += time.perf_counter() - t0
             bar.close()
+            sync_frozen_buffers(method, dist)
             lrs = {g["role"]: g["lr"] for g in optimizer.param_groups}
             scheduler.step()
             result = run_eval()
@@ -215,11 +217,12 @@ def fit(method, data, ctx: FitContext) -> dict:
                 atomic_save(state, ctx.run_dir / "best.pt")
             dist.print(_epoch_line(row, primary))
 
-    summary = _summary(cfg, method, data, history, ctx, device)
-    if dist.is_main:
-        _save_standalone(method, data, ctx)
-        logger.summary(summary)
-        logger.close()
+        # a signal arriving now changes nothing: the run is complete, finish writing it
+        summary = _summary(cfg, method, data, history, ctx, device)
+        if dist.is_main:
+            _save_standalone(method, data, ctx)
+            logger.summary(summary)
+            logger.close()
     return summary
 
 

@@ -49,6 +49,9 @@ class Method(nn.Module):
         for role, net in self.nets.items():  # the method decides what learns, whatever came before
             net.requires_grad_(role not in self.frozen)
         self.features: FeatureTerms | None = None
+        # role -> callable used in forward (the network, or its DistributedDataParallel wrapper);
+        # a plain dict so wrapping never changes the state_dict
+        self._runners: dict[str, nn.Module] = {}
 
     # -- construction helpers -------------------------------------------------------------
     def _check_weights(self) -> None:
@@ -64,6 +67,18 @@ class Method(nn.Module):
         if self.options.features:
             self.features = FeatureTerms(self.options.features, student, target, input_shape)
             self._weights.update(self.features.weights)
+
+    def net(self, role: str) -> nn.Module:
+        """The module to call for `role` in forward: its DDP wrapper when distributed."""
+        runner = self._runners.get(role)
+        return runner if runner is not None else self.nets[role]
+
+    def run_features(self, student_feats, target_feats) -> dict:
+        runner = self._runners.get("student_regressors")
+        return (runner if runner is not None else self.features)(student_feats, target_feats)
+
+    def set_runner(self, role: str, module: nn.Module) -> None:
+        self._runners[role] = module
 
     def weight(self, term: str) -> float:
         return self._weights[term]

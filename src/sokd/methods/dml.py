@@ -21,7 +21,7 @@ class DML(Method):
             raise SokdError("method 'dml' does not support feature terms; use kd or sokd")
 
     def forward(self, images, labels):
-        logits = {role: net(images) for role, net in self.nets.items()}
+        logits = {role: self.net(role)(images) for role in self.nets}
         T, terms = self.options.T, {}
         for role, z in logits.items():
             others = [o for r, o in logits.items() if r != role]

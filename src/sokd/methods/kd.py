@@ -19,7 +19,7 @@ class KD(Method):
         self._attach_features(student, teacher, input_shape)
 
     def forward(self, images, labels):
-        teacher, student = self.nets["teacher"], self.nets["student"]
+        teacher, student = self.nets["teacher"], self.net("student")
         want_feats = self.features is not None
         with torch.no_grad():
             t_out = teacher(images, features=want_feats)
@@ -31,5 +31,5 @@ class KD(Method):
             "student_kl_teacher": losses.soft_target(t_logits, s_logits, T),
         }
         if want_feats:
-            terms.update(self.features(s_feats, t_feats))
+            terms.update(self.run_features(s_feats, t_feats))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits})

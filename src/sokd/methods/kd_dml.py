@@ -21,8 +21,8 @@ class KDDML(Method):
         return "kd_dml"
 
     def forward(self, images, labels):
-        t = self.nets["teacher"](images)
-        s = self.nets["student"](images)
+        t = self.net("teacher")(images)
+        s = self.net("student")(images)
         T = self.options.T
         terms = {
             "teacher_ce": losses.cross_entropy(t, labels),

@@ -44,7 +44,7 @@ class SOKD(Method):
 
     def _branches(self, images):
         """Frozen trunk once; teacher tail and KBM both fed from it. Returns logits and features."""
-        teacher, kbm = self.nets["teacher"], self.nets["kbm"]
+        teacher, kbm = self.nets["teacher"], self.net("kbm")
         with torch.no_grad():
             trunk, trunk_feats = teacher.forward_trunk(images, self.split)
             t_logits, _ = teacher.forward_tail(trunk, self.split)
@@ -54,7 +54,7 @@ class SOKD(Method):
     def forward(self, images, labels):
         t_logits, a_logits, branch_feats = self._branches(images)
         want_feats = self.features is not None
-        s_out = self.nets["student"](images, features=want_feats)
+        s_out = self.net("student")(images, features=want_feats)
         s_logits, s_feats = s_out if want_feats else (s_out, None)
         T = self.options.T
         terms = {
@@ -65,12 +65,15 @@ class SOKD(Method):
             "student_kl_kbm": losses.soft_target(a_logits, s_logits, T),
         }
         if want_feats:
-            terms.update(self.features(s_feats, branch_feats))
+            terms.update(self.run_features(s_feats, branch_feats))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits, "kbm": a_logits})
 
     @torch.no_grad()
     def predict(self, images):
-        t_logits, a_logits, _ = self._branches(images)
+        teacher = self.nets["teacher"]
+        trunk, _ = teacher.forward_trunk(images, self.split)
+        t_logits, _ = teacher.forward_tail(trunk, self.split)
+        a_logits, _ = self.nets["kbm"](trunk)
         return {"student": self.nets["student"](images), "teacher": t_logits, "kbm": a_logits}
 
     def standalone(self):

@@ -22,5 +22,5 @@ class Vanilla(Method):
                          "remove method.features or use kd/sokd")
 
     def forward(self, images, labels):
-        logits = self.nets["model"](images)
+        logits = self.net("model")(images)
         return self.combine({"model_ce": losses.cross_entropy(logits, labels)}, {"model": logits})

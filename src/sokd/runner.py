@@ -105,7 +105,7 @@ def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: s
     else:
         raise SokdError(f"'{path}' is not a sokd run checkpoint or model file")
     if data_overrides:
-        data_cfg = DataConfig(**{**data_cfg.__dict__, **data_overrides})
+        data_cfg = DataConfig.from_dict({**data_cfg.__dict__, **data_overrides})
     bundle = data_layer.create(data_cfg, device=dev)
     if fmt == "sokd-run":
         method, _ = build_method(cfg.model_copy(update={"teacher": _no_ckpt(cfg.teacher)}),

@@ -1,6 +1,7 @@
 """Turn pydantic validation failures into one-line SokdErrors that name the key and the fix."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -10,8 +11,14 @@ from .errors import SokdError, suggest
 M = TypeVar("M", bound=BaseModel)
 
 
+def _field_names(cls: Any) -> list[str]:
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    return list(getattr(cls, "model_fields", {}))
+
+
 def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the (nested) model at `loc`'s parent, for 'did you mean' hints."""
+    """Field names of the (nested) model or dataclass at `loc`'s parent, for 'did you mean' hints."""
     cls: Any = model
     for part in loc[:-1]:
         field = getattr(cls, "model_fields", {}).get(part)
@@ -19,12 +26,13 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
         ann = field.annotation
         for candidate in (ann, *getattr(ann, "__args__", ())):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            if isinstance(candidate, type) and (issubclass(candidate, BaseModel)
+                                                or dataclasses.is_dataclass(candidate)):
                 cls = candidate
                 break
         else:
             return []
-    return list(getattr(cls, "model_fields", {}))
+    return _field_names(cls)
 
 
 def describe(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
@@ -32,7 +40,7 @@ def describe(err: ValidationError, model: type[BaseModel], prefix: str = "") -> 
     e = err.errors()[0]
     loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
     key = prefix + ".".join(str(p) for p in loc)
-    if e["type"] == "extra_forbidden":
+    if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         valid = _valid_keys(model, loc)
         hint = suggest(str(loc[-1]), valid)
         listing = f"; valid keys here: {', '.join(valid)}" if valid else ""

@@ -48,5 +48,5 @@ def run(args) -> int:
             rows.append([name, role, n["arch"], pct(n["top1_final"]), pct(n["top1_best"])])
     print(f"\nFashion-MNIST demo, test top-1 (%), final epoch and best epoch "
           f"(best is selected on the test set: optimistic). Total {time.perf_counter() - t0:.0f} s.")
-    print(render(["run", "role", "arch", "top-1 final", "top-1 best"], rows))
+    print(render(["run", "role", "arch", "top-1 final", "top-1 best"], rows, align="lllrr"))
     return 0

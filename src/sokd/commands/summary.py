@@ -12,6 +12,6 @@ def print_summary(summary: dict, run_dir) -> None:
           f"{summary['wall_time_s']:.0f} s, {summary['train_images_per_s'] or 0:.0f} train img/s "
           f"({summary['precision']}) -> {run_dir}")
     print(render(["role", "arch", "params", "top-1 start", "top-1 final", "top-1 best", "best ep",
-                  "top-5 final"], rows))
+                  "top-5 final"], rows, align="lllrrrrr"))
     for pair, m in summary.get("compare", {}).items():
         print(f"  {pair}: agreement {m['agreement']:.2f}%  KL {m['kl']:.4f}")

@@ -1,6 +1,7 @@
 """Composition root: config -> data, networks, method -> engine. The CLI calls only this."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -78,7 +79,18 @@ def build_method(cfg: Config, num_classes: int, shape,
     return method, arch_of
 
 
-def train(cfg: Config) -> dict:
+def _elastic_restart(cfg: Config) -> Config:
+    """Under torchrun --max-restarts, a restarted job continues its own run from last.pt."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return cfg
+    has_ckpt = (cfg.run_dir / "last.pt").exists()
+    output = cfg.output.model_copy(update={"resume": has_ckpt, "overwrite": not has_ckpt})
+    return cfg.model_copy(update={"output": output})
+
+
+def train(cfg: Config) -> dict | None:
+    """Train one run; returns its summary (None on non-zero ranks of a distributed job)."""
+    cfg = _elastic_restart(cfg)
     dist = DistContext.from_env(cfg.train.device, cfg.distributed.backend)
     device = dist.device if dist.enabled else resolve_device(cfg.train.device)
     bundle = data_layer.create(cfg.data, device=device, rank=dist.rank, world_size=dist.world_size,
@@ -86,7 +98,8 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     method, arch_of = build_method(cfg, bundle.num_classes, bundle.shape)
     ctx = FitContext(cfg=cfg, run_dir=cfg.run_dir, arch_of=arch_of, dist=dist)
-    return fit(method, bundle, ctx)
+    summary = fit(method, bundle, ctx)
+    return summary if dist.is_main else None
 
 
 def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: str = "auto",

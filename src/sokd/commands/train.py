@@ -16,5 +16,6 @@ def run(args) -> int:
     from .summary import print_summary
     cfg = config.load(args.config, args.overrides)
     summary = runner.train(cfg)
-    print_summary(summary, cfg.run_dir)
+    if summary is not None:  # rank 0 (or the only process) reports
+        print_summary(summary, cfg.run_dir)
     return 0

@@ -13,15 +13,20 @@ import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..errors import SokdError
+
 
 def wrap_learners(method, ctx, sync_bn: bool = False):
+    if sync_bn and ctx.device.type != "cuda":
+        raise SokdError("distributed.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); "
+                        "set distributed.sync_bn=false on CPU")
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     for role, module in method.trainable_modules().items():
         if sync_bn:
             converted = nn.SyncBatchNorm.convert_sync_batchnorm(module)
             if converted is not module:  # a bare BN module as the whole network: rare
                 raise RuntimeError(f"cannot convert {role} to SyncBatchNorm in place")
-        method.set_runner(role, DDP(module, device_ids=device_ids, broadcast_buffers=not sync_bn))
+        method.set_runner(role, DDP(module, device_ids=device_ids))
     return method
 
 

@@ -58,6 +58,16 @@ class EpochAccumulator:
     def state(self) -> dict:
         return {"sums": dict(self.sums), "samples": self.samples, "seconds": self.seconds}
 
+    def reduced(self, dist: DistContext) -> "EpochAccumulator":
+        """Sums over every rank (each rank saw its own shard of the epoch)."""
+        if not dist.enabled:
+            return self
+        keys = sorted(self.sums)
+        packed = torch.tensor([self.sums[k] for k in keys] + [float(self.samples)],
+                              dtype=torch.float64, device=dist.device)
+        packed = dist.all_reduce_sum(packed).tolist()
+        return EpochAccumulator(dict(zip(keys, packed[:-1])), int(packed[-1]), self.seconds)
+
 
 def _first_bad_term(out: dict) -> str:
     for name, t in out["terms"].items():
@@ -159,8 +169,8 @@ def fit(method, data, ctx: FitContext) -> dict:
         for epoch in range(start_epoch, tr.epochs):
             data.train.set_epoch(epoch)
             accum = EpochAccumulator()
-            if start_step and accum_state:
-                accum = EpochAccumulator(**accum_state)
+            if start_step and accum_state and dist.is_main:
+                accum = EpochAccumulator(**accum_state)  # saved already reduced over ranks
             else:
                 torch.manual_seed(tr.seed * 100_003 + epoch)
             step = start_step
@@ -194,7 +204,7 @@ def fit(method, data, ctx: FitContext) -> dict:
                                     img_s=f"{accum.samples * dist.world_size / max(elapsed, 1e-9):.0f}")
                 if dist.any_flag(stop.requested):
                     accum.seconds += time.perf_counter() - t0
-                    save(epoch, step, accum)
+                    save(epoch, step, accum.reduced(dist))
                     bar.close()
                     raise Interrupted(stop.signum or 15, epoch, step, ctx.run_dir)
             accum.seconds += time.perf_counter() - t0
@@ -203,8 +213,7 @@ def fit(method, data, ctx: FitContext) -> dict:
             lrs = {g["role"]: g["lr"] for g in optimizer.param_groups}
             scheduler.step()
             result = run_eval()
-            train_stats = accum.result()
-            train_stats["images_per_s"] *= dist.world_size
+            train_stats = accum.reduced(dist).result()
             row = {"epoch": epoch + 1, "wall_time_s": time.perf_counter() - wall0 + prior_wall, "lr": lrs,
                    "train": train_stats, "test": result["roles"], "compare": result["compare"]}
             history.append(row)
@@ -247,7 +256,7 @@ def _save_standalone(method, data, ctx: FitContext) -> None:
 
 def _summary(cfg, method, data, history, ctx, device) -> dict:
     trained_rows = [r for r in history if "train" in r]
-    samples = sum(r["train"]["samples"] for r in trained_rows) * ctx.dist.world_size
+    samples = sum(r["train"]["samples"] for r in trained_rows)
     seconds = sum(r["train"]["seconds"] for r in trained_rows)
     nets = {}
     for role in history[-1]["test"] if history else []:

@@ -1,0 +1,443 @@
+"""Export a trained network to TorchScript or ONNX, with its preprocessing, checked for parity.
+
+    export(checkpoint, "onnx" | "torchscript", role=None, out=None, opset=None) -> ExportResult
+    read_metadata(path) -> the recorded `sokd.json` dict of an exported file
+
+`checkpoint` is a model file (student.pt, teacher_branch.pt, model.pt: format "sokd-model") or a
+run checkpoint (last.pt / best.pt: format "sokd-run"; `role` picks the network, default the
+method's primary one; for SOKD `teacher_branch` is the frozen teacher trunk + knowledge bridge
+module as one classifier). The exported model maps float32 NCHW images, normalised as in training
+(`(uint8 / 255 - mean) / std` per channel), to logits; the batch dimension is dynamic. Its
+metadata (`sokd.json`: TorchScript extra file / ONNX metadata_props) records the input shape,
+mean/std, class count and names, arch and role.
+
+The file is written to a temporary name next to the target, loaded back (torch.jit.load /
+onnxruntime on the CPU) and run on a batch of the data set's test split; only if its logits match
+the PyTorch network's to `tolerance` (max absolute difference, default 1e-4) is it renamed into
+place. Otherwise the temporary file is deleted and a SokdError says by how much it disagreed.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SokdError, suggest
+
+FORMATS = ("torchscript", "onnx")
+EXTENSIONS = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
+DEFAULT_OPSET = 17
+TOLERANCE = 1e-4
+METADATA_KEY = "sokd.json"
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+_TRACE_BATCH = 2  # traced/exported with this batch, verified with another: proves the batch axis is free
+
+
+@dataclass
+class Exportable:
+    """One network rebuilt from a checkpoint, with what an exported file records about it."""
+
+    net: nn.Module
+    role: str
+    arch: dict                  # {"arch", "num_classes", "in_channels", "kwargs"}
+    preprocess: dict            # {"shape", "mean", "std"} the network was trained with
+    data_cfg: object            # sokd.data.DataConfig of the checkpoint's data set
+    source: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    opset: int | None
+    max_abs_diff: float
+    images: int
+    metadata: dict
+
+    def summary(self) -> str:
+        kind = f"onnx, opset {self.opset}" if self.format == "onnx" else self.format
+        return (f"wrote {self.path} ({kind}): max |logit diff| vs PyTorch on {self.images} test images "
+                f"= {self.max_abs_diff:.1e}")
+
+
+class _Logits(nn.Module):
+    """`net(images)` -> logits only: a fixed one-tensor-in, one-tensor-out signature to export."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+# ---------------------------------------------------------------- rebuilding the network
+def load_exportable(checkpoint: str | os.PathLike, role: str | None = None) -> Exportable:
+    """The network `role` of a run checkpoint, or the one network of a model file, in eval mode."""
+    from .engine import safe_load
+    ckpt = safe_load(checkpoint)
+    fmt = ckpt.get("format")
+    if fmt == "sokd-run":
+        return _from_run(ckpt, str(checkpoint), role)
+    if fmt == "sokd-model":
+        return _from_model_file(ckpt, str(checkpoint), role)
+    raise SokdError(f"'{checkpoint}' is not a sokd run checkpoint or model file; export a run's "
+                    f"last.pt / best.pt or a model file such as student.pt")
+
+
+def _config(tree: dict | None):
+    from .config import Config
+    return Config.model_validate(tree) if tree else None
+
+
+def _from_model_file(ckpt: dict, path: str, role: str | None) -> Exportable:
+    from . import models
+    from .config import import_plugins
+    from .data.config import DataConfig
+    from .engine import load_state_strict
+    name = ckpt.get("name", "model")
+    if role is not None and role != name:
+        raise SokdError(f"'{path}' is a model file holding only the '{name}' network; --role picks a "
+                        f"network of a run checkpoint (last.pt / best.pt), so drop --role or export "
+                        f"from the run checkpoint")
+    cfg = _config(ckpt.get("config"))
+    if cfg is not None:
+        import_plugins(cfg.imports)  # user-registered architectures
+    arch = {k: ckpt[k] for k in ("arch", "num_classes", "in_channels")}
+    arch["kwargs"] = dict(ckpt.get("kwargs", {}))
+    net = models.create(arch["arch"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                        **arch["kwargs"])
+    load_state_strict(net, ckpt["state_dict"], f"model file '{path}'")
+    data_cfg = cfg.data if cfg is not None else DataConfig(name=ckpt["data"]["name"])
+    return Exportable(net.eval(), name, arch, dict(ckpt["preprocess"]), data_cfg,
+                      {"checkpoint": path, "format": "sokd-model",
+                       "method": cfg.method.name if cfg is not None else None})
+
+
+def _from_run(ckpt: dict, path: str, role: str | None) -> Exportable:
+    from . import runner
+    from .engine import load_state_strict
+    from .models.staged import StagedNet
+    cfg = _config(ckpt["config"])
+    data = ckpt["data"]
+    # the run checkpoint holds every weight: don't re-read the files the networks started from
+    stripped = cfg.model_copy(update={
+        "model": runner._no_ckpt(cfg.model), "teacher": runner._no_ckpt(cfg.teacher),
+        "student": runner._no_ckpt(cfg.student), "peers": [runner._no_ckpt(p) for p in cfg.peers]})
+    method, arch_of = runner.build_method(stripped, data["num_classes"], data["shape"], require_trained=False)
+    load_state_strict(method, ckpt["method"], f"checkpoint '{path}'")
+    method.eval()
+    candidates = {name: (arch_role, module) for name, (arch_role, module) in method.standalone().items()}
+    for r, net in method.nets.items():
+        if r not in candidates and isinstance(net, StagedNet):
+            candidates[r] = (r, net)
+    if role is None:
+        role = method.primary if method.primary in candidates else next(iter(candidates))
+    if role not in candidates:
+        if role in method.nets:
+            raise SokdError(f"role '{role}' of '{path}' is not a classifier of images on its own (it runs on "
+                            f"the frozen teacher trunk); export --role teacher_branch (trunk + {role} as "
+                            f"one model) or one of: {', '.join(candidates)}")
+        raise SokdError(f"checkpoint '{path}' has no network '{role}'{suggest(role, candidates)}; "
+                        f"--role must be one of: {', '.join(candidates)}")
+    arch_role, module = candidates[role]
+    info = arch_of[arch_role]
+    arch = {"arch": info["arch"], "num_classes": info["num_classes"], "in_channels": info["in_channels"],
+            "kwargs": dict(info.get("kwargs", {}))}
+    preprocess = {"shape": list(data["shape"]), "mean": list(data["mean"]), "std": list(data["std"])}
+    return Exportable(module.eval(), role, arch, preprocess, cfg.data,
+                      {"checkpoint": path, "format": "sokd-run", "method": cfg.method.name,
+                       "epoch": ckpt.get("epoch")})
+
+
+def _test_images(item: Exportable, n: int, overrides: dict | None):
+    """Up to `n` images of the test split (CPU float32, normalised as in training) and class names."""
+    from . import data as data_layer
+    from .data.config import DataConfig
+    data_cfg = item.data_cfg
+    if overrides:
+        data_cfg = DataConfig.from_dict({**data_cfg.__dict__, **overrides})
+    try:
+        bundle = data_layer.create(data_cfg, device="cpu")
+    except SokdError as err:
+        raise SokdError(f"{err} (export runs the model on the test split to check it; point it at the "
+                        f"data with data.root=PATH)") from None
+    if list(bundle.shape) != list(item.preprocess["shape"]):
+        raise SokdError(f"the test images are {'x'.join(map(str, bundle.shape))} but the network was "
+                        f"trained on {'x'.join(map(str, item.preprocess['shape']))}; drop the data "
+                        f"overrides that change the image size")
+    chunks, have = [], 0
+    for images, _ in bundle.test:
+        chunks.append(images.float().contiguous())
+        have += images.shape[0]
+        if have >= n:
+            break
+    if not chunks:
+        raise SokdError(f"the test split of {bundle.name} is empty; export needs test images for its check")
+    return torch.cat(chunks)[:n], list(bundle.class_names)
+
+
+def metadata(item: Exportable, class_names: list[str] | None = None) -> dict:
+    """What an exported file records about its network (stored as JSON under `sokd.json`)."""
+    from . import __version__
+    shape = list(item.preprocess["shape"])
+    return {
+        "format": "sokd-export", "version": 1, "sokd_version": __version__,
+        "arch": item.arch["arch"], "role": item.role, "kwargs": item.arch["kwargs"],
+        "num_classes": item.arch["num_classes"], "in_channels": item.arch["in_channels"],
+        "input": {"name": INPUT_NAME, "shape": shape, "layout": "NCHW", "dtype": "float32",
+                  "batch": "dynamic", "mean": list(item.preprocess["mean"]),
+                  "std": list(item.preprocess["std"]),
+                  "normalize": "x = (image_uint8 / 255 - mean) / std, per channel"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", item.arch["num_classes"]],
+                   "meaning": "logits (apply softmax for probabilities)"},
+        "class_names": class_names,
+        "data": getattr(item.data_cfg, "name", None),
+        "source": item.source,
+    }
+
+
+# ---------------------------------------------------------------- writing and checking files
+def _check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise SokdError(f"unknown export format '{fmt}'{suggest(str(fmt), FORMATS)}; valid: {', '.join(FORMATS)}")
+    return fmt
+
+
+def _check_opset(opset: int | None, fmt: str) -> int | None:
+    if fmt != "onnx":
+        if opset is not None:
+            raise SokdError("--opset applies to --format onnx only; drop it for torchscript")
+        return None
+    from torch.onnx import _constants
+    lo, hi = _constants.ONNX_MIN_OPSET, _constants.ONNX_MAX_OPSET
+    opset = DEFAULT_OPSET if opset is None else opset
+    if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+        raise SokdError(f"--opset {opset} is not supported by this torch; use {lo}..{hi} (default {DEFAULT_OPSET})")
+    return opset
+
+
+def require_onnx() -> None:
+    """SokdError unless onnx and onnxruntime are importable."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        raise SokdError(f"ONNX export needs the onnx and onnxruntime packages ({err}); "
+                        f"install them with: pip install sokd[export]") from None
+
+
+def output_path(checkpoint: str | os.PathLike, role: str, fmt: str, out: str | os.PathLike | None) -> Path:
+    """Where to write: `out` (a file, or a directory to put `<role><ext>` in), default next to the checkpoint."""
+    default_name = f"{role}{EXTENSIONS[fmt]}"
+    if out is None:
+        path = Path(checkpoint).parent / default_name
+    else:
+        path = Path(out).expanduser()
+        if path.is_dir():
+            path = path / default_name
+    parent = path.parent
+    if not parent.is_dir():
+        raise SokdError(f"cannot write '{path}': directory '{parent}' does not exist; create it or pass "
+                        f"--out in an existing directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SokdError(f"cannot write '{path}': directory '{parent}' is not writable; pass --out PATH "
+                        f"in a writable directory")
+    if path.exists() and path.resolve() == Path(checkpoint).resolve():
+        raise SokdError(f"--out '{path}' is the checkpoint being exported; choose another file name")
+    return path
+
+
+def _quiet():
+    """Silence exporter chatter (deprecation warnings, progress prints, onnxscript logging)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    buf = io.StringIO()
+    stack.enter_context(contextlib.redirect_stdout(buf))
+    stack.enter_context(contextlib.redirect_stderr(buf))
+    for name in ("onnxscript", "torch.onnx", "torch.export", "torch._dynamo"):
+        logger = logging.getLogger(name)
+        old = logger.level
+        logger.setLevel(logging.CRITICAL)
+        stack.callback(logger.setLevel, old)
+    return stack
+
+
+def _write_torchscript(model: nn.Module, example: torch.Tensor, path: str, meta_json: str) -> None:
+    try:
+        with _quiet(), torch.no_grad():
+            traced = torch.jit.trace(model, example, check_trace=False)
+    except Exception as err:
+        raise SokdError(f"TorchScript tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                        f"try --format onnx") from None
+    with _quiet():
+        torch.jit.save(traced, path, _extra_files={METADATA_KEY: meta_json})
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: str, meta_json: str, opset: int) -> None:
+    import onnx
+    from torch.onnx import _constants
+    common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
+    attempts = []
+    if opset <= _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET:  # fast, mature path on CPU
+        attempts.append(("torchscript exporter", dict(
+            dynamo=False, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})))
+    attempts.append(("dynamo exporter", dict(
+        dynamo=True, external_data=False, dynamic_shapes=({0: torch.export.Dim("batch")},))))
+    errors = []
+    for label, options in attempts:
+        try:
+            with _quiet(), torch.no_grad():
+                torch.onnx.export(model, (example,), path, **common, **options)
+            break
+        except Exception as err:
+            errors.append(f"{label}: {type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}")
+    else:
+        raise SokdError(f"ONNX export failed at opset {opset} ({'; '.join(errors)}); try another --opset "
+                        f"or --format torchscript")
+    proto = onnx.load(path)
+    proto.metadata_props.add(key=METADATA_KEY, value=meta_json)
+    onnx.save(proto, path)
+
+
+def onnx_opset(path: str | os.PathLike) -> int:
+    import onnx
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
+
+
+def run_exported(path: str | os.PathLike, fmt: str, images: torch.Tensor) -> torch.Tensor:
+    """Logits of an exported file on `images` (TorchScript: torch.jit.load; ONNX: onnxruntime CPU)."""
+    if fmt == "torchscript":
+        with _quiet():
+            module = torch.jit.load(str(path), map_location="cpu")
+        module.eval()
+        with torch.no_grad():
+            return module(images)
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0])
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The `sokd.json` metadata recorded in an exported TorchScript or ONNX file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SokdError(f"exported model '{path}' not found")
+    if zipfile.is_zipfile(path):  # TorchScript archives are zip files
+        extra = {METADATA_KEY: ""}
+        with _quiet():
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        text = extra[METADATA_KEY]
+    else:
+        require_onnx()
+        import onnx
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as err:
+            raise SokdError(f"'{path}' is neither a TorchScript nor an ONNX file ({type(err).__name__})") from None
+        text = next((p.value for p in proto.metadata_props if p.key == METADATA_KEY), "")
+    if not text:
+        raise SokdError(f"'{path}' holds no {METADATA_KEY} metadata; it was not written by sokd export")
+    return json.loads(text)
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """fsync the finished temporary file, rename it over `path`, fsync the directory."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def export_network(item: Exportable, fmt: str, path: Path, images: torch.Tensor, *,
+                   opset: int | None = None, tolerance: float = TOLERANCE,
+                   class_names: list[str] | None = None) -> ExportResult:
+    """Write `item.net` to `path` atomically after checking its logits on `images` against PyTorch."""
+    fmt = _check_format(fmt)
+    opset = _check_opset(opset, fmt)
+    meta = metadata(item, class_names)
+    meta_json = json.dumps(meta, sort_keys=True)
+    model = _Logits(item.net).eval()
+    images = images.detach().to("cpu", torch.float32).contiguous()
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as err:
+        raise SokdError(f"cannot write '{path}' ({err.strerror}); pass --out PATH in a writable directory") from None
+    try:
+        example = images[:_TRACE_BATCH].clone()
+        if fmt == "onnx":
+            _write_onnx(model, example, tmp, meta_json, opset)
+            opset = onnx_opset(tmp)
+        else:
+            _write_torchscript(model, example, tmp, meta_json)
+        with torch.no_grad():
+            ref = model(images)
+        try:
+            got = run_exported(tmp, fmt, images)
+        except Exception as err:
+            raise SokdError(f"the exported {fmt} model fails to run ({type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}); "
+                            f"nothing was written") from None
+        if got.shape != ref.shape:
+            raise SokdError(f"the exported {fmt} model returns shape {tuple(got.shape)}, PyTorch "
+                            f"{tuple(ref.shape)}; nothing was written")
+        diff = (got.float() - ref.float()).abs().max().item()
+        if not diff <= tolerance:  # also catches NaN
+            raise SokdError(f"the exported {fmt} model disagrees with PyTorch: max |logit diff| {diff:.2e} > "
+                            f"{tolerance:.0e} on {images.shape[0]} test images; nothing was written "
+                            f"(try the other --format{' or another --opset' if fmt == 'onnx' else ''})")
+        _publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return ExportResult(path=path, format=fmt, opset=opset, max_abs_diff=diff, images=int(images.shape[0]),
+                        metadata=meta)
+
+
+def export(checkpoint: str | os.PathLike, fmt: str, *, role: str | None = None,
+           out: str | os.PathLike | None = None, opset: int | None = None, images: int = 64,
+           tolerance: float = TOLERANCE, data_overrides: dict | None = None) -> ExportResult:
+    """Export one network of `checkpoint` to `fmt` ("torchscript" | "onnx"); see the module docstring.
+
+    `images`: how many test images the parity check uses; `data_overrides`: data.KEY values for
+    rebuilding the test split (e.g. {"root": "/data/fmnist"}).
+    """
+    fmt = _check_format(fmt)
+    opset = _check_opset(opset, fmt)
+    if fmt == "onnx":
+        require_onnx()
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise SokdError(f"--images must be a positive integer, got {images!r}")
+    if not tolerance > 0:
+        raise SokdError(f"--tolerance must be positive, got {tolerance!r}")
+    if out is not None:  # fail on a bad --out before the slow part
+        output_path(checkpoint, role or "model", fmt, out)
+    item = load_exportable(checkpoint, role)
+    path = output_path(checkpoint, item.role, fmt, out)
+    batch, class_names = _test_images(item, images, data_overrides)
+    return export_network(item, fmt, path, batch, opset=opset, tolerance=tolerance, class_names=class_names)
+
+
+__all__ = ["FORMATS", "DEFAULT_OPSET", "TOLERANCE", "METADATA_KEY", "Exportable", "ExportResult", "export",
+           "export_network", "load_exportable", "metadata", "output_path", "read_metadata", "run_exported",
+           "require_onnx"]

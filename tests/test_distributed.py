@@ -1,0 +1,157 @@
+"""torchrun + DistributedDataParallel on CPU (gloo, 2 processes)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sokd.engine import safe_load
+
+from .conftest import tiny_config, write_config
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+NOBN_NET = '''
+"""A BatchNorm-free staged net: with no batch statistics, 2 x 64 and 1 x 128 are the same maths."""
+from torch import nn
+import sokd
+
+@sokd.models.register("nobn_net")
+def nobn_net(num_classes, in_channels=3, width=8):
+    def block(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.ReLU())
+    return sokd.models.adapt(
+        stem=block(in_channels, width, 1),
+        stages=[block(width, width, 1), block(width, 2 * width, 2), block(2 * width, 4 * width, 2)],
+        head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes)))
+'''
+
+
+def torchrun(nproc: int, *args, extra=(), timeout=600):
+    cmd = TORCHRUN + [f"--nproc_per_node={nproc}", *extra, "-m", "sokd", "train", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["kd", "sokd"])
+def test_two_process_run_completes_with_one_set_of_outputs(tmp_path, teacher_file, method):
+    cfg = tiny_config(tmp_path, method, train={"epochs": 2, "threads": 1})
+    cfg["teacher"]["checkpoint"] = str(teacher_file)
+    cfg["data"]["batch_size"] = 16
+    proc = torchrun(2, write_config(tmp_path, cfg))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = Path(cfg["output"]["dir"])
+    assert [r["epoch"] for r in rows(run_dir)] == [0, 1, 2]  # one writer: no duplicated lines
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert proc.stdout.count("top-1 final") == 1  # rank 0 alone reports
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == sorted(
+        ["config.yaml", "last.pt", "best.pt", "metrics.jsonl", "summary.json", "student.pt"]
+        + (["teacher_branch.pt"] if method == "sokd" else []))
+    # evaluation covered the whole test set once, reduced across ranks
+    result = subprocess.run([sys.executable, "-m", "sokd", "eval", str(run_dir / "last.pt"), "--json"],
+                            capture_output=True, text=True)
+    single = json.loads(result.stdout)
+    assert single["n"] == 64
+    assert single["roles"]["student"]["top1"] == pytest.approx(summary["networks"]["student"]["top1_final"])
+
+
+def _equivalence_config(tmp_path, name, batch, method="vanilla"):
+    plugin = tmp_path / "nobn.py"
+    plugin.write_text(NOBN_NET)
+    cfg = tiny_config(tmp_path, method, name=name, train={"epochs": 2, "seed": 3, "threads": 1},
+                      optim={"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4})
+    cfg["imports"] = [str(plugin)]
+    cfg["data"].update(batch_size=batch, crop_padding=0, hflip=False)
+    cfg["output"]["dir"] = str(tmp_path / "runs" / name)
+    if method == "vanilla":
+        cfg["model"] = {"arch": "nobn_net"}
+    else:
+        cfg["teacher"] = {"arch": "nobn_net", "kwargs": {"width": 16},
+                          "checkpoint": str(tmp_path / "runs" / "teacher" / "model.pt")}
+        cfg["student"] = {"arch": "nobn_net"}
+    return cfg
+
+
+def test_two_procs_of_64_follow_one_proc_of_128(tmp_path):
+    """Without BatchNorm or augmentation randomness, DDP's gradient mean over 2 x 64 equals the
+    batch mean over 128 up to float summation order: per-step relative error ~1e-7, so after
+    8 SGD steps losses and weights must agree to 1e-4 (relative) — far below any real change."""
+    from sokd import config, runner
+    teacher = _equivalence_config(tmp_path, "teacher", 128)
+    teacher["model"]["kwargs"] = {"width": 16}
+    runner.train(config.build(teacher))
+    one = _equivalence_config(tmp_path, "one", 128, "sokd")
+    runner.train(config.build(one))
+    two = _equivalence_config(tmp_path, "two", 64, "sokd")
+    proc = torchrun(2, write_config(tmp_path, two, "two.yaml"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r1, r2 = rows(Path(one["output"]["dir"])), rows(Path(two["output"]["dir"]))
+    for a, b in zip(r1[1:], r2[1:]):
+        assert b["train"]["loss"] == pytest.approx(a["train"]["loss"], rel=1e-4)
+        for term, v in a["train"]["terms"].items():
+            assert b["train"]["terms"][term] == pytest.approx(v, rel=1e-4, abs=1e-6)
+    s1 = safe_load(Path(one["output"]["dir"]) / "last.pt")["method"]
+    s2 = safe_load(Path(two["output"]["dir"]) / "last.pt")["method"]
+    worst = max(((s1[k] - s2[k]).abs().max() / s1[k].abs().max().clamp_min(1e-12)).item()
+                for k in s1 if s1[k].is_floating_point())
+    print(f"max relative weight difference after 8 steps: {worst:.2e}")
+    assert worst < 1e-4
+
+
+def _worker_pids(marker: str) -> dict[int, int]:
+    """local rank -> pid of the torchrun workers whose command line mentions `marker`."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(marker.encode() in c for c in cmd) and b"-m" in cmd and b"sokd" in cmd:
+            for e in env:
+                if e.startswith(b"LOCAL_RANK="):
+                    found[int(e.split(b"=")[1])] = int(pid)
+    return found
+
+
+@pytest.mark.slow
+def test_killed_rank_restarts_from_checkpoint_and_matches(tmp_path, teacher_file):
+    ref = tiny_config(tmp_path, "sokd", name="ref", train={"epochs": 4, "threads": 1, "seed": 2})
+    ref["teacher"]["checkpoint"] = str(teacher_file)
+    ref["data"].update(batch_size=16, synthetic_size=1024)
+    ref["output"]["dir"] = str(tmp_path / "runs" / "ref")
+    cut = json.loads(json.dumps(ref))
+    cut["name"], cut["output"]["dir"] = "cut", str(tmp_path / "runs" / "cut")
+    assert torchrun(2, write_config(tmp_path, ref, "ref.yaml")).returncode == 0
+    cut_yaml = write_config(tmp_path, cut, "cut.yaml")
+    cmd = TORCHRUN + ["--nproc_per_node=2", "--max-restarts=1", "-m", "sokd", "train", str(cut_yaml)]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run_dir = Path(cut["output"]["dir"])
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "last.pt").exists():
+        time.sleep(0.1)  # wait for the first checkpoint, then kill mid-epoch
+    time.sleep(random.uniform(0.3, 1.5))
+    pids = _worker_pids("cut.yaml")
+    assert 1 in pids, pids
+    os.kill(pids[1], signal.SIGKILL)
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-3000:]
+    a, b = rows(Path(ref["output"]["dir"])), rows(run_dir)
+    assert [r["epoch"] for r in b] == [0, 1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["test"] == y["test"]
+        assert x.get("train", {}).get("loss") == y.get("train", {}).get("loss")

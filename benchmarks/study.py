@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/study.py cifar100          # WRN-40-2 -> WRN-40-1, 40 epochs
     .venv/bin/python benchmarks/study.py fmnist --seeds 0 --dry-run
 
-Each run is `sokd train` in a subprocess. A finished run (summary.json) is skipped, a started one
+Each run is `sokd train` in a subprocess. Several copies may run at once (e.g. one per core with
+--threads 1): a lock file in each run directory keeps them on different runs. A finished run (summary.json) is skipped, a started one
 (last.pt) is resumed, so the script can be killed and restarted at any point. Finished summaries
 and metrics are copied to docs/results/<study>/runs/ and the report is rebuilt after every run;
 with --commit they are committed right away (only those paths).
@@ -13,6 +14,7 @@ with --commit they are committed right away (only those paths).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -68,6 +70,32 @@ def git_commit(paths: list[Path], message: str) -> None:
     print(f"warning: could not commit {rel}", flush=True)
 
 
+LOCK = ".study.lock"
+
+
+def holder(rd: Path) -> int | None:
+    """pid of the live process working on run `rd`, if any (stale locks are ignored)."""
+    try:
+        pid = int((rd / LOCK).read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def acquire(rd: Path) -> bool:
+    """Claim run `rd` for this worker, so several study processes can share the plan."""
+    rd.mkdir(parents=True, exist_ok=True)
+    if holder(rd) not in (None, os.getpid()):
+        return False
+    (rd / LOCK).write_text(str(os.getpid()))
+    return holder(rd) == os.getpid()
+
+
+def published(study: str, name: str, seed: int) -> bool:
+    return (ROOT / "docs/results" / study / "runs" / f"{name}-s{seed}" / "summary.json").exists()
+
+
 def publish(study: str, name: str, seed: int, commit: bool) -> None:
     src = run_dir(study, name, seed)
     out = ROOT / "docs/results" / study
@@ -97,8 +125,15 @@ def main() -> int:
         if args.only and name not in args.only and name != "teacher":
             continue
         rd = run_dir(args.study, name, seed)
+        while name == "teacher" and not args.dry_run and holder(rd) not in (None, os.getpid()):
+            time.sleep(20)  # another worker trains this seed's teacher: every student needs it
         if (rd / "summary.json").exists():
+            if not published(args.study, name, seed):
+                publish(args.study, name, seed, args.commit)
             print(f"done     {name} seed {seed}", flush=True)
+            continue
+        if not args.dry_run and not acquire(rd):
+            print(f"skip     {name} seed {seed} (another worker has it)", flush=True)
             continue
         cmd = SOKD + ["train", str(cfg_dir / f"{name}.yaml"), f"train.seed={seed}",
                       f"output.dir={rd}", f"output.resume={str((rd / 'last.pt').exists()).lower()}"]
@@ -112,6 +147,7 @@ def main() -> int:
             continue
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=ROOT)
+        (rd / LOCK).unlink(missing_ok=True)
         if proc.returncode != 0:
             print(f"FAILED   {name} seed {seed} (exit {proc.returncode}); rerun to resume", flush=True)
             return proc.returncode

@@ -149,12 +149,11 @@ def plain_sokd_step(teacher, student, kbm_stages: int, x, y, T: float = 4.0, lr:
 def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "cpu",
         precision: str = "bf16", channels_last: bool = True, num_classes: int = 100,
         shape=(3, 32, 32), variants=None, warmup: int = 3, reps: int = 5, steps_per_rep: int = 3,
-        plain: bool = True, memory: bool = True, log=print) -> dict:
+        plain: bool = True, memory: bool = True, fp32_too=(), log=print) -> dict:
     dev = torch.device(device)
     torch.manual_seed(0)
     x = torch.randn(batch, *shape, device=dev)
     y = torch.randint(0, num_classes, (batch,), device=dev)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     peak = matmul_peak_gflops(dev, precision)
     peak_fp32 = matmul_peak_gflops(dev, "fp32") if precision != "fp32" else peak
     log(f"matmul peak: {peak:.0f} GFLOP/s ({precision}), {peak_fp32:.0f} GFLOP/s (fp32)")
@@ -172,17 +171,21 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
             f"{gflops:6.0f} GFLOP/s ({100 * r.peak_fraction:.0f}% of matmul peak)"
             + (f"  peak mem {mem:.0f} MB" if mem is not None else ""))
 
-    for name in variants or VARIANTS:
+    runs = [(name, precision, channels_last) for name in variants or VARIANTS]
+    runs += [(name, "fp32", False) for name in fp32_too]
+    for name, prec, cl in runs:
         method_name, opts = VARIANTS[name]
         teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0])
         student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0])
         nets = {"vanilla": {"model": student}, "dml": {"student": student, "peers": [teacher]}}.get(
             method_name, {"teacher": teacher, "student": student})
-        method = methods.create(method_name, input_shape=shape, **nets, **opts).to(dev, memory_format=fmt)
+        layout = torch.channels_last if cl else torch.contiguous_format
+        method = methods.create(method_name, input_shape=shape, **nets, **opts).to(dev, memory_format=layout)
         opt = torch.optim.SGD(method.param_groups(lr=0.01), momentum=0.9, weight_decay=5e-4)
-        xs = x.contiguous(memory_format=fmt)
+        xs = x.contiguous(memory_format=layout)
         method.train()
-        measure(name, make_train_step(method, opt, xs, y, dev, precision), precision, channels_last)
+        label = name if (prec, cl) == (precision, channels_last) else f"{name} ({prec})"
+        measure(label, make_train_step(method, opt, xs, y, dev, prec), prec, cl)
         del method, opt
     if plain:
         teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0]).to(dev)
@@ -201,6 +204,8 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
         ratios["sokd_over_kd_flops"] = by["sokd"].gflop_per_step / by["kd"].gflop_per_step
     if "vanilla" in by:
         ratios["student_step_peak_fraction"] = by["vanilla"].peak_fraction
+    if "vanilla" in by and "vanilla (fp32)" in by:
+        ratios["student_bf16_cl_over_fp32"] = by["vanilla"].images_per_s / by["vanilla (fp32)"].images_per_s
     return {"teacher": teacher_arch, "student": student_arch, "batch": batch, "device": str(dev),
             "precision": precision, "channels_last": channels_last, "shape": list(shape),
             "threads": torch.get_num_threads(), "matmul_peak_gflops": peak,

@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--steps-per-rep", type=int, default=3)
     p.add_argument("--no-plain", action="store_true", help="skip the plain-PyTorch SOKD baseline")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--fp32-too", nargs="*", default=[], metavar="VARIANT",
+                   help="also time these variants in fp32 NCHW in the same run (e.g. vanilla)")
     p.add_argument("--json", default=None, help="write the results here (default: print only)")
     p.set_defaults(run=run)
 
@@ -30,12 +32,13 @@ def run(args) -> int:
     from ..errors import SokdError
     from .table import render
     shape = tuple(int(v) for v in args.input.split("x"))
-    unknown = [m for m in args.methods or [] if m not in bench.VARIANTS]
+    unknown = [m for m in (args.methods or []) + args.fp32_too if m not in bench.VARIANTS]
     if unknown:
         raise SokdError(f"unknown bench variant '{unknown[0]}'; valid: {', '.join(bench.VARIANTS)}")
     res = bench.run(args.teacher, args.student, args.batch, args.device, args.precision,
                     not args.no_channels_last, args.classes, shape, args.methods, args.warmup,
-                    args.reps, args.steps_per_rep, plain=not args.no_plain, memory=not args.no_memory)
+                    args.reps, args.steps_per_rep, plain=not args.no_plain, memory=not args.no_memory,
+                    fp32_too=args.fp32_too)
     rows = [[r["name"], r["precision"] + ("+CL" if r["channels_last"] else ""), f"{r['images_per_s']:.1f}",
              f"{r['step_ms']:.1f}", f"{r['gflop_per_step']:.2f}", f"{r['gflop_per_s']:.0f}",
              f"{100 * r['peak_fraction']:.0f}%",

@@ -1,0 +1,48 @@
+"""`sokd bench` measures and `sokd report` aggregates (figures, not timing assertions)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sokd import bench, config, report, runner
+from sokd.cli import main
+
+from .conftest import tiny_config
+
+
+def test_bench_measures_every_requested_variant_and_the_plain_baseline():
+    res = bench.run("resnet14", "resnet8", batch=8, precision="bf16", num_classes=10, shape=(3, 16, 16),
+                    variants=["vanilla", "kd", "sokd", "sokd+at"], warmup=1, reps=2, steps_per_rep=1,
+                    memory=True, fp32_too=["vanilla"], log=lambda *_: None)
+    names = [r["name"] for r in res["results"]]
+    assert names == ["vanilla", "kd", "sokd", "sokd+at", "vanilla (fp32)", "plain sokd"]
+    by = {r["name"]: r for r in res["results"]}
+    assert all(r["images_per_s"] > 0 and r["gflop_per_step"] > 0 and r["peak_mem_mb"] >= 0 for r in by.values())
+    # SOKD adds the KBM's forward+backward to KD's FLOPs; the plain step recomputes the trunk
+    assert by["sokd"]["gflop_per_step"] > by["kd"]["gflop_per_step"] > by["vanilla"]["gflop_per_step"]
+    assert by["plain sokd"]["gflop_per_step"] > by["sokd"]["gflop_per_step"]
+    assert set(res["ratios"]) >= {"sokd_vs_plain_speedup", "sokd_over_kd_time", "sokd_over_kd_flops",
+                                  "student_step_peak_fraction", "student_bf16_cl_over_fp32"}
+    assert res["matmul_peak_gflops"] > 0
+
+
+def test_report_aggregates_seeds_with_final_and_best_columns_and_plots(tmp_path, capsys):
+    for seed in (0, 1):
+        cfg = tiny_config(tmp_path, "vanilla", train={"epochs": 2, "seed": seed})
+        cfg["output"]["dir"] = str(tmp_path / "runs" / f"vanilla-s{seed}")
+        runner.train(config.build(cfg))
+    res = report.build([str(tmp_path / "runs")], str(tmp_path / "out"))
+    md = res["markdown"]
+    assert "top-1 final (last epoch)" in md and "top-1 best epoch (optimistic)" in md
+    row = next(l for l in md.splitlines() if l.startswith("| vanilla"))
+    assert "±" in row and "| 2 " in row  # two seeds, mean ± std
+    assert all((tmp_path / "out" / p).stat().st_size > 1000 for p in ("test_top1.png", "loss_terms.png"))
+    assert main(["report", str(tmp_path / "runs")]) == 0
+    assert "vanilla" in capsys.readouterr().out
+
+
+def test_report_on_nothing_is_a_clear_error(tmp_path):
+    from sokd.errors import SokdError
+    with pytest.raises(SokdError, match="no finished runs"):
+        report.build([str(tmp_path)])

@@ -17,7 +17,8 @@ from sokd.errors import SokdError
 
 from .conftest import tiny_config
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300),
+              pytest.mark.filterwarnings("ignore:.*torch.jit.*is deprecated:FutureWarning")]
 
 
 @pytest.fixture(autouse=True)

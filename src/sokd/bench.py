@@ -119,8 +119,11 @@ def make_train_step(method, optimizer, x, y, device, precision):
     return step
 
 
-def plain_sokd_step(teacher, student, kbm_stages: int, x, y, T: float = 4.0, lr: float = 0.1):
-    """The SOKD step written the plain way: fp32, NCHW, separate full passes, no shared trunk."""
+def plain_sokd_step(teacher, student, kbm_stages: int, T: float = 4.0, lr: float = 0.1):
+    """The SOKD step written the plain way: fp32, NCHW, separate full passes, no shared trunk.
+
+    Returns `step(images, labels)`.
+    """
     n = teacher.num_stages
     kbm = methods.build_kbm(teacher, kbm_stages)
     trunk_stem = teacher.stem
@@ -132,7 +135,7 @@ def plain_sokd_step(teacher, student, kbm_stages: int, x, y, T: float = 4.0, lr:
         return F.kl_div(F.log_softmax(logits / T, 1), F.softmax(target.detach() / T, 1),
                         reduction="batchmean") * T * T
 
-    def step():
+    def step(x, y):
         with torch.no_grad():
             t_logits = teacher(x)                          # the teacher, in full
             feat = trunk_stages(trunk_stem(x))             # the trunk again, for the KBM
@@ -193,7 +196,8 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
         teacher.requires_grad_(False)
         teacher.train()
         student.train()
-        measure("plain sokd", plain_sokd_step(teacher, student, 1, x, y), "fp32", False)
+        plain_step = plain_sokd_step(teacher, student, 1)
+        measure("plain sokd", lambda: plain_step(x, y), "fp32", False)
 
     by = {r.name: r for r in results}
     ratios = {}

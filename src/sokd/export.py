@@ -164,9 +164,8 @@ def _test_images(item: Exportable, n: int, overrides: dict | None):
     """Up to `n` images of the test split (CPU float32, normalised as in training) and class names."""
     from . import data as data_layer
     from .data.config import DataConfig
-    data_cfg = item.data_cfg
-    if overrides:
-        data_cfg = DataConfig.from_dict({**data_cfg.__dict__, **overrides})
+    # one test batch of (at least) n images is all the check needs
+    data_cfg = DataConfig.from_dict({**item.data_cfg.__dict__, "eval_batch_size": n, **(overrides or {})})
     try:
         bundle = data_layer.create(data_cfg, device="cpu")
     except SokdError as err:
@@ -219,12 +218,20 @@ def _check_opset(opset: int | None, fmt: str) -> int | None:
         if opset is not None:
             raise SokdError("--opset applies to --format onnx only; drop it for torchscript")
         return None
-    from torch.onnx import _constants
-    lo, hi = _constants.ONNX_MIN_OPSET, _constants.ONNX_MAX_OPSET
+    lo, hi, _ = _opset_limits()
     opset = DEFAULT_OPSET if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
         raise SokdError(f"--opset {opset} is not supported by this torch; use {lo}..{hi} (default {DEFAULT_OPSET})")
     return opset
+
+
+def _opset_limits() -> tuple[int, int, int]:
+    """(lowest, highest) opset torch.onnx exports, and the highest of its TorchScript-based exporter."""
+    try:
+        from torch.onnx import _constants as c
+        return c.ONNX_MIN_OPSET, c.ONNX_MAX_OPSET, getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
+    except (ImportError, AttributeError):
+        return 7, 23, 20
 
 
 def require_onnx() -> None:
@@ -287,10 +294,9 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, path: str, meta_
 
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: str, meta_json: str, opset: int) -> None:
     import onnx
-    from torch.onnx import _constants
     common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
     attempts = []
-    if opset <= _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET:  # fast, mature path on CPU
+    if opset <= _opset_limits()[2]:  # the TorchScript-based exporter: fast and mature on CPU
         attempts.append(("torchscript exporter", dict(
             dynamo=False, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})))
     attempts.append(("dynamo exporter", dict(

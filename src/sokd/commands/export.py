@@ -41,13 +41,10 @@ def run(args) -> int:
     meta = result.metadata
     inp = meta["input"]
     print(result.summary())
-    print(f"  {meta['role']} ({meta['arch']}, {meta['num_classes']} classes): input "
-          f"{INPUT_DESC.format(shape='x'.join(map(str, inp['shape'])))}, "
-          f"mean {_fmt(inp['mean'])} std {_fmt(inp['std'])}; metadata key {export.METADATA_KEY}")
+    print(f"  {meta['role']} ({meta['arch']}, {meta['num_classes']} classes): input float32 "
+          f"Nx{'x'.join(map(str, inp['shape']))} = (uint8 / 255 - mean) / std, mean {_fmt(inp['mean'])} "
+          f"std {_fmt(inp['std'])}; recorded as {export.METADATA_KEY} metadata")
     return 0
-
-
-INPUT_DESC = "float32 Nx{shape} = (uint8 / 255 - mean) / std"
 
 
 def _fmt(values) -> str:

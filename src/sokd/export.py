@@ -169,8 +169,8 @@ def _test_images(item: Exportable, n: int, overrides: dict | None):
     try:
         bundle = data_layer.create(data_cfg, device="cpu")
     except SokdError as err:
-        raise SokdError(f"{err} (export runs the model on the test split to check it; point it at the "
-                        f"data with data.root=PATH)") from None
+        raise SokdError(f"{err} (sokd export needs the test split for its parity check; data.KEY=VALUE "
+                        f"after the checkpoint overrides the data section)") from None
     if list(bundle.shape) != list(item.preprocess["shape"]):
         raise SokdError(f"the test images are {'x'.join(map(str, bundle.shape))} but the network was "
                         f"trained on {'x'.join(map(str, item.preprocess['shape']))}; drop the data "
@@ -281,12 +281,17 @@ def _quiet():
     return stack
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
 def _write_torchscript(model: nn.Module, example: torch.Tensor, path: str, meta_json: str) -> None:
     try:
         with _quiet(), torch.no_grad():
             traced = torch.jit.trace(model, example, check_trace=False)
     except Exception as err:
-        raise SokdError(f"TorchScript tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+        raise SokdError(f"TorchScript tracing failed ({_first_line(err)}); "
                         f"try --format onnx") from None
     with _quiet():
         torch.jit.save(traced, path, _extra_files={METADATA_KEY: meta_json})
@@ -308,7 +313,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: str, meta_json: s
                 torch.onnx.export(model, (example,), path, **common, **options)
             break
         except Exception as err:
-            errors.append(f"{label}: {type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}")
+            errors.append(f"{label}: {_first_line(err)}")
     else:
         raise SokdError(f"ONNX export failed at opset {opset} ({'; '.join(errors)}); try another --opset "
                         f"or --format torchscript")
@@ -401,8 +406,7 @@ def export_network(item: Exportable, fmt: str, path: Path, images: torch.Tensor,
         try:
             got = run_exported(tmp, fmt, images)
         except Exception as err:
-            raise SokdError(f"the exported {fmt} model fails to run ({type(err).__name__}: "
-                            f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}); "
+            raise SokdError(f"the exported {fmt} model fails to run ({_first_line(err)}); "
                             f"nothing was written") from None
         if got.shape != ref.shape:
             raise SokdError(f"the exported {fmt} model returns shape {tuple(got.shape)}, PyTorch "

@@ -58,7 +58,7 @@ def run_dir(study: str, name: str, seed: int) -> Path:
 
 
 def git_commit(paths: list[Path], message: str) -> None:
-    rel = [str(p.relative_to(ROOT)) for p in paths]
+    rel = [str(p.relative_to(ROOT)) for p in paths if p.exists()]
     for _ in range(5):
         add = subprocess.run(["git", "add", "--", *rel], cwd=ROOT, capture_output=True, text=True)
         if add.returncode == 0:
@@ -103,10 +103,10 @@ def publish(study: str, name: str, seed: int, commit: bool) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for f in ("summary.json", "metrics.jsonl", "config.yaml"):
         shutil.copy2(src / f, dst / f)
-    subprocess.run(SOKD + ["report", str(out / "runs"), "--out", str(out)], cwd=ROOT,
+    subprocess.run(SOKD + ["report", str(out / "runs"), "--out", str(out), "--claims"], cwd=ROOT,
                    stdout=subprocess.DEVNULL, check=False)
     if commit:
-        git_commit([dst, out / "report.md", out / "test_top1.png", out / "loss_terms.png"],
+        git_commit([dst, out / "report.md", out / "claims.md", out / "test_top1.png", out / "loss_terms.png"],
                    f"study {study}: {name} seed {seed} finished")
 
 

@@ -1,7 +1,6 @@
 """`sokd bench` measures and `sokd report` aggregates (figures, not timing assertions)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -46,3 +45,17 @@ def test_report_on_nothing_is_a_clear_error(tmp_path):
     from sokd.errors import SokdError
     with pytest.raises(SokdError, match="no finished runs"):
         report.build([str(tmp_path)])
+
+
+def test_claims_check_reads_every_claim_from_runs(tmp_path, teacher_file):
+    from sokd import claims
+    for method in ("vanilla", "kd", "sokd", "dml"):
+        cfg = tiny_config(tmp_path, method, train={"epochs": 1})
+        if "teacher" in cfg:
+            cfg["teacher"]["checkpoint"] = str(teacher_file)
+        runner.train(config.build(cfg))
+    text = claims.check([str(tmp_path / "runs")])
+    for heading in ("(a) SOKD student", "(b) SOKD teacher branch", "(c) imitation"):
+        assert heading in text
+    assert "SOKD vs KD: " in text and "one seed" in text
+    assert "not measured yet" not in text  # every number is present

@@ -11,7 +11,7 @@ import traceback
 
 from .errors import SokdError
 
-COMMANDS = ("train", "eval", "models", "demo", "bench", "report")
+COMMANDS = ("train", "eval", "models", "demo", "bench", "report", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

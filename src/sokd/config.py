@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .data.config import DataConfig
 from .errors import SokdError
-from .validation import describe, validate
+from .validation import validate
 
 DataConfig.__pydantic_config__ = ConfigDict(extra="forbid")  # strict keys for the data section
 
@@ -150,6 +150,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
+
+
+def data_overrides(texts: list[str], command: str) -> dict:
+    """`data.KEY=VALUE` arguments of eval/export as {KEY: VALUE}; anything else is an error."""
+    out = {}
+    for text in texts:
+        path, value = parse_override(text)
+        if len(path) != 2 or path[0] != "data":
+            raise SokdError(f"{command} accepts only data.KEY=VALUE overrides, got '{text}'")
+        out[path[1]] = value
+    return out
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:

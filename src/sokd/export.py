@@ -95,29 +95,17 @@ def load_exportable(checkpoint: str | os.PathLike, role: str | None = None) -> E
                     f"last.pt / best.pt or a model file such as student.pt")
 
 
-def _config(tree: dict | None):
-    from .config import Config
-    return Config.model_validate(tree) if tree else None
-
-
 def _from_model_file(ckpt: dict, path: str, role: str | None) -> Exportable:
-    from . import models
-    from .config import import_plugins
+    from . import runner
     from .data.config import DataConfig
-    from .engine import load_state_strict
     name = ckpt.get("name", "model")
     if role is not None and role != name:
         raise SokdError(f"'{path}' is a model file holding only the '{name}' network; --role picks a "
                         f"network of a run checkpoint (last.pt / best.pt), so drop --role or export "
                         f"from the run checkpoint")
-    cfg = _config(ckpt.get("config"))
-    if cfg is not None:
-        import_plugins(cfg.imports)  # user-registered architectures
+    net, cfg = runner.rebuild_model_file(ckpt, path)
     arch = {k: ckpt[k] for k in ("arch", "num_classes", "in_channels")}
     arch["kwargs"] = dict(ckpt.get("kwargs", {}))
-    net = models.create(arch["arch"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
-                        **arch["kwargs"])
-    load_state_strict(net, ckpt["state_dict"], f"model file '{path}'")
     data_cfg = cfg.data if cfg is not None else DataConfig(name=ckpt["data"]["name"])
     return Exportable(net.eval(), name, arch, dict(ckpt["preprocess"]), data_cfg,
                       {"checkpoint": path, "format": "sokd-model",
@@ -126,16 +114,9 @@ def _from_model_file(ckpt: dict, path: str, role: str | None) -> Exportable:
 
 def _from_run(ckpt: dict, path: str, role: str | None) -> Exportable:
     from . import runner
-    from .engine import load_state_strict
     from .models.staged import StagedNet
-    cfg = _config(ckpt["config"])
     data = ckpt["data"]
-    # the run checkpoint holds every weight: don't re-read the files the networks started from
-    stripped = cfg.model_copy(update={
-        "model": runner._no_ckpt(cfg.model), "teacher": runner._no_ckpt(cfg.teacher),
-        "student": runner._no_ckpt(cfg.student), "peers": [runner._no_ckpt(p) for p in cfg.peers]})
-    method, arch_of = runner.build_method(stripped, data["num_classes"], data["shape"], require_trained=False)
-    load_state_strict(method, ckpt["method"], f"checkpoint '{path}'")
+    method, arch_of, cfg = runner.rebuild_run(ckpt, path)
     method.eval()
     candidates = {name: (arch_role, module) for name, (arch_role, module) in method.standalone().items()}
     for r, net in method.nets.items():
@@ -368,15 +349,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 def _publish(tmp: str, path: Path) -> None:
-    """fsync the finished temporary file, rename it over `path`, fsync the directory."""
+    """fsync the finished temporary file, then rename it over `path` (see engine.checkpoint)."""
+    from .engine.checkpoint import commit_file
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    commit_file(tmp, path)
 
 
 def export_network(item: Exportable, fmt: str, path: Path, images: torch.Tensor, *,

@@ -102,6 +102,32 @@ def train(cfg: Config) -> dict | None:
     return summary if dist.is_main else None
 
 
+def rebuild_run(ckpt: dict, path: str) -> tuple[methods.Method, dict, Config]:
+    """The method of a run checkpoint with every weight loaded from it.
+
+    The files its networks started from (teacher checkpoints, local weights) are not re-read.
+    """
+    cfg = Config.model_validate(ckpt["config"])
+    stripped = cfg.model_copy(update={
+        "model": _no_ckpt(cfg.model), "teacher": _no_ckpt(cfg.teacher),
+        "student": _no_ckpt(cfg.student), "peers": [_no_ckpt(p) for p in cfg.peers]})
+    data = ckpt["data"]
+    method, arch_of = build_method(stripped, data["num_classes"], data["shape"], require_trained=False)
+    load_state_strict(method, ckpt["method"], f"checkpoint '{path}'")
+    return method, arch_of, cfg
+
+
+def rebuild_model_file(ckpt: dict, path: str) -> tuple[torch.nn.Module, Config | None]:
+    """The network of a model file (student.pt, teacher_branch.pt, ...) and its run's config."""
+    cfg = Config.model_validate(ckpt["config"]) if ckpt.get("config") else None
+    if cfg is not None:
+        import_plugins(cfg.imports)  # user-registered architectures
+    net = models.create(ckpt["arch"], num_classes=ckpt["num_classes"], in_channels=ckpt["in_channels"],
+                        **ckpt.get("kwargs", {}))
+    load_state_strict(net, ckpt["state_dict"], f"model file '{path}'")
+    return net, cfg
+
+
 def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: str = "auto",
                         precision: str = "fp32") -> dict:
     """Score a run checkpoint (every role) or a model file on its data set's test split."""
@@ -110,25 +136,17 @@ def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: s
     fmt = ckpt.get("format")
     dev = resolve_device(device)
     if fmt == "sokd-run":
-        cfg = Config.model_validate(ckpt["config"])
+        method, _, cfg = rebuild_run(ckpt, path)
         data_cfg = cfg.data
     elif fmt == "sokd-model":
-        run_cfg = ckpt.get("config")
-        data_cfg = Config.model_validate(run_cfg).data if run_cfg else DataConfig(name=ckpt["data"]["name"])
+        net, cfg = rebuild_model_file(ckpt, path)
+        data_cfg = cfg.data if cfg is not None else DataConfig(name=ckpt["data"]["name"])
+        method = methods.create("vanilla", model=net)
     else:
         raise SokdError(f"'{path}' is not a sokd run checkpoint or model file")
     if data_overrides:
         data_cfg = DataConfig.from_dict({**data_cfg.__dict__, **data_overrides})
     bundle = data_layer.create(data_cfg, device=dev)
-    if fmt == "sokd-run":
-        method, _ = build_method(cfg.model_copy(update={"teacher": _no_ckpt(cfg.teacher)}),
-                                 bundle.num_classes, bundle.shape, require_trained=False)
-        load_state_strict(method, ckpt["method"], f"checkpoint '{path}'")
-    else:
-        net = models.create(ckpt["arch"], num_classes=ckpt["num_classes"],
-                            in_channels=ckpt["in_channels"], **ckpt.get("kwargs", {}))
-        load_state_strict(net, ckpt["state_dict"], f"model file '{path}'")
-        method = methods.create("vanilla", model=net)
     method.to(dev)
     result = evaluate(method, bundle.test, dev, precision)
     result["checkpoint"] = str(path)

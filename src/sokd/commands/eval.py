@@ -17,15 +17,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import runner
-    from ..config import parse_override
-    from ..errors import SokdError
+    from ..config import data_overrides
     from .table import pct, render
-    data = {}
-    for text in args.overrides:
-        path, value = parse_override(text)
-        if len(path) != 2 or path[0] != "data":
-            raise SokdError(f"eval accepts only data.KEY=VALUE overrides, got '{text}'")
-        data[path[1]] = value
+    data = data_overrides(args.overrides, "eval")
     result = runner.evaluate_checkpoint(args.checkpoint, data, args.device, args.precision)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -28,14 +28,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import export
-    from ..config import parse_override
-    from ..errors import SokdError
-    data = {}
-    for text in args.overrides:
-        path, value = parse_override(text)
-        if len(path) != 2 or path[0] != "data":
-            raise SokdError(f"export accepts only data.KEY=VALUE overrides, got '{text}'")
-        data[path[1]] = value
+    from ..config import data_overrides
+    data = data_overrides(args.overrides, "export")
     result = export.export(args.checkpoint, args.format, role=args.role, out=args.out, opset=args.opset,
                            images=args.images, tolerance=args.tolerance, data_overrides=data or None)
     meta = result.metadata

@@ -7,7 +7,8 @@ from pathlib import Path
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="aggregate finished runs into a markdown table and plots")
     p.add_argument("runs", nargs="+", help="run directories or folders containing them")
-    p.add_argument("--out", default=None, help="write report.md and PNG plots into this folder")
+    p.add_argument("--out", default=None, help="write report.md, claims.md and PNG plots into this folder")
+    p.add_argument("--claims", action="store_true", help="also check the paper's three claims")
     p.set_defaults(run=run)
 
 
@@ -15,7 +16,14 @@ def run(args) -> int:
     from .. import report
     res = report.build(args.runs, args.out)
     print(res["markdown"])
+    claims_md = None
+    if args.claims:
+        from .. import claims
+        claims_md = claims.check(args.runs)
+        print("\n" + claims_md)
     if args.out:
         (Path(args.out) / "report.md").write_text(res["markdown"] + "\n")
+        if claims_md:
+            (Path(args.out) / "claims.md").write_text(claims_md)
         print(f"wrote {args.out}/report.md and " + ", ".join(res["plots"]))
     return 0

@@ -8,7 +8,6 @@ state_dict keys identical to single-process runs (checkpoints are interchangeabl
 """
 from __future__ import annotations
 
-import torch
 import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP

@@ -1,7 +1,6 @@
 """The one training loop. Every method goes through `fit`; it never branches on a method's name."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

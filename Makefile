@@ -31,5 +31,14 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The reproduction study (hours on a CPU; resumable: rerun to continue) and the speed figures.
+study: setup
+	$(PY) benchmarks/study.py fmnist
+	$(PY) benchmarks/study.py cifar100
+
+bench: setup
+	$(VENV)/bin/sokd bench --fp32-too vanilla --json docs/results/bench/wrn_40_2-wrn_40_1_b128_bf16.json
+	$(PY) benchmarks/epoch_speed.py --steps 20 --json docs/results/bench/epoch_speed_cifar100.json
+
 clean:
 	rm -rf runs .pytest_cache

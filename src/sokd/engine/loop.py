@@ -21,7 +21,7 @@ from .signals import Interrupted, StopRequest
 
 
 class NonFiniteLoss(SokdError):
-    pass
+    """A loss term became NaN/inf; the run stops before the bad step touches any checkpoint."""
 
 
 @dataclass
@@ -115,17 +115,18 @@ def fit(method, data, ctx: FitContext) -> dict:
         ckpt = rundir.prepare(ctx.run_dir, cfg.to_dict(), cfg.output.resume, cfg.output.overwrite)
     ckpt = dist.broadcast_object(ckpt)
 
+    start_epoch, start_step, history, accum_state, prior_wall = 0, 0, [], None, 0.0
+    if ckpt is not None:  # weights first, so every rank's DDP wrapper starts from them
+        method.load_state_dict(ckpt["method"])
     step_module = dist.wrap(method, sync_bn=cfg.distributed.sync_bn)
     optimizer = build_optimizer(method, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, tr.epochs)
     scaler = grad_scaler(device, tr.precision)
-
-    start_epoch, start_step, history, accum_state, prior_wall = 0, 0, [], None, 0.0
     if ckpt is not None:
-        method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt.get("scaler", {})) if ckpt.get("scaler") else None
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
         history = list(ckpt.get("history", []))
         accum_state = ckpt.get("accum")
@@ -167,11 +168,11 @@ def fit(method, data, ctx: FitContext) -> dict:
 
         for epoch in range(start_epoch, tr.epochs):
             data.train.set_epoch(epoch)
-            accum = EpochAccumulator()
-            if start_step and accum_state and dist.is_main:
-                accum = EpochAccumulator(**accum_state)  # saved already reduced over ranks
-            else:
+            if not start_step:  # a mid-epoch resume restored the RNG state from the checkpoint
                 torch.manual_seed(tr.seed * 100_003 + epoch)
+            # a mid-epoch checkpoint holds the epoch's sums so far, already reduced over ranks
+            keep = start_step and accum_state and dist.is_main
+            accum = EpochAccumulator(**accum_state) if keep else EpochAccumulator()
             step = start_step
             start_step, accum_state = 0, None
             total = len(data.train) if tr.steps_per_epoch is None else min(len(data.train), tr.steps_per_epoch)

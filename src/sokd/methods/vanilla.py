@@ -1,8 +1,9 @@
 """Plain supervised training: the baseline, and how teachers are trained."""
 from __future__ import annotations
 
-from .base import Method, MethodOptions, roles_required
+from ..errors import SokdError
 from . import losses
+from .base import Method, MethodOptions, roles_required
 
 
 class Vanilla(Method):
@@ -14,12 +15,8 @@ class Vanilla(Method):
         roles_required("vanilla", {"model": model or student}, ["model"])
         super().__init__({"model": model or student}, options or MethodOptions())
         if self.options.features:
-            raise self._no_features()
-
-    def _no_features(self):
-        from ..errors import SokdError
-        return SokdError("method 'vanilla' has no teacher to take features from; "
-                         "remove method.features or use kd/sokd")
+            raise SokdError("method 'vanilla' has no teacher to take features from; "
+                            "remove method.features or use kd/sokd")
 
     def forward(self, images, labels):
         logits = self.net("model")(images)

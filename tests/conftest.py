@@ -45,6 +45,15 @@ def write_config(tmp_path: Path, cfg: dict, name: str = "run.yaml") -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models on one thread: OpenMP threads cost more than they save on toy tensors."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def make_config(tmp_path):
     def make(method="vanilla", **sections):
         return tiny_config(tmp_path, method, **sections)

@@ -14,15 +14,7 @@ from sokd import config, export, runner
 from .conftest import tiny_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 
 
 TV_TEACHERS = ["tv.resnet18", "tv.mobilenet_v3_small", "tv.efficientnet_b0", "tv.convnext_tiny",

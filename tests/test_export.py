@@ -17,16 +17,8 @@ from sokd.errors import SokdError
 
 from .conftest import tiny_config
 
-pytestmark = [pytest.mark.timeout(300),
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:.*torch.jit.*is deprecated:FutureWarning")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@
 Each run is `sokd train` in a subprocess. Several copies may run at once (e.g. one per core with
 --threads 1): a lock file in each run directory keeps them on different runs. A finished run (summary.json) is skipped, a started one
 (last.pt) is resumed, so the script can be killed and restarted at any point. Finished summaries
-and metrics are copied to docs/results/<study>/runs/ and the report is rebuilt after every run;
+and metrics are copied to docs/results/<study>/by_run/ and the report is rebuilt after every run;
 with --commit they are committed right away (only those paths).
 """
 from __future__ import annotations
@@ -93,17 +93,17 @@ def acquire(rd: Path) -> bool:
 
 
 def published(study: str, name: str, seed: int) -> bool:
-    return (ROOT / "docs/results" / study / "runs" / f"{name}-s{seed}" / "summary.json").exists()
+    return (ROOT / "docs/results" / study / "by_run" / f"{name}-s{seed}" / "summary.json").exists()
 
 
 def publish(study: str, name: str, seed: int, commit: bool) -> None:
     src = run_dir(study, name, seed)
     out = ROOT / "docs/results" / study
-    dst = out / "runs" / f"{name}-s{seed}"
+    dst = out / "by_run" / f"{name}-s{seed}"
     dst.mkdir(parents=True, exist_ok=True)
     for f in ("summary.json", "metrics.jsonl", "config.yaml"):
         shutil.copy2(src / f, dst / f)
-    subprocess.run(SOKD + ["report", str(out / "runs"), "--out", str(out), "--claims"], cwd=ROOT,
+    subprocess.run(SOKD + ["report", str(out / "by_run"), "--out", str(out), "--claims"], cwd=ROOT,
                    stdout=subprocess.DEVNULL, check=False)
     if commit:
         git_commit([dst, out / "report.md", out / "claims.md", out / "test_top1.png", out / "loss_terms.png"],

@@ -68,3 +68,17 @@ def test_cli_error_is_one_line_with_nonzero_exit(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown config key 'train.epoch'" in lines[0] and "epochs" in lines[0]
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").exists(),
+                    reason="Fashion-MNIST (dataset-fashion-mnist) not installed")
+def test_demo_runs_teacher_then_students_and_ends_with_sokd(tmp_path, capsys):
+    overrides = ["train.epochs=1", "data.train_per_class=16", "data.test_limit=64", "data.batch_size=32",
+                 "output.progress=false", "output.tensorboard=false"]
+    assert run_cli("demo", "--out", tmp_path / "demo", *overrides) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("Fashion-MNIST demo"):].splitlines()
+    assert table[-1].startswith("| sokd") and any(l.startswith("| kd ") for l in table)
+    for name in ("teacher", "vanilla", "kd", "sokd"):
+        assert (tmp_path / "demo" / name / "summary.json").exists()
+    assert run_cli("demo", "--out", tmp_path / "demo", *overrides) == 0  # re-run reuses finished runs

@@ -65,13 +65,18 @@ def test_random_crop_preserves_shape_dtype_and_values(spec, padding, mode):
         assert out.float().mean() > 0
 
 
+def uint8_batch(spec, low: int = 0):
+    """A random uint8 (N,C,H,W) batch from a drawn spec, and the generator that made it."""
+    n, c, h, w, seed = spec
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, 256, (n, c, h, w), dtype=torch.uint8, generator=g), g
+
+
 @settings(max_examples=60, deadline=None)
 @given(images)
 def test_hflip_twice_is_identity_and_once_mirrors(spec):
-    n, c, h, w, seed = spec
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=g)
-    mask = torch.rand(n, generator=g) < 0.5
+    x, g = uint8_batch(spec)
+    mask = torch.rand(x.shape[0], generator=g) < 0.5
     once = augment.hflip(x, mask)
     assert torch.equal(augment.hflip(once, mask), x)
     assert torch.equal(once[mask], x[mask].flip(3)) and torch.equal(once[~mask], x[~mask])
@@ -80,10 +85,8 @@ def test_hflip_twice_is_identity_and_once_mirrors(spec):
 @settings(max_examples=40, deadline=None)
 @given(images)
 def test_normalize_maps_uint8_range_to_expected_affine_range(spec):
-    n, c, h, w, seed = spec
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=g)
-    mean, std = [0.5] * c, [0.25] * c
+    x, g = uint8_batch(spec)
+    mean, std = [0.5] * x.shape[1], [0.25] * x.shape[1]
     y = augment.normalize(x, mean, std)
     assert y.dtype == torch.float32 and y.shape == x.shape
     assert y.min() >= -2.0 - 1e-5 and y.max() <= 2.0 + 1e-5

@@ -28,12 +28,14 @@ STUDIES = {
     "fmnist": {
         "configs": ROOT / "configs/study/fmnist",
         "main": ["vanilla", "kd", "sokd", "dml", "kd_dml", "kd_at", "sokd_at"],
+        "core": ["vanilla", "kd", "sokd", "dml"],
         "ablations": ["sokd_bn_eval", "sokd_init_teacher", "sokd_kbm2", "sokd_fp32"],
         "seeds": [0, 1, 2],
     },
     "cifar100": {
         "configs": ROOT / "configs/study/cifar100",
         "main": ["vanilla", "kd", "sokd"],
+        "core": ["vanilla", "kd", "sokd"],
         "ablations": [],
         "seeds": [0],
     },
@@ -43,13 +45,17 @@ NEEDS_TEACHER = {"kd", "kd_at", "kd_dml", "sokd", "sokd_at", "sokd_bn_eval", "so
 
 
 def plan(study: str, seeds: list[int]) -> list[tuple[str, int]]:
-    """Seed by seed: teacher first, then every method; ablations after the first seed."""
+    """Runs in priority order: every seed's teacher, then the core methods seed by seed (the
+    claims need them on every seed for a spread), then the other methods, then the ablations
+    (first seed only). Workers take the first runnable entry, so the order decides what a
+    study cut short has."""
     s = STUDIES[study]
-    order = []
-    for i, seed in enumerate(seeds):
-        order += [("teacher", seed)] + [(m, seed) for m in s["main"]]
-        if i == 0:
-            order += [(a, seed) for a in s["ablations"]]
+    core = [m for m in s["main"] if m in s["core"]]
+    rest = [m for m in s["main"] if m not in s["core"]]
+    order = [("teacher", seed) for seed in seeds]
+    order += [(m, seed) for seed in seeds for m in core]
+    order += [(m, seed) for seed in seeds for m in rest]
+    order += [(a, seeds[0]) for a in s["ablations"]]
     return order
 
 
@@ -120,41 +126,66 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("overrides", nargs="*", help="extra key=value for every run")
     args = ap.parse_args()
-    cfg_dir = STUDIES[args.study]["configs"]
-    for name, seed in plan(args.study, args.seeds or STUDIES[args.study]["seeds"]):
-        if args.only and name not in args.only and name != "teacher":
+    todo = [(n, sd) for n, sd in plan(args.study, args.seeds or STUDIES[args.study]["seeds"])
+            if not args.only or n in args.only or n == "teacher"]
+    while todo:
+        pick = next_runnable(args.study, todo, args.dry_run)
+        if pick is None:
+            time.sleep(30)  # everything left is held by another worker or waits for its teacher
             continue
-        rd = run_dir(args.study, name, seed)
-        while name == "teacher" and not args.dry_run and holder(rd) not in (None, os.getpid()):
-            time.sleep(20)  # another worker trains this seed's teacher: every student needs it
-        if (rd / "summary.json").exists():
-            if not published(args.study, name, seed):
-                publish(args.study, name, seed, args.commit)
-            print(f"done     {name} seed {seed}", flush=True)
-            continue
-        if not args.dry_run and not acquire(rd):
-            print(f"skip     {name} seed {seed} (another worker has it)", flush=True)
-            continue
-        cmd = SOKD + ["train", str(cfg_dir / f"{name}.yaml"), f"train.seed={seed}",
-                      f"output.dir={rd}", f"output.resume={str((rd / 'last.pt').exists()).lower()}"]
-        if name in NEEDS_TEACHER:
-            cmd.append(f"teacher.checkpoint={run_dir(args.study, 'teacher', seed) / 'model.pt'}")
-        if args.threads:
-            cmd.append(f"train.threads={args.threads}")
-        cmd += args.overrides
-        print(("would run " if args.dry_run else "run      ") + " ".join(cmd[2:]), flush=True)
-        if args.dry_run:
-            continue
-        t0 = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT)
-        (rd / LOCK).unlink(missing_ok=True)
-        if proc.returncode != 0:
-            print(f"FAILED   {name} seed {seed} (exit {proc.returncode}); rerun to resume", flush=True)
-            return proc.returncode
-        print(f"finished {name} seed {seed} in {time.time() - t0:.0f} s", flush=True)
-        publish(args.study, name, seed, args.commit)
+        todo.remove(pick)
+        status = run_one(args, *pick)
+        if status != 0:
+            return status
     return 0
 
+
+def next_runnable(study: str, todo: list[tuple[str, int]], dry_run: bool) -> tuple[str, int] | None:
+    """First entry of `todo` that is finished (to publish), or free with its teacher trained.
+    Entries another live worker holds are left to it; they are dropped once they finish."""
+    for name, seed in list(todo):
+        rd = run_dir(study, name, seed)
+        if (rd / "summary.json").exists() or dry_run:
+            return name, seed
+        if holder(rd) not in (None, os.getpid()):
+            continue
+        teacher = run_dir(study, "teacher", seed)
+        if name in NEEDS_TEACHER and not (teacher / "summary.json").exists():
+            continue
+        return name, seed
+    return None
+
+
+def run_one(args, name: str, seed: int) -> int:
+    """Train (or resume) one run in a subprocess and publish its summary; 0 when done or skipped."""
+    rd = run_dir(args.study, name, seed)
+    if (rd / "summary.json").exists():
+        if not published(args.study, name, seed):
+            publish(args.study, name, seed, args.commit)
+        print(f"done     {name} seed {seed}", flush=True)
+        return 0
+    if not args.dry_run and not acquire(rd):
+        print(f"skip     {name} seed {seed} (another worker has it)", flush=True)
+        return 0
+    cmd = SOKD + ["train", str(STUDIES[args.study]["configs"] / f"{name}.yaml"), f"train.seed={seed}",
+                  f"output.dir={rd}", f"output.resume={str((rd / 'last.pt').exists()).lower()}"]
+    if name in NEEDS_TEACHER:
+        cmd.append(f"teacher.checkpoint={run_dir(args.study, 'teacher', seed) / 'model.pt'}")
+    if args.threads:
+        cmd.append(f"train.threads={args.threads}")
+    cmd += args.overrides
+    print(("would run " if args.dry_run else "run      ") + " ".join(cmd[2:]), flush=True)
+    if args.dry_run:
+        return 0
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT)
+    (rd / LOCK).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        print(f"FAILED   {name} seed {seed} (exit {proc.returncode}); rerun to resume", flush=True)
+        return proc.returncode
+    print(f"finished {name} seed {seed} in {time.time() - t0:.0f} s", flush=True)
+    publish(args.study, name, seed, args.commit)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

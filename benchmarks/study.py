@@ -2,7 +2,7 @@
 """Regenerate the reproduction study (issue 5): every run, then the report. Resumable.
 
     .venv/bin/python benchmarks/study.py fmnist            # Fashion-MNIST: 3 seeds + ablations
-    .venv/bin/python benchmarks/study.py cifar100          # WRN-40-2 -> WRN-40-1, 40 epochs
+    .venv/bin/python benchmarks/study.py cifar100          # WRN-40-2 -> WRN-40-1, 20 epochs
     .venv/bin/python benchmarks/study.py fmnist --seeds 0 --dry-run
 
 Each run is `sokd train` in a subprocess. Several copies may run at once (e.g. one per core with

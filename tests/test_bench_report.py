@@ -49,7 +49,7 @@ def test_report_on_nothing_is_a_clear_error(tmp_path):
 
 def test_claims_check_reads_every_claim_from_runs(tmp_path, teacher_file):
     from sokd import claims
-    for method in ("vanilla", "kd", "sokd", "dml"):
+    for method in ("vanilla", "kd", "sokd", "dml", "kd_dml"):
         cfg = tiny_config(tmp_path, method, train={"epochs": 1})
         if "teacher" in cfg:
             cfg["teacher"]["checkpoint"] = str(teacher_file)
@@ -59,3 +59,16 @@ def test_claims_check_reads_every_claim_from_runs(tmp_path, teacher_file):
         assert heading in text
     assert "SOKD vs KD: " in text and "one seed" in text
     assert "not measured yet" not in text  # every number is present
+
+
+def test_claims_compare_pairs_seeds_and_applies_a_one_sided_t_test():
+    from sokd.claims import compare
+    # paired differences 1, 2, 1: mean 4/3, sd 1/sqrt(3), t = 4.0 > 2.920 (2 degrees of freedom)
+    assert compare({0: 1.0, 1: 3.0, 2: 2.0}, {0: 0.0, 1: 1.0, 2: 1.0}).startswith("holds (")
+    assert "paired t 4.00" in compare({0: 1.0, 1: 3.0, 2: 2.0}, {0: 0.0, 1: 1.0, 2: 1.0})
+    # differences 1, -0.5, 1: mean 0.5, sd sqrt(0.75), t = 1.0: right direction, not significant
+    assert compare({0: 1.0, 1: -0.5, 2: 1.0}, {0: 0.0, 1: 0.0, 2: 0.0}).startswith("direction holds but not significant")
+    assert compare({0: 0.0, 1: 1.0, 2: 1.0}, {0: 1.0, 1: 3.0, 2: 2.0}).startswith("does not hold: the reverse")
+    # only seeds both sides have are paired; none in common means nothing to say yet
+    assert "one seed" in compare({0: 2.0, 5: 9.0}, {0: 1.0})
+    assert compare({1: 2.0}, {0: 1.0}) == "not measured yet"

@@ -1,75 +1,131 @@
-"""The paper's three claims, checked against a folder of finished runs (mean ± std over seeds).
+"""The paper's three claims, checked against a folder of finished runs.
 
 (a) the SOKD student beats the KD and DML students;
 (b) SOKD improves the teacher: frozen trunk + trained KBM beats the original teacher;
 (c) under DML the student imitates its (peer) teacher more closely than under KD, while KD's
     teacher gives more trustworthy (more accurate) targets.
-Each difference is reported next to the seed spread, so "held" means more than noise.
+
+Runs of the same seed share a teacher, so two methods are compared seed by seed (paired
+differences) and a one-sided paired t-test decides whether a claim "holds"; each difference is
+also put next to the seed spread of the accuracies, so a reader sees how large it is against noise.
 """
 from __future__ import annotations
 
+import math
 import statistics
 
 from .report import find_runs, group, load
 
+# One-sided 5% critical values of Student's t for 1..10 degrees of freedom (standard table).
+T_CRIT_05 = [6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812]
 
-def _stats(values: list[float]) -> tuple[float, float, int]:
-    if not values:
-        return float("nan"), float("nan"), 0
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+ABLATIONS = {  # run name -> what it changes against the default `sokd` run of the same seed
+    "sokd_bn_eval": "teacher BN in eval mode (default: train)",
+    "sokd_init_teacher": "KBM initialised from the teacher (default: random)",
+    "sokd_kbm2": "KBM = last 2 stages (default: 1)",
+    "sokd_fp32": "fp32 instead of bf16 autocast",
+}
+
+Values = dict[int, float]  # seed -> value
 
 
-def _fmt(m: float, s: float, n: int) -> str:
-    return f"{m:.2f} ± {s:.2f} (n={n})" if n > 1 else (f"{m:.2f} (n=1)" if n else "—")
+def _fmt(values: Values) -> str:
+    v = list(values.values())
+    if not v:
+        return "—"
+    if len(v) == 1:
+        return f"{v[0]:.2f} (n=1)"
+    return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} (n={len(v)})"
 
 
-def _verdict(diff: float, spread: float, n: int) -> str:
-    if n == 0 or diff != diff:
+def _std(values: Values) -> float:
+    return statistics.stdev(values.values()) if len(values) > 1 else 0.0
+
+
+def _paired_mean(a: Values, b: Values) -> str:
+    diffs = [a[s] - b[s] for s in a if s in b]
+    return f"{statistics.mean(diffs):+.2f}" if diffs else "—"
+
+
+def compare(a: Values, b: Values) -> str:
+    """Verdict on "a > b": paired over the seeds both have, against the seed spread."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
         return "not measured yet"
-    if n < 2:
-        return f"{'holds' if diff > 0 else 'does not hold'} on one seed (difference {diff:+.2f}; no spread yet)"
-    if diff > 2 * spread:
-        return f"holds (difference {diff:+.2f} > 2× seed std {spread:.2f})"
-    if diff > 0:
-        return f"direction holds but within noise (difference {diff:+.2f}, seed std {spread:.2f})"
-    return f"does not hold (difference {diff:+.2f}, seed std {spread:.2f})"
+    diffs = [a[s] - b[s] for s in seeds]
+    n, mean = len(diffs), statistics.mean(diffs)
+    if n == 1:
+        return f"{'holds' if mean > 0 else 'does not hold'} on one seed (difference {mean:+.2f}; no spread yet)"
+    spread = max(_std({s: a[s] for s in seeds}), _std({s: b[s] for s in seeds}))
+    sd = statistics.stdev(diffs)
+    t = math.copysign(math.inf, mean) if sd == 0 else mean / (sd / math.sqrt(n))
+    crit = T_CRIT_05[min(n - 1, len(T_CRIT_05)) - 1]
+    positive = sum(d > 0 for d in diffs)
+    detail = (f"mean difference {mean:+.2f} = {abs(mean) / spread if spread else math.inf:.1f}× the seed std "
+              f"{spread:.2f}; per seed {', '.join(f'{d:+.2f}' for d in diffs)} ({positive}/{n} positive); "
+              f"paired t {t:.2f}, one-sided 5% needs > {crit}")
+    if mean > 0 and t > crit:
+        return f"holds ({detail})"
+    if mean > 0:
+        return f"direction holds but not significant ({detail})"
+    if -t > crit:
+        return f"does not hold: the reverse is significant ({detail})"
+    return f"does not hold ({detail})"
 
 
 def check(paths: list[str]) -> str:
     groups = group([load(r) for r in find_runs(paths)])
 
-    def net(name, role, key="top1_final"):
-        return [r["summary"]["networks"][role][key] for r in groups.get(name, [])
-                if role in r["summary"]["networks"] and r["summary"]["networks"][role].get(key) is not None]
+    def net(name: str, role: str, key: str = "top1_final") -> Values:
+        out = {}
+        for r in groups.get(name, []):
+            v = r["summary"]["networks"].get(role, {}).get(key)
+            if v is not None:
+                out[r["summary"]["seed"]] = v
+        return out
 
-    def comp(name, pair, key):
-        return [r["summary"]["compare"][pair][key] for r in groups.get(name, [])
-                if pair in r["summary"].get("compare", {})]
+    def comp(name: str, pair: str, key: str) -> Values:
+        return {r["summary"]["seed"]: r["summary"]["compare"][pair][key] for r in groups.get(name, [])
+                if pair in r["summary"].get("compare", {})}
 
     lines = ["# The paper's claims on these runs", "",
-             "All accuracies are test top-1 (%) at the final epoch, mean ± std over seeds.", ""]
-    sokd, kd, dml, van = (_stats(net("sokd", "student")), _stats(net("kd", "student")),
-                          _stats(net("dml", "student")), _stats(net("vanilla", "model")))
+             "Test top-1 (%) at the final epoch, mean ± std over seeds. Runs of one seed share a "
+             "teacher, so methods are compared seed by seed: a claim *holds* when the paired "
+             "differences pass a one-sided paired t-test at 5%.", ""]
+    sokd, kd, dml, van = net("sokd", "student"), net("kd", "student"), net("dml", "student"), net("vanilla", "model")
     lines += ["## (a) SOKD student vs KD and DML students", "",
-              f"- vanilla student: {_fmt(*van)}", f"- KD student: {_fmt(*kd)}",
-              f"- DML student: {_fmt(*dml)}", f"- SOKD student: {_fmt(*sokd)}"]
-    for label, other in (("KD", kd), ("DML", dml)):
-        spread = max(sokd[1], other[1])
-        lines.append(f"- SOKD vs {label}: {_verdict(sokd[0] - other[0], spread, min(sokd[2], other[2]))}")
-    kbm = _stats(net("sokd", "kbm"))
-    teacher0 = _stats(net("sokd", "teacher", "top1_initial"))
+              f"- vanilla student: {_fmt(van)}", f"- KD student: {_fmt(kd)}",
+              f"- DML student: {_fmt(dml)}", f"- KD+DML student: {_fmt(net('kd_dml', 'student'))}",
+              f"- SOKD student: {_fmt(sokd)}",
+              f"- SOKD vs KD: {compare(sokd, kd)}", f"- SOKD vs DML: {compare(sokd, dml)}",
+              f"- SOKD vs KD+DML: {compare(sokd, net('kd_dml', 'student'))}",
+              f"- SOKD vs vanilla: {compare(sokd, van)}"]
+    kd_at, sokd_at = net("kd_at", "student"), net("sokd_at", "student")
+    if kd_at or sokd_at:
+        lines += [f"- with attention transfer: KD+AT {_fmt(kd_at)}, SOKD+AT {_fmt(sokd_at)}; "
+                  f"SOKD+AT vs KD+AT: {compare(sokd_at, kd_at)}"]
+    kbm, teacher0 = net("sokd", "kbm"), net("sokd", "teacher", "top1_initial")
     lines += ["", "## (b) SOKD teacher branch (frozen trunk + KBM) vs the original teacher", "",
-              f"- original teacher: {_fmt(*teacher0)}", f"- teacher branch after SOKD: {_fmt(*kbm)}",
-              f"- {_verdict(kbm[0] - teacher0[0], max(kbm[1], teacher0[1]), min(kbm[2], teacher0[2]))}"]
-    kd_agree, dml_agree = _stats(comp("kd", "teacher->student", "agreement")), _stats(comp("dml", "peer->student", "agreement"))
-    kd_kl, dml_kl = _stats(comp("kd", "teacher->student", "kl")), _stats(comp("dml", "peer->student", "kl"))
-    kd_t, dml_t = _stats(net("kd", "teacher")), _stats(net("dml", "peer"))
+              f"- original teacher: {_fmt(teacher0)}", f"- teacher branch after SOKD: {_fmt(kbm)}",
+              f"- {compare(kbm, teacher0)}"]
+    kd_agree, dml_agree = comp("kd", "teacher->student", "agreement"), comp("dml", "peer->student", "agreement")
+    kd_kl, dml_kl = comp("kd", "teacher->student", "kl"), comp("dml", "peer->student", "kl")
+    kd_t, dml_t = net("kd", "teacher"), net("dml", "peer")
     lines += ["", "## (c) imitation under DML vs KD, and how trustworthy each teacher is", "",
-              f"- student↔teacher top-1 agreement: KD {_fmt(*kd_agree)}, DML (peer) {_fmt(*dml_agree)}",
-              f"- KL(teacher ‖ student) on the test set: KD {_fmt(*kd_kl)}, DML {_fmt(*dml_kl)}",
-              f"- DML imitates more closely (agreement): "
-              f"{_verdict(dml_agree[0] - kd_agree[0], max(dml_agree[1], kd_agree[1]), min(dml_agree[2], kd_agree[2]))}",
-              f"- teacher accuracy: KD's pretrained teacher {_fmt(*kd_t)}, DML's peer {_fmt(*dml_t)}",
-              f"- KD's teacher more trustworthy: "
-              f"{_verdict(kd_t[0] - dml_t[0], max(kd_t[1], dml_t[1]), min(kd_t[2], dml_t[2]))}"]
+              f"- student↔teacher top-1 agreement: KD {_fmt(kd_agree)}, DML (peer) {_fmt(dml_agree)}",
+              f"- KL(teacher ‖ student) on the test set: KD {_fmt(kd_kl)}, DML {_fmt(dml_kl)}",
+              f"- DML imitates more closely (agreement): {compare(dml_agree, kd_agree)}",
+              f"- teacher accuracy: KD's pretrained teacher {_fmt(kd_t)}, DML's peer {_fmt(dml_t)}",
+              f"- KD's teacher more trustworthy: {compare(kd_t, dml_t)}"]
+    present = [a for a in ABLATIONS if a in groups]
+    if present:
+        lines += ["", "## Ablations (against the default SOKD run of the same seed)", "",
+                  "| run | change | student | teacher branch | student − default | branch − default |",
+                  "|---|---|---:|---:|---:|---:|"]
+        base_s, base_k = net("sokd", "student"), net("sokd", "kbm")
+        for a in present:
+            s, k = net(a, "student"), net(a, "kbm")
+            lines.append(f"| {a} | {ABLATIONS[a]} | {_fmt(s)} | {_fmt(k)} | "
+                         f"{_paired_mean(s, base_s)} | {_paired_mean(k, base_k)} |")
+        lines += ["", "One seed per ablation: differences below the seed std of the default run are noise."]
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from .report import find_runs, group, load
+from .report import find_runs, group, load, mean_std
 
 # One-sided 5% critical values of Student's t for 1..10 degrees of freedom (standard table).
 T_CRIT_05 = [6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812]
@@ -30,12 +30,7 @@ Values = dict[int, float]  # seed -> value
 
 
 def _fmt(values: Values) -> str:
-    v = list(values.values())
-    if not v:
-        return "—"
-    if len(v) == 1:
-        return f"{v[0]:.2f} (n=1)"
-    return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} (n={len(v)})"
+    return f"{mean_std(list(values.values()))} (n={len(values)})" if values else "—"
 
 
 def _std(values: Values) -> float:

@@ -28,7 +28,7 @@ def find_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
-def _ms(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
     if not values:
         return ""
     if len(values) == 1:
@@ -61,12 +61,12 @@ def table(groups: dict[str, list[dict]]) -> str:
                 for pair, m in r["summary"].get("compare", {}).items():
                     if pair.endswith(f"->{role}"):
                         comp.setdefault(pair, []).append(m)
-            agree = "; ".join(f"{p.split('->')[0]}: {_ms([m['agreement'] for m in ms])}" for p, ms in comp.items())
-            kl = "; ".join(f"{p.split('->')[0]}: {_ms([m['kl'] for m in ms])}" for p, ms in comp.items())
+            agree = "; ".join(f"{p.split('->')[0]}: {mean_std([m['agreement'] for m in ms])}" for p, ms in comp.items())
+            kl = "; ".join(f"{p.split('->')[0]}: {mean_std([m['kl'] for m in ms])}" for p, ms in comp.items())
             init = [n["top1_initial"] for n in nets if n.get("top1_initial") is not None]
             rows.append([name, runs[0]["summary"]["method"], role, nets[0]["arch"], len(nets),
-                         _ms([n["top1_final"] for n in nets]), _ms([n["top1_best"] for n in nets]),
-                         _ms(init) if role in ("teacher", "kbm") else "", agree, kl])
+                         mean_std([n["top1_final"] for n in nets]), mean_std([n["top1_best"] for n in nets]),
+                         mean_std(init) if role in ("teacher", "kbm") else "", agree, kl])
     return render(["run", "method", "role", "arch", "seeds", "top-1 final (last epoch)",
                    "top-1 best epoch (optimistic)", "top-1 at start", "agreement % with", "KL(ref‖role)"],
                   rows, align="lllllrrrll")

@@ -115,6 +115,16 @@ def test_run_dir_with_another_run_is_refused_then_overwritten_on_request(make_co
     runner.train(config.build(over))
 
 
+def test_resume_may_extend_epochs_and_change_the_eval_batch(make_config):
+    """Neither changes what the network learns, so a run may continue under them."""
+    base = make_config("vanilla", train={"epochs": 1})
+    runner.train(config.build(base))
+    more = make_config("vanilla", train={"epochs": 2}, output={**base["output"], "resume": True})
+    more["data"] = {**more["data"], "eval_batch_size": 7}
+    runner.train(config.build(more))
+    assert [row["epoch"] for row in metrics(config.build(more).run_dir)] == [0, 1, 2]
+
+
 def test_same_seed_same_numbers(make_config, tmp_path):
     a = make_config("vanilla", train={"epochs": 1, "seed": 7})
     b = {**a, "output": {**a["output"], "dir": a["output"]["dir"] + "_b"}}

@@ -12,11 +12,13 @@ from .checkpoint import atomic_write_text, safe_load
 
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "summary.json")
 #: config sections that may change between a run and its resumption
-RESUMABLE_CHANGES = ("output", "train.epochs", "train.device", "train.threads", "train.compile")
+RESUMABLE_CHANGES = ("output", "train.epochs", "train.device", "train.threads", "train.compile",
+                     "data.eval_batch_size")
 
 
 def _strip(cfg: dict) -> dict:
     cfg = {k: v for k, v in cfg.items() if k != "output"}
+    cfg["data"] = {k: v for k, v in cfg.get("data", {}).items() if k != "eval_batch_size"}
     cfg["train"] = {k: v for k, v in cfg.get("train", {}).items()
                     if k not in ("epochs", "device", "threads", "compile")}
     return cfg

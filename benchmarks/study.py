@@ -45,17 +45,17 @@ NEEDS_TEACHER = {"kd", "kd_at", "kd_dml", "sokd", "sokd_at", "sokd_bn_eval", "so
 
 
 def plan(study: str, seeds: list[int]) -> list[tuple[str, int]]:
-    """Runs in priority order: every seed's teacher, then the core methods seed by seed (the
-    claims need them on every seed for a spread), then the other methods, then the ablations
-    (first seed only). Workers take the first runnable entry, so the order decides what a
+    """Runs in priority order: every seed's teacher; the core methods on every seed (the claims
+    need their spread); the other methods and the ablations on the first seed; the other methods
+    on the remaining seeds. Workers take the first runnable entry, so the order decides what a
     study cut short has."""
     s = STUDIES[study]
     core = [m for m in s["main"] if m in s["core"]]
     rest = [m for m in s["main"] if m not in s["core"]]
     order = [("teacher", seed) for seed in seeds]
     order += [(m, seed) for seed in seeds for m in core]
-    order += [(m, seed) for seed in seeds for m in rest]
-    order += [(a, seeds[0]) for a in s["ablations"]]
+    order += [(m, seeds[0]) for m in rest] + [(a, seeds[0]) for a in s["ablations"]]
+    order += [(m, seed) for seed in seeds[1:] for m in rest]
     return order
 
 

@@ -187,5 +187,6 @@ def run_one(args, name: str, seed: int) -> int:
     publish(args.study, name, seed, args.commit)
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

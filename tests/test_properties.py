@@ -91,3 +91,20 @@ def test_normalize_maps_uint8_range_to_expected_affine_range(spec):
     assert y.dtype == torch.float32 and y.shape == x.shape
     assert y.min() >= -2.0 - 1e-5 and y.max() <= 2.0 + 1e-5
     assert torch.allclose(y, (x.float() / 255 - 0.5) / 0.25, atol=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=512),
+                 st.binary(max_size=256).map(lambda b: b"\x80\x02" + b),  # pickle-looking
+                 st.binary(max_size=256).map(lambda b: b"PK\x03\x04" + b)))  # zip-looking
+def test_any_bytes_as_a_checkpoint_give_a_one_line_error(tmp_path_factory, blob):
+    """Random files reach odd corners of the unpickler (IndexError, TypeError, ...); all are SokdError."""
+    from sokd.engine.checkpoint import safe_load
+    path = tmp_path_factory.mktemp("ckpt") / "blob.pt"
+    path.write_bytes(blob)
+    try:
+        obj = safe_load(path)
+    except SokdError as err:
+        assert "\n" not in str(err) and str(path) in str(err)
+    else:  # a few bytes can be a valid pickle of a plain mapping; then it is returned as such
+        assert isinstance(obj, dict)

@@ -148,7 +148,7 @@ def bad_inputs(tmp_path_factory, teacher_file):
     trunc = d / "truncated.pt"
     trunc.write_bytes(good_teacher.read_bytes()[:2000])
     garbage = d / "garbage.pt"
-    garbage.write_bytes(os.urandom(4096))
+    garbage.write_bytes(random.Random(0).randbytes(4096))
     # data files
     fm = d / "fmnist_corrupt"
     fm.mkdir()
@@ -164,7 +164,7 @@ def bad_inputs(tmp_path_factory, teacher_file):
     np.savez(empty, x_train=np.zeros((0, 8, 8, 3), np.uint8), y_train=np.zeros(0, np.int64),
              x_test=np.zeros((4, 8, 8, 3), np.uint8), y_test=np.zeros(4, np.int64))
     npz_corrupt = d / "corrupt.npz"
-    npz_corrupt.write_bytes(b"PK\x03\x04" + os.urandom(200))
+    npz_corrupt.write_bytes(b"PK\x03\x04" + random.Random(1).randbytes(200))
     pk = d / "cifar-10-batches-py"
     pk.mkdir()
     (pk / "data_batch_1").write_bytes(b"\x80\x04not a pickle at all")

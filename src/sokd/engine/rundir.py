@@ -1,6 +1,7 @@
 """Run directory rules: never mix two runs, never leave a half-written file behind."""
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -17,10 +18,14 @@ RESUMABLE_CHANGES = ("output", "train.epochs", "train.device", "train.threads", 
 
 
 def _strip(cfg: dict) -> dict:
-    cfg = {k: v for k, v in cfg.items() if k != "output"}
-    cfg["data"] = {k: v for k, v in cfg.get("data", {}).items() if k != "eval_batch_size"}
-    cfg["train"] = {k: v for k, v in cfg.get("train", {}).items()
-                    if k not in ("epochs", "device", "threads", "compile")}
+    """The config without the entries a resumption may change (RESUMABLE_CHANGES)."""
+    cfg = copy.deepcopy(cfg)
+    for path in RESUMABLE_CHANGES:
+        *parents, leaf = path.split(".")
+        node = cfg
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(leaf, None)
     return cfg
 
 

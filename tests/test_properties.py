@@ -50,26 +50,24 @@ images = st.tuples(st.integers(1, 6), st.sampled_from([1, 3]), st.integers(4, 20
                    st.integers(0, 2**31 - 1))
 
 
+def uint8_batch(spec, low: int = 0):
+    """A random uint8 (N,C,H,W) batch from a drawn spec, and the generator that made it."""
+    n, c, h, w, seed = spec
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, 256, (n, c, h, w), dtype=torch.uint8, generator=g), g
+
+
 @settings(max_examples=60, deadline=None)
 @given(images, st.integers(0, 4), st.sampled_from(["reflect", "zeros"]))
 def test_random_crop_preserves_shape_dtype_and_values(spec, padding, mode):
-    n, c, h, w, seed = spec
-    padding = min(padding, h - 1, w - 1)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(1, 256, (n, c, h, w), dtype=torch.uint8, generator=g)
+    x, g = uint8_batch(spec, low=1)  # no zeros in the input, so zero padding is recognisable
+    padding = min(padding, x.shape[2] - 1, x.shape[3] - 1)
     out = augment.random_crop(x, padding, mode, generator=g)
     assert out.shape == x.shape and out.dtype == torch.uint8
     allowed = set(x.unique().tolist()) | ({0} if mode == "zeros" else set())
     assert set(out.unique().tolist()) <= allowed
     if mode == "reflect":  # every output row of a sample is a (shifted, reflected) window of its input
         assert out.float().mean() > 0
-
-
-def uint8_batch(spec, low: int = 0):
-    """A random uint8 (N,C,H,W) batch from a drawn spec, and the generator that made it."""
-    n, c, h, w, seed = spec
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(low, 256, (n, c, h, w), dtype=torch.uint8, generator=g), g
 
 
 @settings(max_examples=60, deadline=None)

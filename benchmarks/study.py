@@ -98,14 +98,22 @@ def acquire(rd: Path) -> bool:
     return holder(rd) == os.getpid()
 
 
+def results_dir(study: str) -> Path:
+    return ROOT / "docs/results" / study
+
+
+def published_dir(study: str, name: str, seed: int) -> Path:
+    return results_dir(study) / "by_run" / f"{name}-s{seed}"
+
+
 def published(study: str, name: str, seed: int) -> bool:
-    return (ROOT / "docs/results" / study / "by_run" / f"{name}-s{seed}" / "summary.json").exists()
+    return (published_dir(study, name, seed) / "summary.json").exists()
 
 
 def publish(study: str, name: str, seed: int, commit: bool) -> None:
     src = run_dir(study, name, seed)
-    out = ROOT / "docs/results" / study
-    dst = out / "by_run" / f"{name}-s{seed}"
+    out = results_dir(study)
+    dst = published_dir(study, name, seed)
     dst.mkdir(parents=True, exist_ok=True)
     for f in ("summary.json", "metrics.jsonl", "config.yaml"):
         shutil.copy2(src / f, dst / f)

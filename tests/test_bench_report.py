@@ -61,6 +61,27 @@ def test_claims_check_reads_every_claim_from_runs(tmp_path, teacher_file):
     assert "not measured yet" not in text  # every number is present
 
 
+def test_claims_ablation_rows_are_differences_from_the_default_run_and_the_teacher(tmp_path, teacher_file):
+    import json
+
+    from sokd import claims
+    for name, kbm_init in (("sokd", "random"), ("sokd_init_teacher", "teacher")):
+        cfg = tiny_config(tmp_path, "sokd", name=name, train={"epochs": 1})
+        cfg["method"]["kbm_init"] = kbm_init
+        cfg["teacher"]["checkpoint"] = str(teacher_file)
+        cfg["output"]["dir"] = str(tmp_path / "runs" / name)
+        runner.train(config.build(cfg))
+    nets = {n: json.loads((tmp_path / "runs" / n / "summary.json").read_text())["networks"]
+            for n in ("sokd", "sokd_init_teacher")}
+    row = next(l for l in claims.check([str(tmp_path / "runs")]).splitlines()
+               if l.startswith("| sokd_init_teacher |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    abl, base = nets["sokd_init_teacher"], nets["sokd"]
+    assert cells[4] == f"{abl['student']['top1_final'] - base['student']['top1_final']:+.2f}"
+    assert cells[5] == f"{abl['kbm']['top1_final'] - base['kbm']['top1_final']:+.2f}"
+    assert cells[6] == f"{abl['kbm']['top1_final'] - abl['teacher']['top1_initial']:+.2f}"
+
+
 def test_claims_compare_pairs_seeds_and_applies_a_one_sided_t_test():
     from sokd.claims import compare
     # paired differences 1, 2, 1: mean 4/3, sd 1/sqrt(3), t = 4.0 > 2.920 (2 degrees of freedom)

@@ -115,12 +115,13 @@ def check(paths: list[str]) -> str:
     present = [a for a in ABLATIONS if a in groups]
     if present:
         lines += ["", "## Ablations (against the default SOKD run of the same seed)", "",
-                  "| run | change | student | teacher branch | student − default | branch − default |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  "| run | change | student | teacher branch | student − default | branch − default "
+                  "| branch − original teacher |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         base_s, base_k = net("sokd", "student"), net("sokd", "kbm")
         for a in present:
-            s, k = net(a, "student"), net(a, "kbm")
+            s, k, t0 = net(a, "student"), net(a, "kbm"), net(a, "teacher", "top1_initial")
             lines.append(f"| {a} | {ABLATIONS[a]} | {_fmt(s)} | {_fmt(k)} | "
-                         f"{_paired_mean(s, base_s)} | {_paired_mean(k, base_k)} |")
+                         f"{_paired_mean(s, base_s)} | {_paired_mean(k, base_k)} | {_paired_mean(k, t0)} |")
         lines += ["", "One seed per ablation: differences below the seed std of the default run are noise."]
     return "\n".join(lines) + "\n"

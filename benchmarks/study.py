@@ -7,7 +7,9 @@
 
 Each run is `sokd train` in a subprocess. Several copies may run at once (e.g. one per core with
 --threads 1): a lock file in each run directory keeps them on different runs. A finished run (summary.json) is skipped, a started one
-(last.pt) is resumed, so the script can be killed and restarted at any point. Finished summaries
+(last.pt) is resumed, so the script can be killed and restarted at any point. A worker leaves the
+runs another live worker holds to that worker and ends when nothing is left for it, so
+`study.py fmnist ...; study.py cifar100 ...` hands its core to the next study. Finished summaries
 and metrics are copied to docs/results/<study>/by_run/ and the report is rebuilt after every run;
 with --commit they are committed right away (only those paths).
 """
@@ -138,8 +140,14 @@ def main() -> int:
             if not args.only or n in args.only or n == "teacher"]
     while todo:
         pick = next_runnable(args.study, todo, args.dry_run)
+        if pick is None and not todo:
+            break  # what is left belongs to other workers
         if pick is None:
-            time.sleep(30)  # everything left is held by another worker or waits for its teacher
+            if not teacher_in_training(args.study, todo):
+                print(f"stuck    {', '.join(f'{n} seed {s}' for n, s in todo)} need a teacher that no "
+                      f"worker is training; rerun this script to train it", flush=True)
+                return 1
+            time.sleep(30)  # another worker is training the teacher these runs need
             continue
         todo.remove(pick)
         status = run_one(args, *pick)
@@ -150,18 +158,24 @@ def main() -> int:
 
 def next_runnable(study: str, todo: list[tuple[str, int]], dry_run: bool) -> tuple[str, int] | None:
     """First entry of `todo` that is finished (to publish), or free with its teacher trained.
-    Entries another live worker holds are left to it; they are dropped once they finish."""
+    Entries another live worker holds are dropped from `todo`: that worker trains and publishes them."""
     for name, seed in list(todo):
         rd = run_dir(study, name, seed)
         if (rd / "summary.json").exists() or dry_run:
             return name, seed
         if holder(rd) not in (None, os.getpid()):
+            todo.remove((name, seed))
             continue
         teacher = run_dir(study, "teacher", seed)
         if name in NEEDS_TEACHER and not (teacher / "summary.json").exists():
             continue
         return name, seed
     return None
+
+
+def teacher_in_training(study: str, todo: list[tuple[str, int]]) -> bool:
+    """Whether a live worker is training the teacher of some run in `todo` (worth waiting for)."""
+    return any(holder(run_dir(study, "teacher", seed)) is not None for name, seed in todo if name in NEEDS_TEACHER)
 
 
 def run_one(args, name: str, seed: int) -> int:

@@ -41,6 +41,18 @@ def test_report_aggregates_seeds_with_final_and_best_columns_and_plots(tmp_path,
     assert "vanilla" in capsys.readouterr().out
 
 
+def test_plotted_curves_are_the_mean_and_std_over_seeds_per_epoch_cut_to_the_shortest_run():
+    def run(top1s):
+        metrics = [{"epoch": 0, "test": {"student": {"top1": 1.0}}}]
+        metrics += [{"epoch": e + 1, "test": {"student": {"top1": t}}} for e, t in enumerate(top1s)]
+        return {"summary": {"primary_role": "student"}, "metrics": metrics}
+    curves = report.primary_curves({"kd": [run([50.0, 60.0, 70.0]), run([54.0, 64.0])], "dml": [run([40.0])]})
+    epochs, mean, std = curves["kd (student, n=2)"]
+    assert epochs == [1, 2] and mean == [52.0, 62.0]  # epoch 0 (before training) is left out
+    assert std == pytest.approx([2 ** 0.5 * 2] * 2)
+    assert curves["dml (student, n=1)"] == ([1], [40.0], [0.0])
+
+
 def test_report_on_nothing_is_a_clear_error(tmp_path):
     from sokd.errors import SokdError
     with pytest.raises(SokdError, match="no finished runs"):

@@ -34,6 +34,7 @@ def test_loss_falls_and_accuracy_beats_chance(make_config, tmp_path):
     assert summary["networks"]["model"]["top1_final"] > 40.0  # 4 classes: chance is 25 %
     for key in ("method", "dataset", "epochs", "wall_time_s", "train_images_per_s", "networks"):
         assert key in summary
+    assert summary["term_weights"] == {"model_ce": 1.0}  # logged terms are unweighted
     net = summary["networks"]["model"]
     assert set(net) >= {"arch", "params", "top1_final", "top1_best", "top5_final"}
     for f in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "summary.json", "model.pt"):

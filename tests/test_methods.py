@@ -175,6 +175,7 @@ def test_term_weights_scale_the_loss():
     t = o1["terms"]
     expected = o1["loss"] + 2 * t["student_ce"] - t["kbm_kl_teacher"]
     assert torch.allclose(o2["loss"], expected, rtol=1e-5)
+    assert m2.term_weights == {**{k: 1.0 for k in t}, "student_ce": 3.0, "kbm_kl_teacher": 0.0}
 
 
 # -- 5. every zoo model can be the SOKD teacher --------------------------------------------------

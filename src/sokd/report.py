@@ -132,8 +132,11 @@ def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     for ax, name in zip(axes.flat, names):
         run = groups[name][0]
         rows = [r for r in run["metrics"] if "train" in r]
+        weights = run["summary"].get("term_weights", {})  # absent in summaries older than the field
         for term in rows[0]["train"]["terms"] if rows else []:
-            ax.plot([r["epoch"] for r in rows], [r["train"]["terms"][term] for r in rows], label=term)
+            w = weights.get(term, 1.0)
+            ax.plot([r["epoch"] for r in rows], [r["train"]["terms"][term] for r in rows],
+                    label=term if w == 1.0 else f"{term} (unweighted; weight {w:g})")
         ax.set_title(f"{name}: train loss terms (seed {run['summary']['seed']})", fontsize=9)
         ax.set_yscale("log")
         ax.legend(fontsize=6)

@@ -277,7 +277,7 @@ def _summary(cfg, method, data, history, ctx, device) -> dict:
         "device": str(device), "world_size": ctx.dist.world_size,
         "wall_time_s": history[-1].get("wall_time_s", 0.0) if history else 0.0,
         "train_images_per_s": samples / seconds if seconds else None,
-        "primary_role": method.primary, "networks": nets,
+        "primary_role": method.primary, "networks": nets, "term_weights": method.term_weights,
         "compare": history[-1].get("compare", {}) if history else {},
         "note": "top1_final = last epoch; top1_best = best epoch (selected on the test set, optimistic)",
     }

@@ -83,6 +83,11 @@ class Method(nn.Module):
     def weight(self, term: str) -> float:
         return self._weights[term]
 
+    @property
+    def term_weights(self) -> dict[str, float]:
+        """Every loss term's weight (logged terms are unweighted; reports need both)."""
+        return dict(self._weights)
+
     # -- what the engine uses -------------------------------------------------------------
     @property
     def name(self) -> str:

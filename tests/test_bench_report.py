@@ -1,8 +1,10 @@
 """`sokd bench` measures and `sokd report` aggregates (figures, not timing assertions)."""
 from __future__ import annotations
 
+import os
 
 import pytest
+import torch
 
 from sokd import bench, config, report, runner
 from sokd.cli import main
@@ -24,6 +26,16 @@ def test_bench_measures_every_requested_variant_and_the_plain_baseline():
     assert set(res["ratios"]) >= {"sokd_vs_plain_speedup", "sokd_over_kd_time", "sokd_over_kd_flops",
                                   "student_step_peak_fraction", "student_bf16_cl_over_fp32"}
     assert res["matmul_peak_gflops"] > 0
+
+
+def test_peak_memory_on_cpu_keeps_the_profilers_start_stop_lines_off_stderr_but_not_warnings(capfd):
+    def step():
+        os.write(2, b"a real warning\n")
+        torch.ones(256, 256).mul(2).sum()
+    mb = bench.peak_memory_mb(step, torch.device("cpu"))
+    err = capfd.readouterr().err
+    assert mb > 0
+    assert "USDT:" not in err and "a real warning" in err
 
 
 def test_report_aggregates_seeds_with_final_and_best_columns_and_plots(tmp_path, capsys):

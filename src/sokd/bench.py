@@ -8,7 +8,11 @@ full and the trunk recomputed for the KBM) so our speed-up is a ratio measured i
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -76,6 +80,27 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
+@contextlib.contextmanager
+def without_profiler_chatter(prefix: str = "USDT:"):
+    """Kineto prints `USDT: ... profiler_start/stop` straight to file descriptor 2 every time a
+    profiler starts; in `sokd bench` those lines interleave with the table. Capture fd 2 while
+    profiling and pass every other line (warnings, errors) on to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(l for l in lines if not l.startswith(prefix)))
+            sys.stderr.flush()
+
+
 def peak_memory_mb(step, device: torch.device) -> float | None:
     """Peak memory of one step: CUDA allocator high-water, or the CPU profiler's live-bytes peak."""
     if device.type == "cuda":
@@ -84,7 +109,7 @@ def peak_memory_mb(step, device: torch.device) -> float | None:
         sync(device)
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
     live = peak = 0

@@ -32,6 +32,7 @@ STUDIES = {
         "main": ["vanilla", "kd", "sokd", "dml", "kd_dml", "kd_at", "sokd_at"],
         "core": ["vanilla", "kd", "sokd", "dml"],
         "ablations": ["sokd_bn_eval", "sokd_init_teacher", "sokd_kbm2", "sokd_fp32"],
+        "followups": ["sokd_kbm_finetune"],
         "seeds": [0, 1, 2],
     },
     "cifar100": {
@@ -43,14 +44,14 @@ STUDIES = {
     },
 }
 NEEDS_TEACHER = {"kd", "kd_at", "kd_dml", "sokd", "sokd_at", "sokd_bn_eval", "sokd_init_teacher",
-                 "sokd_kbm2", "sokd_fp32"}
+                 "sokd_kbm2", "sokd_fp32", "sokd_kbm_finetune"}
 
 
 def plan(study: str, seeds: list[int]) -> list[tuple[str, int]]:
     """Runs in priority order: every seed's teacher; the core methods on every seed (the claims
     need their spread); the other methods and the ablations on the first seed; the other methods
-    on the remaining seeds. Workers take the first runnable entry, so the order decides what a
-    study cut short has."""
+    on the remaining seeds; last, follow-up runs (questions the first results raised) on every
+    seed. Workers take the first runnable entry, so the order decides what a study cut short has."""
     s = STUDIES[study]
     core = [m for m in s["main"] if m in s["core"]]
     rest = [m for m in s["main"] if m not in s["core"]]
@@ -58,6 +59,7 @@ def plan(study: str, seeds: list[int]) -> list[tuple[str, int]]:
     order += [(m, seed) for seed in seeds for m in core]
     order += [(m, seeds[0]) for m in rest] + [(a, seeds[0]) for a in s["ablations"]]
     order += [(m, seed) for seed in seeds[1:] for m in rest]
+    order += [(f, seed) for seed in seeds for f in s.get("followups", [])]
     return order
 
 

@@ -89,21 +89,29 @@ def test_claims_ablation_rows_are_differences_from_the_default_run_and_the_teach
     import json
 
     from sokd import claims
-    for name, kbm_init in (("sokd", "random"), ("sokd_init_teacher", "teacher")):
+    for name, kbm_init in (("sokd", "random"), ("sokd_init_teacher", "teacher"), ("sokd_kbm_finetune", "teacher")):
         cfg = tiny_config(tmp_path, "sokd", name=name, train={"epochs": 1})
         cfg["method"]["kbm_init"] = kbm_init
+        if name == "sokd_kbm_finetune":
+            cfg["optim"]["lr_per_role"] = {"kbm": 0.01}
         cfg["teacher"]["checkpoint"] = str(teacher_file)
         cfg["output"]["dir"] = str(tmp_path / "runs" / name)
         runner.train(config.build(cfg))
     nets = {n: json.loads((tmp_path / "runs" / n / "summary.json").read_text())["networks"]
             for n in ("sokd", "sokd_init_teacher")}
-    row = next(l for l in claims.check([str(tmp_path / "runs")]).splitlines()
-               if l.startswith("| sokd_init_teacher |"))
+    text = claims.check([str(tmp_path / "runs")])
+    row = next(l for l in text.splitlines() if l.startswith("| sokd_init_teacher |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     abl, base = nets["sokd_init_teacher"], nets["sokd"]
     assert cells[4] == f"{abl['student']['top1_final'] - base['student']['top1_final']:+.2f}"
     assert cells[5] == f"{abl['kbm']['top1_final'] - base['kbm']['top1_final']:+.2f}"
     assert cells[6] == f"{abl['kbm']['top1_final'] - abl['teacher']['top1_initial']:+.2f}"
+    # the fine-tuned-KBM follow-up answers claim (b) in its own line, against its own teacher
+    ft = json.loads((tmp_path / "runs" / "sokd_kbm_finetune" / "summary.json").read_text())["networks"]
+    line = next(l for l in text.splitlines() if l.startswith("- with the KBM fine-tuned from the teacher"))
+    assert f"{ft['kbm']['top1_final']:.2f}" in line
+    diff = ft["kbm"]["top1_final"] - ft["teacher"]["top1_initial"]
+    assert f"difference {diff:+.2f}" in line
 
 
 def test_claims_compare_pairs_seeds_and_applies_a_one_sided_t_test():

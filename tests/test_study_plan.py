@@ -46,7 +46,8 @@ def test_plan_puts_teachers_then_core_methods_on_every_seed_first(study):
     assert {n for n, _ in core} == {"vanilla", "kd", "sokd", "dml"} and {s for _, s in core} == {0, 1, 2}
     seed0_rest = order[15:15 + 3 + 4]
     assert {s for _, s in seed0_rest} == {0} and ("sokd_fp32", 0) in seed0_rest
-    assert order[-1] == ("sokd_at", 2) and len(order) == len(set(order)) == 3 + 12 + 7 + 6
+    assert order[-4] == ("sokd_at", 2) and len(order) == len(set(order)) == 3 + 12 + 7 + 6 + 3
+    assert order[-3:] == [("sokd_kbm_finetune", 0), ("sokd_kbm_finetune", 1), ("sokd_kbm_finetune", 2)]
 
 
 def test_students_wait_for_their_teacher_and_held_runs_are_left_to_their_worker(study):

@@ -63,6 +63,14 @@ def test_plotted_curves_are_the_mean_and_std_over_seeds_per_epoch_cut_to_the_sho
     assert epochs == [1, 2] and mean == [52.0, 62.0]  # epoch 0 (before training) is left out
     assert std == pytest.approx([2 ** 0.5 * 2] * 2)
     assert curves["dml (student, n=1)"] == ([1], [40.0], [0.0])
+    assert list(curves) == ["kd (student, n=2)", "dml (student, n=1)"]  # no teacher branch, no extra curve
+
+
+def test_sokds_teacher_branch_is_plotted_next_to_its_student():
+    metrics = [{"epoch": e, "test": {"student": {"top1": 50.0 + e}, "kbm": {"top1": 60.0 + e}}} for e in range(3)]
+    curves = report.primary_curves({"sokd": [{"summary": {"primary_role": "student"}, "metrics": metrics}]})
+    assert curves["sokd (student, n=1)"][1] == [51.0, 52.0]
+    assert curves["sokd (kbm, n=1)"] == ([1, 2], [61.0, 62.0], [0.0, 0.0])
 
 
 def test_report_on_nothing_is_a_clear_error(tmp_path):

@@ -72,20 +72,28 @@ def table(groups: dict[str, list[dict]]) -> str:
                   rows, align="lllllrrrll")
 
 
+#: roles plotted besides each run's primary one: SOKD's teacher branch is a result of its own (claim b)
+EXTRA_PLOTTED_ROLES = ("kbm",)
+
+
 def primary_curves(groups: dict[str, list[dict]]) -> dict[str, tuple[list, list, list]]:
-    """Per run name: epochs, mean and std over seeds of the primary role's test top-1."""
+    """Per run name and plotted role (the primary one, then the teacher branch where there is one):
+    epochs, mean and std over seeds of the test top-1."""
     out = {}
     for name, runs in groups.items():
         primary = runs[0]["summary"]["primary_role"]
         epochs = [r["epoch"] for r in runs[0]["metrics"] if r["epoch"] > 0]
-        per_seed = [[r["test"][primary]["top1"] for r in run["metrics"] if r["epoch"] > 0] for run in runs]
-        n = min(len(c) for c in per_seed)
-        if n == 0:
-            continue
-        columns = [[c[i] for c in per_seed] for i in range(n)]
-        mean = [statistics.mean(col) for col in columns]
-        std = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in columns]
-        out[f"{name} ({primary}, n={len(runs)})"] = (epochs[:n], mean, std)
+        for role in (primary, *EXTRA_PLOTTED_ROLES):
+            if role != primary and not all(role in r["test"] for run in runs for r in run["metrics"]):
+                continue
+            per_seed = [[r["test"][role]["top1"] for r in run["metrics"] if r["epoch"] > 0] for run in runs]
+            n = min(len(c) for c in per_seed)
+            if n == 0:
+                continue
+            columns = [[c[i] for c in per_seed] for i in range(n)]
+            mean = [statistics.mean(col) for col in columns]
+            std = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in columns]
+            out[f"{name} ({role}, n={len(runs)})"] = (epochs[:n], mean, std)
     return out
 
 
@@ -93,26 +101,33 @@ def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     curves = primary_curves(groups)
     # left: whole run; right: the last third, where methods differ by tenths of a point, with the
     # seed std as a band. tab20 keeps a dozen runs apart (the default cycle repeats after 10).
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.2]})
-    colours = plt.get_cmap("tab20").colors
-    for k, (label, (epochs, mean, std)) in enumerate(curves.items()):
-        colour, style = colours[k % 20], "-" if k < 20 else "--"
+    # the dark tab20 shades first, then the light ones; a run's teacher branch shares its colour, dashed
+    tab20 = plt.get_cmap("tab20").colors
+    palette = tab20[0::2] + tab20[1::2]
+    run_names = list(dict.fromkeys(label.split(" (")[0] for label in curves))
+    for label, (epochs, mean, std) in curves.items():
+        k = run_names.index(label.split(" (")[0])
+        extra = any(f"({role}," in label for role in EXTRA_PLOTTED_ROLES)
+        colour, style = palette[k % 20], "--" if extra or k >= 20 else "-"
         ax.plot(epochs, mean, color=colour, linestyle=style)
         tail = slice(len(epochs) - max(2, len(epochs) // 3), None)
         zoom.plot(epochs[tail], mean[tail], color=colour, linestyle=style, label=f"{label}: {mean[-1]:.2f}")
         zoom.fill_between(epochs[tail], [m - s for m, s in zip(mean[tail], std[tail])],
                           [m + s for m, s in zip(mean[tail], std[tail])], color=colour, alpha=0.12)
     for a in (ax, zoom):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.set_xlabel("epoch")
         a.set_ylabel("test top-1 (%)")
         a.grid(alpha=0.3)
     ax.set_title("Test top-1 per epoch (mean over seeds)")
-    zoom.set_title("Last third (band: ± std over seeds; legend: final epoch)")
+    zoom.set_title("Last third (band: ± std over seeds; legend: final epoch; dashed: teacher branch)")
     ranked = sorted(zip(zoom.get_lines(), curves.values()), key=lambda lc: -lc[1][1][-1])  # best first
     zoom.legend([line for line, _ in ranked], [line.get_label() for line, _ in ranked],
                 fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

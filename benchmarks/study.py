@@ -43,8 +43,8 @@ STUDIES = {
         "seeds": [0],
     },
 }
-NEEDS_TEACHER = {"kd", "kd_at", "kd_dml", "sokd", "sokd_at", "sokd_bn_eval", "sokd_init_teacher",
-                 "sokd_kbm2", "sokd_fp32", "sokd_kbm_finetune"}
+#: runs that learn without a trained teacher; every other run distils from its seed's teacher
+NO_TEACHER = {"teacher", "vanilla", "dml"}
 
 
 def plan(study: str, seeds: list[int]) -> list[tuple[str, int]]:
@@ -169,7 +169,7 @@ def next_runnable(study: str, todo: list[tuple[str, int]], dry_run: bool) -> tup
             todo.remove((name, seed))
             continue
         teacher = run_dir(study, "teacher", seed)
-        if name in NEEDS_TEACHER and not (teacher / "summary.json").exists():
+        if name not in NO_TEACHER and not (teacher / "summary.json").exists():
             continue
         return name, seed
     return None
@@ -177,7 +177,7 @@ def next_runnable(study: str, todo: list[tuple[str, int]], dry_run: bool) -> tup
 
 def teacher_in_training(study: str, todo: list[tuple[str, int]]) -> bool:
     """Whether a live worker is training the teacher of some run in `todo` (worth waiting for)."""
-    return any(holder(run_dir(study, "teacher", seed)) is not None for name, seed in todo if name in NEEDS_TEACHER)
+    return any(holder(run_dir(study, "teacher", seed)) is not None for name, seed in todo if name not in NO_TEACHER)
 
 
 def run_one(args, name: str, seed: int) -> int:
@@ -193,7 +193,7 @@ def run_one(args, name: str, seed: int) -> int:
         return 0
     cmd = SOKD + ["train", str(STUDIES[args.study]["configs"] / f"{name}.yaml"), f"train.seed={seed}",
                   f"output.dir={rd}", f"output.resume={str((rd / 'last.pt').exists()).lower()}"]
-    if name in NEEDS_TEACHER:
+    if name not in NO_TEACHER:
         cmd.append(f"teacher.checkpoint={run_dir(args.study, 'teacher', seed) / 'model.pt'}")
     if args.threads:
         cmd.append(f"train.threads={args.threads}")

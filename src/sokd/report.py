@@ -76,10 +76,9 @@ def table(groups: dict[str, list[dict]]) -> str:
 EXTRA_PLOTTED_ROLES = ("kbm",)
 
 
-def primary_curves(groups: dict[str, list[dict]]) -> dict[str, tuple[list, list, list]]:
-    """Per run name and plotted role (the primary one, then the teacher branch where there is one):
-    epochs, mean and std over seeds of the test top-1."""
-    out = {}
+def _curves(groups: dict[str, list[dict]]):
+    """(run name, role, label, (epochs, mean, std)) for each run's primary role, then its teacher
+    branch where it has one: the test top-1 per epoch, mean and std over seeds."""
     for name, runs in groups.items():
         primary = runs[0]["summary"]["primary_role"]
         epochs = [r["epoch"] for r in runs[0]["metrics"] if r["epoch"] > 0]
@@ -93,8 +92,12 @@ def primary_curves(groups: dict[str, list[dict]]) -> dict[str, tuple[list, list,
             columns = [[c[i] for c in per_seed] for i in range(n)]
             mean = [statistics.mean(col) for col in columns]
             std = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in columns]
-            out[f"{name} ({role}, n={len(runs)})"] = (epochs[:n], mean, std)
-    return out
+            yield name, role, f"{name} ({role}, n={len(runs)})", (epochs[:n], mean, std)
+
+
+def primary_curves(groups: dict[str, list[dict]]) -> dict[str, tuple[list, list, list]]:
+    """Plot label -> epochs, mean and std over seeds of the test top-1 (primary role, teacher branch)."""
+    return {label: data for _, _, label, data in _curves(groups)}
 
 
 def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
@@ -104,18 +107,17 @@ def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    curves = primary_curves(groups)
+    curves = list(_curves(groups))
     # left: whole run; right: the last third, where methods differ by tenths of a point, with the
     # seed std as a band. tab20 keeps a dozen runs apart (the default cycle repeats after 10).
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.2]})
     # the dark tab20 shades first, then the light ones; a run's teacher branch shares its colour, dashed
     tab20 = plt.get_cmap("tab20").colors
     palette = tab20[0::2] + tab20[1::2]
-    run_names = list(dict.fromkeys(label.split(" (")[0] for label in curves))
-    for label, (epochs, mean, std) in curves.items():
-        k = run_names.index(label.split(" (")[0])
-        extra = any(f"({role}," in label for role in EXTRA_PLOTTED_ROLES)
-        colour, style = palette[k % 20], "--" if extra or k >= 20 else "-"
+    run_index = {name: k for k, name in enumerate(groups)}
+    for name, role, label, (epochs, mean, std) in curves:
+        k = run_index[name]
+        colour, style = palette[k % 20], "--" if role in EXTRA_PLOTTED_ROLES or k >= 20 else "-"
         ax.plot(epochs, mean, color=colour, linestyle=style)
         tail = slice(len(epochs) - max(2, len(epochs) // 3), None)
         zoom.plot(epochs[tail], mean[tail], color=colour, linestyle=style, label=f"{label}: {mean[-1]:.2f}")
@@ -128,10 +130,10 @@ def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
         a.grid(alpha=0.3)
     ax.set_title("Test top-1 per epoch (mean over seeds)")
     zoom.set_title("Last third (band: ± std over seeds; legend: final epoch; dashed: teacher branch)")
-    ranked = sorted(zip(zoom.get_lines(), curves.values()), key=lambda lc: -lc[1][1][-1])  # best first
+    ranked = sorted(zip(zoom.get_lines(), curves), key=lambda lc: -lc[1][3][1][-1])  # best final first
     zoom.legend([line for line, _ in ranked], [line.get_label() for line, _ in ranked],
                 fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    lo = [min(mean) for _, mean, _ in curves.values()]
+    lo = [min(mean) for *_, (_, mean, _) in curves]
     if lo:
         ax.set_ylim(bottom=max(0, min(sorted(lo)[len(lo) // 2] - 10, 100)))
     p = out_dir / "test_top1.png"

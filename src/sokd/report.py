@@ -114,13 +114,17 @@ def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     # the dark tab20 shades first, then the light ones; a run's teacher branch shares its colour, dashed
     tab20 = plt.get_cmap("tab20").colors
     palette = tab20[0::2] + tab20[1::2]
+    # past 20 runs colours repeat, dotted; dashed is kept for the teacher branch
     run_index = {name: k for k, name in enumerate(groups)}
+    legend = []  # (final top-1, zoom line)
     for name, role, label, (epochs, mean, std) in curves:
         k = run_index[name]
-        colour, style = palette[k % 20], "--" if role in EXTRA_PLOTTED_ROLES or k >= 20 else "-"
+        style = "--" if role in EXTRA_PLOTTED_ROLES else (":" if k >= 20 else "-")
+        colour = palette[k % 20]
         ax.plot(epochs, mean, color=colour, linestyle=style)
         tail = slice(len(epochs) - max(2, len(epochs) // 3), None)
-        zoom.plot(epochs[tail], mean[tail], color=colour, linestyle=style, label=f"{label}: {mean[-1]:.2f}")
+        line, = zoom.plot(epochs[tail], mean[tail], color=colour, linestyle=style, label=f"{label}: {mean[-1]:.2f}")
+        legend.append((mean[-1], line))
         zoom.fill_between(epochs[tail], [m - s for m, s in zip(mean[tail], std[tail])],
                           [m + s for m, s in zip(mean[tail], std[tail])], color=colour, alpha=0.12)
     for a in (ax, zoom):
@@ -130,8 +134,8 @@ def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
         a.grid(alpha=0.3)
     ax.set_title("Test top-1 per epoch (mean over seeds)")
     zoom.set_title("Last third (band: ± std over seeds; legend: final epoch; dashed: teacher branch)")
-    ranked = sorted(zip(zoom.get_lines(), curves), key=lambda lc: -lc[1][3][1][-1])  # best final first
-    zoom.legend([line for line, _ in ranked], [line.get_label() for line, _ in ranked],
+    ranked = [line for _, line in sorted(legend, key=lambda fl: -fl[0])]  # best final top-1 first
+    zoom.legend(ranked, [line.get_label() for line in ranked],
                 fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     lo = [min(mean) for *_, (_, mean, _) in curves]
     if lo:

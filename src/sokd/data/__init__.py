@@ -162,9 +162,11 @@ def _create_folder(cfg: DataConfig, device: torch.device, rank: int, world_size:
         val_ds = torch.utils.data.Subset(val_ds, range(min(cfg.test_limit, len(val_ds))))
     _check_nonempty(len(train_ds), len(val_ds), str(root), cfg)
     train = LoaderBatches(train_ds, cfg.batch_size, device=device, shuffle=True, drop_last=cfg.drop_last,
-                          num_workers=cfg.num_workers, seed=seed, rank=rank, world_size=world_size)
+                          num_workers=cfg.num_workers, seed=seed, rank=rank, world_size=world_size,
+                          skip_unreadable=cfg.skip_unreadable, split="train")
     test = LoaderBatches(val_ds, cfg.eval_batch_size, device=device, shuffle=False, drop_last=False,
-                         num_workers=cfg.num_workers, seed=seed, rank=rank, world_size=world_size, shard=True)
+                         num_workers=cfg.num_workers, seed=seed, rank=rank, world_size=world_size, shard=True,
+                         skip_unreadable=cfg.skip_unreadable, split="val")
     _check_batches(train, cfg)
     return DataBundle(train=train, test=test, num_classes=len(classes), class_names=classes,
                       shape=(3, cfg.image_size, cfg.image_size), mean=mean, std=std, name=cfg.name,

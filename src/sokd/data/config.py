@@ -34,6 +34,7 @@ class DataConfig:
     std: list[float] | None = None
     drop_last: bool = True
     num_workers: int = 4
+    skip_unreadable: bool = False   # image folders: skip (and count) images that cannot be decoded
     image_size: int = 224
     synthetic_size: int = 512
     synthetic_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
@@ -61,7 +62,7 @@ class DataConfig:
                             f"valid: {', '.join(DATASETS)}")
         if self.root is not None and not isinstance(self.root, str):
             self.root = str(self.root)  # accept pathlib.Path
-        for key in ("download", "hflip", "drop_last"):
+        for key in ("download", "hflip", "drop_last", "skip_unreadable"):
             if not isinstance(getattr(self, key), bool):
                 raise SokdError(f"data.{key} must be true or false, got {getattr(self, key)!r}")
         _int(self, "batch_size", 1)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import SokdError
-from .sources import mix_seed
+from .sources import UnreadableImage, mix_seed
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -543,13 +543,28 @@ def find_image_folder(name: str, root: str | None) -> Path:
                     f"folder data set needs train/ and val/, each with one sub-folder per class")
 
 
+def read_image(path: str):
+    """The RGB PIL image in `path`; any failure to open or decode it is an UnreadableImage."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as err:  # PIL signals bad data with OSError, SyntaxError, ValueError, ...
+        raise UnreadableImage(path, " ".join(str(err).split()) or type(err).__name__) from err
+
+
 def image_folders(root: Path, train_transform, val_transform):
-    """(train, val) torchvision ImageFolders; val's labels use train's class -> index mapping."""
+    """(train, val) torchvision ImageFolders; val's labels use train's class -> index mapping.
+
+    Images are read with `read_image`, so a file that cannot be decoded raises UnreadableImage
+    naming it (LoaderBatches turns that into a SokdError or skips the file).
+    """
     from torchvision.datasets import ImageFolder
 
     def build(path: Path, transform, allow_empty: bool):
         try:
-            return ImageFolder(str(path), transform=transform, allow_empty=allow_empty)
+            return ImageFolder(str(path), transform=transform, loader=read_image, allow_empty=allow_empty)
         except FileNotFoundError as err:
             raise SokdError(f"'{path}': {err}; put images (.png, .jpg, ...) in one sub-folder per class") from None
 

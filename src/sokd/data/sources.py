@@ -9,12 +9,14 @@ per-epoch index plan (`epoch_indices` / `shard_bounds`), so sample order is a pu
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import contextmanager
 from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from ..errors import SokdError
 from . import augment
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -255,28 +257,117 @@ class EpochSampler(Sampler[int]):
         return len(self.indices)
 
 
+class UnreadableImage(Exception):
+    """An image file that cannot be opened or decoded; picklable, its message names the file."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)
+        self.path, self.reason = str(path), str(reason)
+
+    def __str__(self) -> str:
+        return f"cannot read image '{self.path}' ({self.reason})"
+
+
+class SeededSampler(EpochSampler):
+    """EpochSampler yielding (index, epoch seed) pairs, epoch seed = mix_seed(seed, epoch).
+
+    With `SeededSamples` this makes each sample's random augmentation a pure function of
+    (seed, epoch, index), whichever process or worker loads it.
+    """
+
+    def __iter__(self):
+        indices = super().__iter__()
+        epoch_seed = mix_seed(self.seed, self.epoch, 0x5EED)
+        return ((i, epoch_seed) for i in indices)
+
+
+class SeededSamples(Dataset):
+    """`samples[(index, epoch_seed)]` -> (x, label, problem) from a map-style (x, label) dataset.
+
+    The dataset's transforms run with torch's CPU generator seeded by mix_seed(epoch_seed, index)
+    (the caller's generator state is restored afterwards). A sample whose image raises
+    UnreadableImage gives problem=(path, reason) and, with `replace`, the next readable sample in
+    dataset order (wrapping around) instead, else x=None. Readable samples give problem=None.
+    """
+
+    def __init__(self, dataset: Dataset, replace: bool = False):
+        self.dataset, self.replace = dataset, replace
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch_seed = key
+        seed = mix_seed(epoch_seed, index)
+        try:
+            x, y = self._load(index, seed)
+            return x, y, None
+        except UnreadableImage as err:
+            problem = (err.path, err.reason)
+        n = len(self.dataset)
+        for k in range(1, n if self.replace else 1):
+            try:
+                x, y = self._load((index + k) % n, seed)
+                return x, y, problem
+            except UnreadableImage:
+                continue
+        return None, -1, problem
+
+    def _load(self, index: int, seed: int):
+        state = torch.get_rng_state()
+        try:
+            torch.default_generator.manual_seed(seed)
+            x, y = self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
+        return x, int(y)
+
+
+def _collate(samples: list) -> tuple:
+    """(images, labels, problems, dropped) of the samples that have an image."""
+    kept = [(x, y) for x, y, _ in samples if x is not None]
+    problems = [p for _, _, p in samples if p is not None]
+    if kept:
+        images, labels = default_collate(kept)
+    else:
+        images, labels = torch.empty(0), torch.empty(0, dtype=torch.int64)
+    return images, labels, problems, len(samples) - len(kept)
+
+
 class LoaderBatches:
     """A torch DataLoader over a map-style dataset of (float CHW normalised tensor, int label),
     with batches moved to `device` (non_blocking; pinned memory when the device is CUDA).
 
     Sample order follows `EpochSampler` (deterministic per (seed, epoch), rank-strided like
-    TensorBatches). `iter_from(step)` starts the sampler at step * batch_size, so skipped batches
-    are not loaded; random augmentation inside workers is not bit-reproducible across a resume.
+    TensorBatches), and each sample's random augmentation is seeded by (seed, epoch, index)
+    (`SeededSamples`): batches are identical for any number of workers, and `iter_from(step)`,
+    which starts the sampler at step * batch_size without loading the skipped batches, reproduces
+    a full pass's tail exactly.
+
+    An image that raises UnreadableImage is a SokdError naming the file, unless
+    `skip_unreadable`: then a training sample is replaced by the next readable one (batches keep
+    their size), an evaluation sample is left out, and each pass ends with a one-line warning on
+    stderr counting the skipped images of `split`.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, device: torch.device | str = "cpu",
                  shuffle: bool = True, drop_last: bool = True, num_workers: int = 0, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shard: bool = False, channels_last: bool = False):
+                 rank: int = 0, world_size: int = 1, shard: bool = False, channels_last: bool = False,
+                 skip_unreadable: bool = False, split: str = "train"):
         self.dataset = dataset
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.drop_last = bool(drop_last) and not shard
         self.channels_last = channels_last
-        self.sampler = EpochSampler(len(dataset), shuffle=shuffle and not shard, seed=seed, rank=rank,
-                                    world_size=world_size, drop_last=self.drop_last, shard=shard)
+        self.skip_unreadable = bool(skip_unreadable)
+        self.where = split if world_size == 1 else f"{split} on rank {rank}"  # for messages
+        self.sampler = SeededSampler(len(dataset), shuffle=shuffle and not shard, seed=seed, rank=rank,
+                                     world_size=world_size, drop_last=self.drop_last, shard=shard)
+        self.replace = self.skip_unreadable and not shard
         gen = torch.Generator().manual_seed(mix_seed(seed, rank, 0x10AD))  # worker base seeds
         self.loader = DataLoader(
-            dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=self.drop_last,
+            SeededSamples(dataset, replace=self.replace), batch_size=self.batch_size,
+            sampler=self.sampler, drop_last=self.drop_last, collate_fn=_collate,
             num_workers=num_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0, generator=gen)
 
@@ -304,6 +395,23 @@ class LoaderBatches:
             return
         self.sampler.start = step * self.batch_size  # consumed when the loader first reads the sampler
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
-            yield images, labels.to(self.device, torch.int64, non_blocking=True)
+        skipped: list[str] = []
+        try:
+            for images, labels, problems, dropped in self.loader:
+                if problems:
+                    path, reason = problems[0]
+                    if not self.skip_unreadable:
+                        raise SokdError(f"cannot read image '{path}' ({reason}); remove or replace it, "
+                                        f"or set data.skip_unreadable=true")
+                    if dropped and self.replace:
+                        raise SokdError(f"no image in {self.where} can be read (first: '{path}' ({reason})); "
+                                        f"check the image files")
+                    skipped += [p for p, _ in problems]
+                if not labels.numel():
+                    continue
+                images = images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+                yield images, labels.to(self.device, torch.int64, non_blocking=True)
+        finally:
+            if skipped:
+                print(f"warning: skipped {len(skipped)} unreadable image(s) in {self.where} "
+                      f"(first: {skipped[0]})", file=sys.stderr, flush=True)

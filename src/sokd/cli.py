@@ -27,8 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Called without `argv` (the `sokd` process itself), the signal handler
+    stays installed until the process exits; with `argv` (in-process callers) it is restored."""
+    from .engine import signals
+    real_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    with signals.process_guard(restore=not real_process):
+        code = _run(argv, debug)
+        late = signals.late_signal()
+        if late is not None and code == 0:
+            print(f"sokd: {signals.late_message(late)}", file=sys.stderr)
+        return code
+
+
+def _run(argv: list[str], debug: bool) -> int:
+    from .engine.signals import ForcedStop, Interrupted, Stopped
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -38,14 +52,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"sokd: error: {err}", file=sys.stderr)
         return 2
+    except (Interrupted, ForcedStop, Stopped) as err:
+        print(f"sokd: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        print("sokd: interrupted", file=sys.stderr)
+        print("sokd: interrupted (SIGINT)", file=sys.stderr)
         return 130
     except Exception as err:  # an exception that is sokd's fault, not the user's
-        from .engine.signals import Interrupted
-        if isinstance(err, Interrupted):
-            print(f"sokd: {err}", file=sys.stderr)
-            return err.exit_code
         if debug:
             raise
         print(f"sokd: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback "

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .data.config import DataConfig
 from .errors import SokdError
@@ -21,7 +21,8 @@ DataConfig.__pydantic_config__ = ConfigDict(extra="forbid")  # strict keys for t
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: an infinite or NaN number is never a meaningful setting
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class NetworkSpec(Strict):
@@ -51,13 +52,28 @@ class OptimSpec(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     lr_per_role: dict[str, float] = Field(default_factory=dict, description="e.g. {teacher: 0.01}")
 
+    @field_validator("lr_per_role")
+    @classmethod
+    def _positive_role_lrs(cls, lrs: dict[str, float]) -> dict[str, float]:
+        for role, lr in lrs.items():
+            if not lr > 0:
+                raise ValueError(f"the lr of role '{role}' must be > 0")
+        return lrs
+
 
 class ScheduleSpec(Strict):
     name: Literal["multistep", "cosine", "constant"] = "multistep"
     milestones: list[int] = Field(default_factory=lambda: [100, 150])
-    gamma: float = 0.1
+    gamma: float = Field(0.1, gt=0, description="lr factor at each milestone")
     warmup_epochs: int = Field(0, ge=0)
-    min_lr_factor: float = Field(0.0, ge=0, description="cosine floor as a fraction of lr")
+    min_lr_factor: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing_milestones(cls, ms: list[int]) -> list[int]:
+        if any(m < 1 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:])):
+            raise ValueError("milestones must be strictly increasing epochs >= 1")
+        return ms
 
 
 class TrainSpec(Strict):
@@ -71,8 +87,25 @@ class TrainSpec(Strict):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
 
 
+PLACEHOLDERS = ("name", "method", "seed")
+
+
 class OutputSpec(Strict):
     dir: str = Field("runs/{name}", description="run directory; {name}, {method}, {seed} are replaced")
+
+    @field_validator("dir")
+    @classmethod
+    def _known_placeholders(cls, text: str) -> str:
+        import string
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+        except ValueError:
+            raise ValueError("it has an unmatched brace") from None
+        unknown = [f for f in fields if f not in PLACEHOLDERS]
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}}; known: "
+                             f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
+        return text
     resume: bool = False
     overwrite: bool = False
     tensorboard: bool = True
@@ -135,8 +168,19 @@ def import_plugins(names: list[str]) -> None:
                 spec.loader.exec_module(module)
             else:
                 importlib.import_module(name)
+        except SokdError:
+            raise
         except ImportError as err:
+            sys.modules.pop(f"sokd_plugin_{Path(name).stem}", None)
             raise SokdError(f"imports: cannot import '{name}' ({err}); check the module name / PYTHONPATH") from None
+        except SyntaxError as err:
+            sys.modules.pop(f"sokd_plugin_{Path(name).stem}", None)
+            raise SokdError(f"imports: '{err.filename or name}' line {err.lineno} has a syntax error "
+                            f"({err.msg}); fix that file") from None
+        except Exception as err:  # noqa: BLE001 - the user's module failed while importing
+            sys.modules.pop(f"sokd_plugin_{Path(name).stem}", None)
+            raise SokdError(f"imports: '{name}' raised {type(err).__name__} while being imported "
+                            f"({str(err)[:160]}); fix that module") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -187,6 +231,21 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key that appears twice in one mapping (YAML keeps the last
+    silently, which hides typos such as two `lr:` lines)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     """Read a YAML config; a `base: other.yaml` key (relative to this file) is merged underneath."""
     path = Path(path)
@@ -195,16 +254,27 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     if path.resolve() in _seen:
         raise SokdError(f"config '{path}' includes itself through `base`")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SokdError(f"config '{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise SokdError(f"cannot read config '{path}' ({err.strerror}); check its permissions") from None
+    try:
+        tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise SokdError(f"config '{path}' is not valid YAML{where}; fix the syntax") from None
+        problem = getattr(err, "problem", None) or ""
+        detail = f" ({problem})" if problem.startswith("duplicate key") else ""
+        raise SokdError(f"config '{path}' is not valid YAML{where}{detail}; fix the syntax") from None
     if not isinstance(tree, dict):
         raise SokdError(f"config '{path}' must be a mapping of keys to values")
     base = tree.pop("base", None)
-    if base:
-        bases = [base] if isinstance(base, str) else list(base)
+    if base is not None:
+        bases = [base] if isinstance(base, str) else base
+        if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+            raise SokdError(f"config '{path}': base must be a file name or a list of them "
+                            f"(e.g. base: ../common.yaml), got {base!r}")
         merged: dict = {}
         for b in bases:
             merged = _deep_merge(merged, read_yaml(path.parent / b, _seen + (path.resolve(),)))

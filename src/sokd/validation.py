@@ -48,8 +48,11 @@ def describe(err: ValidationError, model: type[BaseModel], prefix: str = "") -> 
     if e["type"] == "missing":
         return f"missing required config key '{key}'"
     given = e.get("input")
-    shown = repr(given) if not isinstance(given, dict) else "a mapping"
-    return f"bad value for '{key}': {e['msg']} (got {shown})"
+    shown = repr(given)
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "finite_number":
+        msg = "it must be a finite number"
+    return f"bad value for '{key}': {msg}" + ("" if isinstance(given, dict) else f" (got {shown})")
 
 
 def validate(model: type[M], data: Any, prefix: str = "") -> M:

@@ -10,18 +10,39 @@ from tqdm import tqdm
 
 from ..errors import SokdError
 from . import rundir
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, safe_load
 from .ddp import sync_frozen_buffers
 from .distributed import DistContext
 from .evaluate import evaluate
 from .logger import RunLogger
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, rebase_lr
 from .precision import autocast, grad_scaler, resolve_device
 from .signals import Interrupted, StopRequest
 
 
 class NonFiniteLoss(SokdError):
     """A loss term became NaN/inf; the run stops before the bad step touches any checkpoint."""
+
+
+class NonFiniteState(SokdError):
+    """Weights or buffers became NaN/inf; the run stops instead of writing them to a checkpoint."""
+
+
+def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of floating-point parameters and buffers holding NaN or inf (one host sync)."""
+    named = [(k, t) for k, t in module.state_dict().items() if torch.is_floating_point(t)]
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
+    return [k for (k, _), good in zip(named, ok.tolist()) if not good]
+
+
+def _recovery(saved: str, lr: float) -> str:
+    """What a user can do after a numeric failure, given what is on disk."""
+    if saved.startswith("last.pt"):
+        return (f"{saved}; continue from it with a lower learning rate: the same command plus "
+                f"output.resume=true optim.lr={lr / 10:g}")
+    return f"{saved}; start again with a lower learning rate (e.g. optim.lr={lr / 10:g})"
 
 
 @dataclass
@@ -110,10 +131,49 @@ def fit(method, data, ctx: FitContext) -> dict:
     for source in (data.train, data.test):
         source.channels_last = tr.channels_last
 
-    ckpt = None
-    if dist.is_main:
-        ckpt = rundir.prepare(ctx.run_dir, cfg.to_dict(), cfg.output.resume, cfg.output.overwrite)
-    ckpt = dist.broadcast_object(ckpt)
+    # everything that can be checked is checked before the run directory is touched
+    method.param_groups(cfg.optim.lr, cfg.optim.lr_per_role)
+    _check_forward(method, data, device, tr.precision)
+
+    run_dir = rundir.RunDirectory(ctx.run_dir) if dist.is_main else None
+    ckpt = run_dir.open(cfg.to_dict(), cfg.output.resume, cfg.output.overwrite) if run_dir else None
+    try:
+        ckpt = dist.broadcast_object(ckpt)
+        with StopRequest() as stop:
+            try:
+                summary = _fit(method, data, ctx, device, ckpt, run_dir, stop)
+            except BaseException:
+                if run_dir is not None:
+                    run_dir.rollback()
+                raise
+    finally:
+        if run_dir is not None:
+            run_dir.close()
+    return summary
+
+
+def _check_forward(method, data, device, precision: str) -> None:
+    """One small test batch through every network, so input the networks cannot take (images too
+    small, wrong channels) is refused before anything is written."""
+    images, labels = next(iter(data.test))
+    was_training = method.training
+    method.eval()
+    try:
+        with torch.no_grad(), autocast(device, precision):
+            method.predict(images[:2])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SokdError(f"the networks cannot take this data's {tuple(images.shape[1:])} images ({first[:160]}); "
+                        f"use larger images (data.image_size / data.pad_to) or another architecture") from None
+    finally:
+        method.train(was_training)
+
+
+def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
+    cfg, dist = ctx.cfg, ctx.dist
+    tr = cfg.train
+    if run_dir is not None:
+        run_dir.begin(cfg.to_dict())
 
     start_epoch, start_step, history, accum_state, prior_wall = 0, 0, [], None, 0.0
     if ckpt is not None:  # weights first, so every rank's DDP wrapper starts from them
@@ -123,8 +183,13 @@ def fit(method, data, ctx: FitContext) -> dict:
     scheduler = build_scheduler(optimizer, cfg.schedule, tr.epochs)
     scaler = grad_scaler(device, tr.precision)
     if ckpt is not None:
+        wanted = [g["lr"] for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        changed = rebase_lr(optimizer, scheduler, wanted)
+        if changed:
+            dist.print(f"note: learning rate re-based on resume ({changed}); later epochs follow the "
+                       f"schedule from the new value")
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
@@ -132,6 +197,9 @@ def fit(method, data, ctx: FitContext) -> dict:
         accum_state = ckpt.get("accum")
         prior_wall = float(ckpt.get("wall_time_s", 0.0))
         _set_rng_state(ckpt["rng"], device)
+        stop.saved = _saved_note(start_epoch, start_step)
+        if dist.is_main:
+            _repair_best(ctx.run_dir, ckpt, history, method.primary)
         if start_epoch >= tr.epochs:
             dist.print(f"run already finished {start_epoch} epochs; raise train.epochs to train more")
 
@@ -140,6 +208,12 @@ def fit(method, data, ctx: FitContext) -> dict:
         step_module = torch.compile(step_module)
 
     def save(epoch: int, step: int, accum: EpochAccumulator | None, path: str = "last.pt") -> dict:
+        bad = nonfinite_tensors(method)
+        if bad:
+            where = f"epoch {epoch}" if step == 0 else f"epoch {epoch + 1} step {step}"
+            raise NonFiniteState(
+                f"{len(bad)} weight/buffer tensor(s) became non-finite by {where} (e.g. {bad[0]}), so "
+                f"nothing was saved; {_recovery(stop.saved, cfg.optim.lr)}")
         state = {
             "format": "sokd-run", "version": 1, "epoch": epoch, "step": step,
             "method": method.state_dict(), "optimizer": optimizer.state_dict(),
@@ -152,87 +226,118 @@ def fit(method, data, ctx: FitContext) -> dict:
         }
         if dist.is_main:
             atomic_save(state, ctx.run_dir / path)
+            run_dir.commit()
+        stop.saved = _saved_note(epoch, step)
         return state
 
     def run_eval() -> dict:
         return evaluate(method, data.test, device, tr.precision, reduce=dist.all_reduce_sum)
 
-    with StopRequest() as stop:
-        wall0 = time.perf_counter()
-        if ckpt is None:
-            initial = run_eval()
-            row = {"epoch": 0, "test": initial["roles"], "compare": initial["compare"]}
-            history.append(row)
-            if logger:
-                logger.log(row)
+    wall0 = time.perf_counter()
+    if ckpt is None:
+        initial = run_eval()
+        row = {"epoch": 0, "test": initial["roles"], "compare": initial["compare"]}
+        history.append(row)
+        if logger:
+            logger.log(row)
 
-        for epoch in range(start_epoch, tr.epochs):
-            data.train.set_epoch(epoch)
-            if not start_step:  # a mid-epoch resume restored the RNG state from the checkpoint
-                torch.manual_seed(tr.seed * 100_003 + epoch)
-            # a mid-epoch checkpoint holds the epoch's sums so far, already reduced over ranks
-            keep = start_step and accum_state and dist.is_main
-            accum = EpochAccumulator(**accum_state) if keep else EpochAccumulator()
-            step = start_step
-            start_step, accum_state = 0, None
-            total = len(data.train) if tr.steps_per_epoch is None else min(len(data.train), tr.steps_per_epoch)
-            bar = tqdm(total=total, initial=step, desc=f"epoch {epoch + 1}/{tr.epochs}", unit="step",
-                       leave=False, dynamic_ncols=True,
-                       disable=None if cfg.output.progress and dist.is_main else True)  # None: off when not a TTY
-            method.train()
-            t0 = time.perf_counter()
-            for images, labels in data.train.iter_from(step):
-                if step >= total:
-                    break
-                with autocast(device, tr.precision):
-                    out = step_module(images, labels)
-                loss = out["loss"].detach()
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"non-finite loss in term '{_first_bad_term(out)}' at epoch {epoch + 1} step {step}; "
-                        f"last.pt (end of the last good epoch) is intact — lower optim.lr or use fp32/bf16")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out["loss"]).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                accum.add(out, labels)
-                step += 1
-                bar.update(1)
-                if step % 10 == 0 or step == total:
-                    elapsed = accum.seconds + time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{loss.item():.3f}",
-                                    img_s=f"{accum.samples * dist.world_size / max(elapsed, 1e-9):.0f}")
-                if dist.any_flag(stop.requested):
-                    accum.seconds += time.perf_counter() - t0
-                    save(epoch, step, accum.reduced(dist))
-                    bar.close()
-                    raise Interrupted(stop.signum or 15, epoch, step, ctx.run_dir)
-            accum.seconds += time.perf_counter() - t0
-            bar.close()
-            sync_frozen_buffers(method, dist)
-            lrs = {g["role"]: g["lr"] for g in optimizer.param_groups}
-            scheduler.step()
-            result = run_eval()
-            train_stats = accum.reduced(dist).result()
-            row = {"epoch": epoch + 1, "wall_time_s": time.perf_counter() - wall0 + prior_wall, "lr": lrs,
-                   "train": train_stats, "test": result["roles"], "compare": result["compare"]}
-            history.append(row)
-            if logger:
-                logger.log(row)
-            state = save(epoch + 1, 0, None)
-            primary = method.primary
-            best_so_far = max(r["test"][primary]["top1"] for r in history[1:] if primary in r["test"])
-            if dist.is_main and result["roles"].get(primary, {}).get("top1") == best_so_far:
-                atomic_save(state, ctx.run_dir / "best.pt")
-            dist.print(_epoch_line(row, primary))
+    for epoch in range(start_epoch, tr.epochs):
+        data.train.set_epoch(epoch)
+        if not start_step:  # a mid-epoch resume restored the RNG state from the checkpoint
+            torch.manual_seed(tr.seed * 100_003 + epoch)
+        # a mid-epoch checkpoint holds the epoch's sums so far, already reduced over ranks
+        keep = start_step and accum_state and dist.is_main
+        accum = EpochAccumulator(**accum_state) if keep else EpochAccumulator()
+        step = start_step
+        start_step, accum_state = 0, None
+        total = len(data.train) if tr.steps_per_epoch is None else min(len(data.train), tr.steps_per_epoch)
+        bar = tqdm(total=total, initial=step, desc=f"epoch {epoch + 1}/{tr.epochs}", unit="step",
+                   leave=False, dynamic_ncols=True,
+                   disable=None if cfg.output.progress and dist.is_main else True)  # None: off when not a TTY
+        method.train()
+        t0 = time.perf_counter()
+        for images, labels in data.train.iter_from(step):
+            if step >= total:
+                break
+            with autocast(device, tr.precision):
+                out = step_module(images, labels)
+            loss = out["loss"].detach()
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"non-finite loss in term '{_first_bad_term(out)}' at epoch {epoch + 1} step {step}; "
+                    f"{_recovery(stop.saved, cfg.optim.lr)} (or use fp32/bf16 instead of fp16)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            accum.add(out, labels)
+            step += 1
+            bar.update(1)
+            if step % 10 == 0 or step == total:
+                elapsed = accum.seconds + time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss.item():.3f}",
+                                img_s=f"{accum.samples * dist.world_size / max(elapsed, 1e-9):.0f}")
+            if dist.any_flag(stop.requested):
+                accum.seconds += time.perf_counter() - t0
+                save(epoch, step, accum.reduced(dist))
+                bar.close()
+                raise Interrupted(stop.signum or 15, epoch, step, ctx.run_dir)
+        accum.seconds += time.perf_counter() - t0
+        bar.close()
+        sync_frozen_buffers(method, dist)
+        lrs = {g["role"]: g["lr"] for g in optimizer.param_groups}
+        scheduler.step()
+        result = run_eval()
+        train_stats = accum.reduced(dist).result()
+        row = {"epoch": epoch + 1, "wall_time_s": time.perf_counter() - wall0 + prior_wall, "lr": lrs,
+               "train": train_stats, "test": result["roles"], "compare": result["compare"]}
+        history.append(row)
+        state = save(epoch + 1, 0, None)
+        if logger:
+            logger.log(row)
+        primary = method.primary
+        if dist.is_main and _best_epoch(history, primary) == epoch + 1:
+            atomic_save(state, ctx.run_dir / "best.pt")
+        dist.print(_epoch_line(row, primary))
+        if epoch + 1 < tr.epochs and dist.any_flag(stop.requested):
+            raise Interrupted(stop.signum or 15, epoch + 1, 0, ctx.run_dir)
 
-        # a signal arriving now changes nothing: the run is complete, finish writing it
-        summary = _summary(cfg, method, data, history, ctx, device)
-        if dist.is_main:
-            _save_standalone(method, data, ctx)
-            logger.summary(summary)
-            logger.close()
+    # a signal arriving from now on changes nothing: the run is complete, finish writing it
+    stop.finish()
+    summary = _summary(cfg, method, data, history, ctx, device)
+    if dist.is_main:
+        _save_standalone(method, data, ctx)
+        logger.summary(summary)
+        logger.close()
     return summary
+
+
+def _saved_note(epoch: int, step: int) -> str:
+    where = f"epoch {epoch}" if step == 0 else f"epoch {epoch + 1} step {step}"
+    return f"last.pt holds the run at {where} (its last finite state)"
+
+
+def _best_epoch(history: list[dict], primary: str) -> int | None:
+    """The epoch best.pt should hold: the latest epoch with the best primary test top-1."""
+    scored = [(r["test"][primary]["top1"], r["epoch"]) for r in history[1:] if primary in r.get("test", {})]
+    return max(scored)[1] if scored else None
+
+
+def _repair_best(run_dir: Path, ckpt: dict, history: list[dict], primary: str) -> None:
+    """A kill between the last.pt and best.pt writes leaves best.pt one epoch behind: rewrite it
+    from last.pt when the history says last.pt's epoch is the best one."""
+    best_epoch = _best_epoch(history, primary)
+    if best_epoch is None or best_epoch != ckpt["epoch"] or ckpt["step"] != 0:
+        return
+    path = run_dir / "best.pt"
+    try:
+        current = safe_load(path).get("epoch") if path.exists() else None
+    except SokdError:
+        current = None
+    if current != best_epoch:
+        atomic_save(ckpt, path)
+        print(f"note: best.pt repaired: it now holds epoch {best_epoch} (was "
+              f"{'missing' if current is None else f'epoch {current}'})", flush=True)
 
 
 def _epoch_line(row: dict, primary: str) -> str:

@@ -32,3 +32,22 @@ def lr_factor(spec: ScheduleSpec, epochs: int, epoch: float) -> float:
 def build_scheduler(optimizer, spec: ScheduleSpec, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per epoch; its state (last_epoch, base lrs) goes into checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(spec, epochs, e))
+
+
+def rebase_lr(optimizer, scheduler, wanted: list[float]) -> str:
+    """After loading a resumed run's optimizer and schedule, move each group's base lr to the
+    configured one (`optim.lr` / `optim.lr_per_role` may change on resume); the schedule's
+    position is kept. Returns a description of what changed ('' when nothing did)."""
+    changes = []
+    for i, (group, base) in enumerate(zip(optimizer.param_groups, wanted)):
+        old = scheduler.base_lrs[i]
+        if old == base:
+            continue
+        factor = scheduler.lr_lambdas[i](scheduler.last_epoch)
+        scheduler.base_lrs[i] = base
+        group["initial_lr"] = base
+        group["lr"] = base * factor
+        changes.append(f"{group.get('role', i)} {old:g} -> {base:g}")
+    if changes:
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return ", ".join(changes)

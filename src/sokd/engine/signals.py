@@ -1,31 +1,106 @@
-"""SIGINT/SIGTERM -> finish the current step, checkpoint, exit with a resume hint."""
+"""SIGINT/SIGTERM: finish the current step, checkpoint, exit with a true one-line message.
+
+Every moment a signal can arrive has its own outcome:
+
+* during training (first signal): the loop finishes the step, writes `last.pt` and raises
+  `Interrupted` (exit 128 + signal, with the resume command);
+* a second signal before that checkpoint is written: `ForcedStop` at once, naming the last
+  checkpoint that is on disk (atomic writes guarantee it is whole);
+* after the last epoch, while the run's final files are written: the signal is recorded, the run
+  completes, and the command says so (`late_signal()`);
+* outside training (a command that has not started training, or another command): `Stopped`.
+
+`process_guard()` installs one handler for the life of a CLI process, so no signal ever finds
+the default handler between the end of training and the process exit. Library callers of `fit`
+without the guard get the same behaviour while `fit` runs, and their own handlers back after.
+"""
 from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_active: "StopRequest | None" = None
+_guarded = False
+_late: int | None = None
+_finished = False   # a run finished in this process: later signals are only reported
+
+
+def _name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+class Stopped(Exception):
+    """A signal outside training: nothing was in progress that needed saving."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {_name(signum)}")
+        self.exit_code = 128 + signum
+
+
+class ForcedStop(Exception):
+    """A second signal: stop at once without writing another checkpoint."""
+
+    def __init__(self, signum: int, saved: str):
+        resume = "; resume with the same command plus output.resume=true" if saved.startswith("last.pt") else ""
+        super().__init__(f"second {_name(signum)}: stopped at once without saving the current step; "
+                         f"{saved}{resume}")
+        self.exit_code = 128 + signum
+
+
+class Interrupted(Exception):
+    """Raised after the checkpoint of an interrupted run has been written."""
+
+    def __init__(self, signum: int, epoch: int, step: int, run_dir):
+        where = f"at the end of epoch {epoch}" if step == 0 else f"at epoch {epoch + 1} step {step}"
+        super().__init__(f"{_name(signum)} received: stopped {where} and saved {run_dir}/last.pt; "
+                         f"resume with the same command plus output.resume=true")
+        self.exit_code = 128 + signum
 
 
 class StopRequest:
-    """Context manager recording the first SIGINT/SIGTERM instead of dying mid-step."""
+    """Records the first SIGINT/SIGTERM of a training run instead of dying mid-step."""
 
     def __init__(self):
         self.signum: int | None = None
-        self._old = {}
+        self.finishing = False   # True once the last epoch is done: signals no longer stop the run
+        self.saved = "no checkpoint had been written yet"
+        self._old: dict = {}
 
-    def _handler(self, signum, frame):
-        if self.signum is not None:  # second signal: give up waiting
-            raise KeyboardInterrupt
+    def handle(self, signum: int) -> None:
+        global _late
+        if self.finishing:
+            _late = signum
+            return
+        if self.signum is not None:
+            raise ForcedStop(signum, self.saved)
         self.signum = signum
 
+    def finish(self) -> None:
+        """Training is over: a signal that arrived during the last epoch's evaluation, or arrives
+        from now on, is reported once the run's files are complete."""
+        global _late
+        self.finishing = True
+        if self.signum is not None:
+            _late = self.signum
+
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handler)
+        global _active
+        _active = self
+        if not _guarded and threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                self._old[sig] = signal.signal(sig, lambda s, f: self.handle(s))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        global _active, _finished
+        _active = None
+        if self.finishing and exc_type is None:
+            _finished = True
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        self._old.clear()
         return False
 
     @property
@@ -33,11 +108,43 @@ class StopRequest:
         return self.signum is not None
 
 
-class Interrupted(Exception):
-    """Raised after the checkpoint of an interrupted run has been written."""
+def _guard_handler(signum, frame) -> None:
+    global _late
+    if _active is not None:
+        _active.handle(signum)
+    elif _late is None and _finished:
+        _late = signum
+    else:
+        raise Stopped(signum)
 
-    def __init__(self, signum: int, epoch: int, step: int, run_dir):
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} received: stopped at epoch {epoch + 1} step {step} and saved "
-                         f"{run_dir}/last.pt; resume with the same command plus output.resume=true")
-        self.exit_code = 128 + signum
+
+def late_signal() -> int | None:
+    """A signal that arrived after training had finished (the run completed regardless)."""
+    return _late
+
+
+def late_message(signum: int) -> str:
+    return f"{_name(signum)} received after the last epoch; the run completed and all its files are written"
+
+
+@contextmanager
+def process_guard(restore: bool = True):
+    """One SIGINT/SIGTERM handler for the whole command (main thread only).
+
+    A command-line process passes `restore=False`: the handler then stays until the process
+    exits, so there is no moment at which a signal meets the default handler.
+    """
+    global _guarded, _late, _finished
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _late, _finished = None, False
+    old = {sig: signal.signal(sig, _guard_handler) for sig in _SIGNALS}
+    _guarded = True
+    try:
+        yield
+    finally:
+        if restore:
+            _guarded = False
+            for sig, handler in old.items():
+                signal.signal(sig, handler)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..errors import SokdError, suggest
@@ -20,10 +20,18 @@ from .features import FeatureSpec, FeatureTerms
 class MethodOptions(BaseModel):
     """Options every method accepts; methods extend this."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     T: float = Field(4.0, gt=0, description="softmax temperature of every KL term")
     weights: dict[str, float] = Field(default_factory=dict, description="per-term weights, default 1")
     features: list[FeatureSpec] = Field(default_factory=list, description="feature terms (at, fitnet)")
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, weights: dict[str, float]) -> dict[str, float]:
+        for term, w in weights.items():
+            if w < 0:
+                raise ValueError(f"weight of term '{term}' must be >= 0 (0 switches it off), got {w}")
+        return weights
 
 
 class Method(nn.Module):

@@ -20,11 +20,11 @@ DEFAULT_WEIGHT = {"at": 1000.0, "fitnet": 1.0}
 
 
 class FeatureSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["at", "fitnet"]
-    stages: list[int] = Field(default_factory=lambda: [-1], description="student stage indices")
-    target_stages: list[int] | None = Field(None, description="target stage indices (default: same)")
-    weight: float | None = Field(None, description="default: 1000 for at (beta), 1 for fitnet")
+    stages: list[int] = Field(default_factory=lambda: [-1], min_length=1, description="student stage indices")
+    target_stages: list[int] | None = Field(None, min_length=1, description="target stage indices (default: same)")
+    weight: float | None = Field(None, ge=0, description="default: 1000 for at (beta), 1 for fitnet")
 
 
 def _resolve(idx: int, n: int, who: str, kind: str) -> int:

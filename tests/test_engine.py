@@ -142,3 +142,16 @@ def test_precision_and_memory_format_train(make_config, precision, channels_last
     summary = runner.train(cfg)
     assert summary["precision"] == precision
     assert 0 <= summary["networks"]["model"]["top1_final"] <= 100
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(make_config, monkeypatch):
+    from sokd.engine import precision
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.resolve_precision("auto", cpu) == "bf16"
+    assert precision.resolve_precision("fp16", cpu) == "fp16"
+    monkeypatch.undo()
+    summary = runner.train(config.build(make_config("vanilla", train={"epochs": 1, "precision": "auto"})))
+    assert summary["precision"] == ("bf16" if precision.native_bf16(cpu) else "fp32")

@@ -80,7 +80,8 @@ class TrainSpec(Strict):
     epochs: int = Field(200, ge=1)
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="auto: bf16 where the hardware computes it natively, else fp32")
     channels_last: bool = False
     compile: bool = False
     steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")

@@ -16,7 +16,7 @@ from .distributed import DistContext
 from .evaluate import evaluate
 from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler, rebase_lr
-from .precision import autocast, grad_scaler, resolve_device
+from .precision import autocast, grad_scaler, resolve_device, resolve_precision
 from .signals import Interrupted, StopRequest
 
 
@@ -117,6 +117,7 @@ class FitContext:
     run_dir: Path
     arch_of: dict[str, dict]         # role -> {"arch", "num_classes", "in_channels", "params"}
     dist: DistContext = field(default_factory=DistContext)
+    precision: str = "fp32"          # train.precision with `auto` resolved for the device
 
 
 def fit(method, data, ctx: FitContext) -> dict:
@@ -131,9 +132,10 @@ def fit(method, data, ctx: FitContext) -> dict:
     for source in (data.train, data.test):
         source.channels_last = tr.channels_last
 
+    ctx.precision = resolve_precision(tr.precision, device)
     # everything that can be checked is checked before the run directory is touched
     method.param_groups(cfg.optim.lr, cfg.optim.lr_per_role)
-    _check_forward(method, data, device, tr.precision)
+    _check_forward(method, data, device, ctx.precision)
 
     run_dir = rundir.RunDirectory(ctx.run_dir) if dist.is_main else None
     ckpt = run_dir.open(cfg.to_dict(), cfg.output.resume, cfg.output.overwrite) if run_dir else None
@@ -181,7 +183,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
     step_module = dist.wrap(method, sync_bn=cfg.distributed.sync_bn)
     optimizer = build_optimizer(method, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, tr.epochs)
-    scaler = grad_scaler(device, tr.precision)
+    scaler = grad_scaler(device, ctx.precision)
     if ckpt is not None:
         wanted = [g["lr"] for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -231,7 +233,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
         return state
 
     def run_eval() -> dict:
-        return evaluate(method, data.test, device, tr.precision, reduce=dist.all_reduce_sum)
+        return evaluate(method, data.test, device, ctx.precision, reduce=dist.all_reduce_sum)
 
     wall0 = time.perf_counter()
     if ckpt is None:
@@ -259,7 +261,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
         for images, labels in data.train.iter_from(step):
             if step >= total:
                 break
-            with autocast(device, tr.precision):
+            with autocast(device, ctx.precision):
                 out = step_module(images, labels)
             loss = out["loss"].detach()
             if not torch.isfinite(loss):
@@ -378,7 +380,7 @@ def _summary(cfg, method, data, history, ctx, device) -> dict:
     return {
         "method": cfg.method.name, "name": cfg.name, "dataset": data.name,
         "epochs": history[-1]["epoch"] if history else 0, "seed": cfg.train.seed,
-        "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
+        "precision": ctx.precision, "channels_last": cfg.train.channels_last,
         "device": str(device), "world_size": ctx.dist.world_size,
         "wall_time_s": history[-1].get("wall_time_s", 0.0) if history else 0.0,
         "train_images_per_s": samples / seconds if seconds else None,

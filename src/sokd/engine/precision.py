@@ -22,6 +22,28 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device computes bf16 in hardware. CPUs without AVX-512 BF16 or AMX emulate
+    it, which makes a bf16 convolution several times slower than fp32 instead of faster."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` is bf16 where the hardware has it (AMX / AVX-512 BF16 CPUs, Ampere+ GPUs), else fp32."""
+    if name != "auto":
+        return name
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def autocast(device: torch.device, precision: str):
     """Autocast context for bf16/fp16; a no-op for fp32."""
     if precision == "fp32":

@@ -16,10 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from sokd import data
-from sokd.data import augment, readers
+from sokd.data import augment, cifar, idx
+from sokd.data.arrays import first_per_class
 from sokd.data.config import DataConfig
+from sokd.data.npz import load_npz
 from sokd.data.sources import EpochSampler, LoaderBatches, TensorBatches, epoch_indices, shard_bounds
+from sokd.data.synthetic import make_synthetic
 from sokd.errors import SokdError
+
+from .datafiles import write_idx
 
 FMNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 SHARED_CIFAR100 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar100.npz"
@@ -86,7 +91,7 @@ def write_cifar10(folder: Path, per_batch=4, protocol=2) -> Path:
     protocol = 2 if protocol == "py2" else protocol
     test = {b"data": cifar_rows(3), b"labels": [9, 8, 7]}  # bytes keys, as Python 2 pickles load
     (folder / "test_batch").write_bytes(pickle.dumps(test, protocol=protocol))
-    meta = {"label_names": readers.CIFAR10_CLASSES}
+    meta = {"label_names": cifar.CIFAR10_CLASSES}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=protocol))
     return folder
 
@@ -98,7 +103,7 @@ def write_cifar100(folder: Path, protocol=pickle.HIGHEST_PROTOCOL) -> Path:
     test = {"data": cifar_rows(2), "fine_labels": np.array([3, 4]), "coarse_labels": [0, 0]}
     (folder / "train").write_bytes(pickle.dumps(train, protocol=protocol))
     (folder / "test").write_bytes(pickle.dumps(test, protocol=protocol))
-    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": readers.CIFAR100_CLASSES}, protocol=protocol))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": cifar.CIFAR100_CLASSES}, protocol=protocol))
     return folder
 
 
@@ -162,15 +167,42 @@ def test_config_from_dict():
 
 
 def test_config_inside_pydantic_model():
+    """Embedded in another model (as in Config), validate() gives the same one-line messages."""
     from pydantic import BaseModel
+
+    from sokd.validation import validate
 
     class Holder(BaseModel):
         data: DataConfig
 
-    ok = Holder.model_validate({"data": {"name": "synthetic", "synthetic_shape": [1, 8, 8]}})
+    ok = validate(Holder, {"data": {"name": "synthetic", "synthetic_shape": [1, 8, 8]}})
     assert ok.data.synthetic_shape == [1, 8, 8] and ok.data.pad_mode == "reflect"
-    with pytest.raises(SokdError, match="pad_mode"):
-        Holder.model_validate({"data": {"name": "synthetic", "pad_mode": "wrap"}})
+    with pytest.raises(SokdError, match=r"^unknown data.pad_mode 'wrap'; valid: reflect, zeros$"):
+        validate(Holder, {"data": {"name": "synthetic", "pad_mode": "wrap"}})
+    with pytest.raises(SokdError, match=r"^unknown config key 'data.padmode' \(did you mean 'pad_mode'\?\)"):
+        validate(Holder, {"data": {"name": "synthetic", "padmode": "zeros"}})
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"name": "synthetic", "batch_size": 0}, "data.batch_size must be an integer >= 1, got 0"),
+    ({"name": "synthetic", "test_limit": "x"}, "data.test_limit must be an integer >= 1 or null, got 'x'"),
+    ({"name": "synthetic", "skip_unreadable": 1}, "data.skip_unreadable must be true or false, got 1"),
+    ({"name": "synthetic", "synthetic_shape": [5, 8, 8]},
+     "data.synthetic_shape has 5 channels; use 1 to 4 (e.g. [3, 32, 32])"),
+    ({"name": "synthetic", "std": [-1]}, "data.std must be positive, got [-1.0]"),
+    ({"name": "synthetic", "mean": [0.5, 0.5], "std": [0.2]},
+     "data.mean has 2 values but data.std has 1; give one per channel in both"),
+    ({"name": "synthetic", "mean": [float("nan")]}, "bad value for 'data.mean.0': it must be a finite number (got nan)"),
+    ({"root": "x"}, "missing required config key 'data.name'"),
+])
+def test_config_messages_are_the_same_on_every_path(kw, message):
+    from sokd import config
+
+    tree = {"data": kw, "method": {"name": "vanilla"}, "model": {"arch": "resnet14"}}
+    for build in (lambda: DataConfig(**kw), lambda: DataConfig.from_dict(kw), lambda: config.build(tree)):
+        with pytest.raises(SokdError) as err:
+            build()
+        assert str(err.value) == message
 
 
 # ---------------------------------------------------------------------------------------- augment
@@ -232,13 +264,13 @@ def test_idx_roundtrip(tmp_path, gz):
     arr = np.random.default_rng(0).integers(0, 256, (5, 4, 3), dtype=np.uint8)
     path = tmp_path / ("a.idx.gz" if gz else "a.idx")
     path.write_bytes(gzip.compress(idx_bytes(arr)) if gz else idx_bytes(arr))
-    got = readers.read_idx(path, expect_ndim=3)
+    got = idx.read_idx(path, expect_ndim=3)
     assert got.dtype == np.uint8 and np.array_equal(got, arr)
     ints = np.array([1, -2, 70000], dtype=np.int32)
     (tmp_path / "i.idx").write_bytes(idx_bytes(ints))
-    assert readers.read_idx(tmp_path / "i.idx").tolist() == [1, -2, 70000]
-    readers.write_idx(tmp_path / "w.gz", arr)  # sokd's own writer reads back too
-    assert np.array_equal(readers.read_idx(tmp_path / "w.gz"), arr)
+    assert idx.read_idx(tmp_path / "i.idx").tolist() == [1, -2, 70000]
+    write_idx(tmp_path / "w.gz", arr)  # the tests' own writer reads back too
+    assert np.array_equal(idx.read_idx(tmp_path / "w.gz"), arr)
 
 
 @pytest.mark.parametrize("damage, needle", [
@@ -254,7 +286,7 @@ def test_idx_corrupt(tmp_path, damage, needle):
     path = tmp_path / "bad-images-idx3-ubyte"
     path.write_bytes(damage(raw))
     with pytest.raises(SokdError, match=needle) as err:
-        readers.read_idx(path)
+        idx.read_idx(path)
     assert str(path) in str(err.value)
 
 
@@ -263,10 +295,10 @@ def test_idx_truncated_gzip_and_wrong_ndim(tmp_path):
     path = tmp_path / "x.gz"
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(SokdError, match="corrupt or truncated gzip"):
-        readers.read_idx(path)
+        idx.read_idx(path)
     path.write_bytes(raw)
     with pytest.raises(SokdError, match="has 3 dimensions, expected 1"):
-        readers.read_idx(path, expect_ndim=1)
+        idx.read_idx(path, expect_ndim=1)
 
 
 # ---------------------------------------------------------------------------------- Fashion-MNIST
@@ -296,7 +328,7 @@ def test_fashion_mnist_missing(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "apt-get install dataset-fashion-mnist" in msg and "data.root" in msg and "data.download" in msg
     assert "\n" not in msg
-    monkeypatch.setattr(readers, "FASHION_MNIST_DEFAULTS", (str(tmp_path / "a"), str(tmp_path / "b")))
+    monkeypatch.setattr(idx, "FASHION_MNIST_DEFAULTS", (str(tmp_path / "a"), str(tmp_path / "b")))
     with pytest.raises(SokdError, match="apt-get"):
         data.create(cfg(name="fashion_mnist"))
 
@@ -324,7 +356,7 @@ def test_fashion_mnist_default_location():
     assert b.shape == (1, 32, 32) and len(b.train) == 60000 // 256
     x, y = next(iter(b.train))
     assert x.shape == (256, 1, 32, 32) and y.max() < 10
-    raw = readers.load_fashion_mnist(None)  # unpadded view of the same files
+    raw = idx.load_fashion_mnist(None)  # unpadded view of the same files
     assert raw.x_train.shape == (60000, 1, 28, 28) and raw.x_test.shape == (10000, 1, 28, 28)
     assert torch.bincount(raw.y_train).tolist() == [6000] * 10
 
@@ -337,8 +369,8 @@ def test_cifar10_pickle_folder(tmp_path, protocol):
     for root in (tmp_path, folder):  # the folder itself or its parent
         b = data.create(cfg(name="cifar10", root=str(root), batch_size=4, eval_batch_size=2))
         assert (b.train_size, b.test_size, b.num_classes, b.shape) == (20, 3, 10, (3, 32, 32))
-        assert b.class_names == readers.CIFAR10_CLASSES
-    splits = readers.load_cifar("cifar10", str(tmp_path))
+        assert b.class_names == cifar.CIFAR10_CLASSES
+    splits = cifar.load_cifar("cifar10", str(tmp_path))
     # row layout R(1024) G(1024) B(1024) -> (C, H, W): channel c of sample i holds i + 100 c
     assert splits.x_train[7, :, 5, 9].tolist() == [7, 107, 207]
     assert splits.x_train.shape == (20, 3, 32, 32) and splits.y_test.tolist() == [9, 8, 7]
@@ -373,7 +405,7 @@ def test_malicious_pickle_refused(tmp_path):
 
     (folder / "data_batch_3").write_bytes(pickle.dumps(Eval(), protocol=4))
     with pytest.raises(SokdError, match="builtins.eval"):
-        readers.load_cifar("cifar10", str(folder))
+        cifar.load_cifar("cifar10", str(folder))
     assert not marker.exists()
 
 
@@ -381,14 +413,14 @@ def test_cifar_pickle_wrong_content(tmp_path):
     folder = write_cifar10(tmp_path)
     (folder / "data_batch_2").write_bytes(pickle.dumps({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}))
     with pytest.raises(SokdError, match=r"data_batch_2.*\(N, 3072\)"):
-        readers.load_cifar("cifar10", str(folder))
+        cifar.load_cifar("cifar10", str(folder))
     (folder / "data_batch_2").write_bytes(b"\x80\x02}q\x01(U")  # truncated
     with pytest.raises(SokdError, match="data_batch_2.*corrupt"):
-        readers.load_cifar("cifar10", str(folder))
+        cifar.load_cifar("cifar10", str(folder))
     (folder / "data_batch_2").unlink()
     (folder / "test_batch").unlink()
     with pytest.raises(SokdError, match="data_batch_2' is missing.*incomplete"):
-        readers.load_cifar("cifar10", str(tmp_path))  # a partial folder is reported, not "not found"
+        cifar.load_cifar("cifar10", str(tmp_path))  # a partial folder is reported, not "not found"
 
 
 def test_cifar_missing_mentions_fixes(tmp_path):
@@ -411,7 +443,7 @@ def test_npz_roundtrip(tmp_path):
     assert torch.allclose(ids, torch.arange(8).float(), atol=1e-3) and y.tolist() == [i % 10 for i in range(8)]
     # no class_names: dataset defaults
     plain = data.create(cfg(name="cifar10", root=str(write_npz(tmp_path / "plain.npz")), batch_size=4))
-    assert plain.class_names == readers.CIFAR10_CLASSES
+    assert plain.class_names == cifar.CIFAR10_CLASSES
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -446,8 +478,8 @@ def test_npz_not_an_archive(tmp_path):
 def test_train_per_class_and_limits(tmp_path):
     labels = np.array([3, 1, 3, 0, 1, 3, 3, 0, 2, 1])
     path = write_npz(tmp_path / "s.npz", n_train=10, y_train=labels)
-    splits = readers.load_npz(path, "cifar10")
-    keep = readers.first_per_class(splits.y_train, 2)
+    splits = load_npz(path, cifar.CIFAR10_CLASSES)
+    keep = first_per_class(splits.y_train, 2)
     assert keep.tolist() == [0, 1, 2, 3, 4, 7, 8]  # first two of each class, in file order
     b = data.create(cfg(name="cifar10", root=str(path), train_per_class=2, batch_size=7, crop_padding=0,
                         hflip=False, drop_last=False))
@@ -481,9 +513,9 @@ def test_shape_errors(tmp_path):
 
 @pytest.mark.skipif(not SHARED_CIFAR100.is_file(), reason="../shared/data/cifar100.npz not present")
 def test_cifar100_shared_npz():
-    b = data.create(cfg(name="cifar100", root=None, batch_size=128))  # found by the default search
+    b = data.create(cfg(name="cifar100", root=str(SHARED_CIFAR100), batch_size=128))
     assert (b.train_size, b.test_size, b.num_classes, b.shape) == (50000, 10000, 100, (3, 32, 32))
-    assert b.class_names[:3] == ["apple", "aquarium_fish", "baby"] == readers.CIFAR100_CLASSES[:3]
+    assert b.class_names[:3] == ["apple", "aquarium_fish", "baby"] == cifar.CIFAR100_CLASSES[:3]
     x, y = next(iter(b.train))
     assert x.shape == (128, 3, 32, 32) and 0 <= int(y.min()) and int(y.max()) < 100
     assert abs(float(x.mean())) < 0.3 and 0.7 < float(x.std()) < 1.3
@@ -552,11 +584,11 @@ def test_rank_slicing(n, drop_last):
 
 
 def test_epoch_indices_matches_distributed_sampler_semantics():
-    idx = [epoch_indices(10, seed=0, epoch=2, rank=r, world_size=4, drop_last=False) for r in range(4)]
-    assert all(len(i) == 3 for i in idx)
-    assert set(torch.cat(idx).tolist()) == set(range(10))
-    idx = [epoch_indices(10, seed=0, epoch=2, rank=r, world_size=4, drop_last=True) for r in range(4)]
-    assert all(len(i) == 2 for i in idx) and len(set(torch.cat(idx).tolist())) == 8
+    per_rank = [epoch_indices(10, seed=0, epoch=2, rank=r, world_size=4, drop_last=False) for r in range(4)]
+    assert all(len(i) == 3 for i in per_rank)
+    assert set(torch.cat(per_rank).tolist()) == set(range(10))
+    per_rank = [epoch_indices(10, seed=0, epoch=2, rank=r, world_size=4, drop_last=True) for r in range(4)]
+    assert all(len(i) == 2 for i in per_rank) and len(set(torch.cat(per_rank).tolist())) == 8
 
 
 @pytest.mark.parametrize("n, world", [(10, 3), (7, 2), (2, 4), (16, 1)])
@@ -580,7 +612,7 @@ def test_synthetic_is_learnable_and_fixed():
     pred = torch.cdist(xt.flatten(1), means.flatten(1)).argmin(1)
     assert (pred == yt).float().mean() > 0.9  # nearest class mean already separates the classes
     assert b.train_size == 400 and b.test_size == 100 and b.class_names[0] == "class_0"
-    again = readers.make_synthetic(400, [3, 12, 12], 5)
+    again = make_synthetic(400, [3, 12, 12], 5)
     assert torch.equal(again.x_train, b.train.images)
 
 
@@ -624,7 +656,7 @@ def test_imagefolder_loader(tmp_path):
     assert isinstance(b.train, LoaderBatches) and isinstance(b.test, LoaderBatches)
     assert (b.num_classes, b.class_names, b.shape) == (3, ["cat", "dog", "eel"], (3, 8, 8))
     assert (b.train_size, b.test_size, len(b.train), len(b.test)) == (9, 6, 2, 2)
-    assert b.mean == readers.STATS["imagenet"][0]
+    assert b.mean == data.STATS["imagenet"][0]
     x, y = next(iter(b.train))
     assert x.shape == (4, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
     val_labels = [int(v) for _, y in b.test for v in y]

@@ -17,8 +17,6 @@ from .data.config import DataConfig
 from .errors import SokdError
 from .validation import validate
 
-DataConfig.__pydantic_config__ = ConfigDict(extra="forbid")  # strict keys for the data section
-
 
 class Strict(BaseModel):
     # allow_inf_nan=False: an infinite or NaN number is never a meaningful setting
@@ -290,8 +288,3 @@ def build(tree: dict) -> Config:
 def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     tree = read_yaml(path) if path is not None else {}
     return build(apply_overrides(tree, list(overrides)))
-
-
-def default_config_path() -> Path:
-    """The embedded default job (Fashion-MNIST SOKD) shipped inside the package."""
-    return Path(__file__).parent / "presets" / "fmnist_sokd.yaml"

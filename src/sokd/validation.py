@@ -1,24 +1,26 @@
 """Turn pydantic validation failures into one-line SokdErrors that name the key and the fix."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
 
 from .errors import SokdError, suggest
 
 M = TypeVar("M", bound=BaseModel)
 
+#: error type of `invalid`: its message is complete and is shown as it is
+COMPLETE_MESSAGE = "sokd"
 
-def _field_names(cls: Any) -> list[str]:
-    if dataclasses.is_dataclass(cls):
-        return [f.name for f in dataclasses.fields(cls)]
-    return list(getattr(cls, "model_fields", {}))
+
+def invalid(message: str) -> PydanticCustomError:
+    """A validation error (raise it in a validator) whose `message` is the whole one-line text."""
+    return PydanticCustomError(COMPLETE_MESSAGE, "{message}", {"message": message})
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the (nested) model or dataclass at `loc`'s parent, for 'did you mean' hints."""
+    """Field names of the (nested) model at `loc`'s parent, for 'did you mean' hints."""
     cls: Any = model
     for part in loc[:-1]:
         field = getattr(cls, "model_fields", {}).get(part)
@@ -26,21 +28,22 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
         ann = field.annotation
         for candidate in (ann, *getattr(ann, "__args__", ())):
-            if isinstance(candidate, type) and (issubclass(candidate, BaseModel)
-                                                or dataclasses.is_dataclass(candidate)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                 cls = candidate
                 break
         else:
             return []
-    return _field_names(cls)
+    return list(getattr(cls, "model_fields", {}))
 
 
 def describe(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
     """The first validation error as 'key: problem' with a suggestion for unknown keys."""
     e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+    if e["type"] == COMPLETE_MESSAGE:
+        return e["msg"]
+    loc = tuple(e["loc"])
     key = prefix + ".".join(str(p) for p in loc)
-    if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+    if e["type"] == "extra_forbidden":
         valid = _valid_keys(model, loc)
         hint = suggest(str(loc[-1]), valid)
         listing = f"; valid keys here: {', '.join(valid)}" if valid else ""

@@ -13,12 +13,24 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SokdError
-from . import readers
+from .arrays import first_per_class
+from .cifar import load_cifar
 from .config import DATASETS, DataConfig
+from .folders import find_image_folder, image_folders
+from .idx import load_fashion_mnist
 from .sources import BatchSource, LoaderBatches, TensorBatches, epoch_indices, shard_bounds
+from .synthetic import make_synthetic
 
 __all__ = ["DataBundle", "DataConfig", "BatchSource", "TensorBatches", "LoaderBatches", "create",
            "list_datasets", "epoch_indices", "shard_bounds"]
+
+STATS = {  # (mean, std) per channel of the training images, in [0, 1] units
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+STATS["imagefolder"] = STATS["imagenet"]
 
 
 @dataclass
@@ -42,7 +54,6 @@ def list_datasets() -> list[str]:
 def create(cfg: DataConfig, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
            seed: int = 0) -> DataBundle:
     """Load `cfg`'s data set and wrap both splits as batch sources for this rank."""
-    cfg.validate()
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     device = torch.device(device)
@@ -50,11 +61,11 @@ def create(cfg: DataConfig, device: torch.device | str = "cpu", rank: int = 0, w
         return _create_folder(cfg, device, rank, world_size, seed)
 
     if cfg.name == "synthetic":
-        splits = readers.make_synthetic(cfg.synthetic_size, cfg.synthetic_shape, cfg.synthetic_classes)
+        splits = make_synthetic(cfg.synthetic_size, cfg.synthetic_shape, cfg.synthetic_classes)
     elif cfg.name == "fashion_mnist":
-        splits = readers.load_fashion_mnist(cfg.root, cfg.download)
+        splits = load_fashion_mnist(cfg.root, cfg.download)
     else:
-        splits = readers.load_cifar(cfg.name, cfg.root, cfg.download)
+        splits = load_cifar(cfg.name, cfg.root, cfg.download)
 
     x_train, y_train, x_test, y_test = splits.x_train, splits.y_train, splits.x_test, splits.y_test
     _check_nonempty(len(y_train), len(y_test), splits.source, None)
@@ -97,7 +108,7 @@ def _train_subset(labels: torch.Tensor, cfg: DataConfig) -> torch.Tensor | slice
     """Indices kept by train_per_class (first N of each class, file order) then train_limit."""
     keep = None
     if cfg.train_per_class is not None:
-        keep = readers.first_per_class(labels, cfg.train_per_class)
+        keep = first_per_class(labels, cfg.train_per_class)
     if cfg.train_limit is not None:
         keep = keep[: cfg.train_limit] if keep is not None else slice(0, cfg.train_limit)
     return keep
@@ -116,7 +127,7 @@ def _check_nonempty(n_train: int, n_test: int, source: str, cfg: DataConfig | No
 
 def _stats(cfg: DataConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std: the config's, else the data set's defaults (synthetic: 0.5 / 0.25)."""
-    default = readers.STATS.get(cfg.name, ((0.5,), (0.25,)))
+    default = STATS.get(cfg.name, ((0.5,), (0.25,)))
     if len(default[0]) == 1 and channels > 1:
         default = (default[0] * channels, default[1] * channels)
     for key, given, fallback in (("mean", cfg.mean, default[0]), ("std", cfg.std, default[1])):
@@ -145,12 +156,12 @@ def _create_folder(cfg: DataConfig, device: torch.device, rank: int, world_size:
     if cfg.pad_to is not None:
         raise SokdError(f"data.pad_to applies to in-memory data sets, not {cfg.name}; use data.image_size")
     mean, std = _stats(cfg, 3)
-    root = readers.find_image_folder(cfg.name, cfg.root)
+    root = find_image_folder(cfg.name, cfg.root)
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     train_tf = T.Compose([T.RandomResizedCrop(cfg.image_size)]
                          + ([T.RandomHorizontalFlip()] if cfg.hflip else []) + norm)
     val_tf = T.Compose([T.Resize(round(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size)] + norm)
-    train_ds, val_ds = readers.image_folders(root, train_tf, val_tf)
+    train_ds, val_ds = image_folders(root, train_tf, val_tf)
     classes = list(train_ds.classes)
     _check_nonempty(len(train_ds), len(val_ds), str(root), None)
     targets = torch.as_tensor(train_ds.targets, dtype=torch.int64)

@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import methods, models
 from .engine.precision import autocast
+from .errors import SokdError
 
 VARIANTS = {
     "vanilla": ("vanilla", {}),
@@ -174,11 +175,41 @@ def plain_sokd_step(teacher, student, kbm_stages: int, T: float = 4.0, lr: float
     return step
 
 
+def check_args(teacher_arch: str, student_arch: str, batch, device: str, precision: str, num_classes,
+               shape, variants, warmup, reps, steps_per_rep, fp32_too) -> torch.device:
+    """SokdError (naming the `sokd bench` option) for any argument `run` cannot use; the device."""
+    for flag, value, low in (("--batch", batch, 1), ("--classes", num_classes, 1), ("--reps", reps, 1),
+                             ("--steps-per-rep", steps_per_rep, 1), ("--warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SokdError(f"{flag} must be an integer >= {low}, got {value!r}")
+    shape = tuple(shape)
+    if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+        raise SokdError(f"--input must be three positive sizes CxHxW (e.g. 3x32x32), got {shape!r}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise SokdError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
+    for name in list(variants or []) + list(fp32_too):
+        if name not in VARIANTS:
+            from .errors import unknown
+            raise unknown("bench variant", name, VARIANTS)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SokdError(f"--device '{device}' is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SokdError("--device asks for CUDA but no GPU is visible; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise SokdError(f"--device '{device}' is not supported by sokd bench; use cpu or cuda")
+    for arch in (teacher_arch, student_arch):  # unknown names fail here, before any timing
+        models.create(arch, num_classes=num_classes, in_channels=shape[0])
+    return dev
+
+
 def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "cpu",
         precision: str = "bf16", channels_last: bool = True, num_classes: int = 100,
         shape=(3, 32, 32), variants=None, warmup: int = 3, reps: int = 5, steps_per_rep: int = 3,
         plain: bool = True, memory: bool = True, fp32_too=(), log=print) -> dict:
-    dev = torch.device(device)
+    dev = check_args(teacher_arch, student_arch, batch, device, precision, num_classes, shape, variants,
+                     warmup, reps, steps_per_rep, fp32_too)
     torch.manual_seed(0)
     x = torch.randn(batch, *shape, device=dev)
     y = torch.randint(0, num_classes, (batch,), device=dev)

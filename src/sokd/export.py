@@ -11,7 +11,8 @@ module as one classifier). The exported model maps float32 NCHW images, normalis
 metadata (`sokd.json`: TorchScript extra file / ONNX metadata_props) records the input shape,
 mean/std, class count and names, arch and role.
 
-The file is written to a temporary name next to the target, loaded back (torch.jit.load /
+The file is serialised in memory, checked against the free space of the target's file system,
+written to a temporary name next to the target, loaded back (torch.jit.load /
 onnxruntime on the CPU) and run on a batch of the data set's test split; only if its logits match
 the PyTorch network's to `tolerance` (max absolute difference, default 1e-4) is it renamed into
 place. Otherwise the temporary file is deleted and a SokdError says by how much it disagreed.
@@ -23,7 +24,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -84,13 +84,14 @@ class _Logits(nn.Module):
 # ---------------------------------------------------------------- rebuilding the network
 def load_exportable(checkpoint: str | os.PathLike, role: str | None = None) -> Exportable:
     """The network `role` of a run checkpoint, or the one network of a model file, in eval mode."""
-    from .engine import safe_load
+    from .engine.checkpoint import check_finite, check_layout, safe_load
     ckpt = safe_load(checkpoint)
+    check_layout(ckpt, checkpoint)
     fmt = ckpt.get("format")
-    if fmt == "sokd-run":
-        return _from_run(ckpt, str(checkpoint), role)
-    if fmt == "sokd-model":
-        return _from_model_file(ckpt, str(checkpoint), role)
+    if fmt in ("sokd-run", "sokd-model"):
+        item = (_from_run if fmt == "sokd-run" else _from_model_file)(ckpt, str(checkpoint), role)
+        check_finite(item.net.state_dict(), checkpoint)
+        return item
     raise SokdError(f"'{checkpoint}' is not a sokd run checkpoint or model file; export a run's "
                     f"last.pt / best.pt or a model file such as student.pt")
 
@@ -156,6 +157,11 @@ def _test_images(item: Exportable, n: int, overrides: dict | None):
         raise SokdError(f"the test images are {'x'.join(map(str, bundle.shape))} but the network was "
                         f"trained on {'x'.join(map(str, item.preprocess['shape']))}; drop the data "
                         f"overrides that change the image size")
+    trained_for = item.arch["num_classes"]
+    if bundle.num_classes != trained_for:
+        raise SokdError(f"'{item.source.get('checkpoint')}' was trained for {trained_for} classes but data "
+                        f"set {bundle.name} has {bundle.num_classes}; export it with the data it was "
+                        f"trained on (drop the data overrides that change the classes)")
     chunks, have = [], 0
     for images, _ in bundle.test:
         chunks.append(images.float().contiguous())
@@ -267,18 +273,23 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
-def _write_torchscript(model: nn.Module, example: torch.Tensor, path: str, meta_json: str) -> None:
+def _torchscript_bytes(model: nn.Module, example: torch.Tensor, meta_json: str) -> bytes:
+    """The traced TorchScript archive as bytes (serialised in memory: its C++ writer aborts the
+    process when a file system fills up under it)."""
     try:
         with _quiet(), torch.no_grad():
             traced = torch.jit.trace(model, example, check_trace=False)
     except Exception as err:
         raise SokdError(f"TorchScript tracing failed ({_first_line(err)}); "
                         f"try --format onnx") from None
+    buffer = io.BytesIO()
     with _quiet():
-        torch.jit.save(traced, path, _extra_files={METADATA_KEY: meta_json})
+        torch.jit.save(traced, buffer, _extra_files={METADATA_KEY: meta_json})
+    return buffer.getvalue()
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, path: str, meta_json: str, opset: int) -> None:
+def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta_json: str, opset: int) -> tuple[bytes, int]:
+    """The ONNX model (with its metadata) as bytes, serialised in memory, and its opset."""
     import onnx
     common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
     attempts = []
@@ -289,24 +300,20 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: str, meta_json: s
         dynamo=True, external_data=False, dynamic_shapes=({0: torch.export.Dim("batch")},))))
     errors = []
     for label, options in attempts:
+        buffer = io.BytesIO()
         try:
             with _quiet(), torch.no_grad():
-                torch.onnx.export(model, (example,), path, **common, **options)
+                torch.onnx.export(model, (example,), buffer, **common, **options)
             break
         except Exception as err:
             errors.append(f"{label}: {_first_line(err)}")
     else:
         raise SokdError(f"ONNX export failed at opset {opset} ({'; '.join(errors)}); try another --opset "
                         f"or --format torchscript")
-    proto = onnx.load(path)
+    proto = onnx.load_model_from_string(buffer.getvalue())
     proto.metadata_props.add(key=METADATA_KEY, value=meta_json)
-    onnx.save(proto, path)
-
-
-def onnx_opset(path: str | os.PathLike) -> int:
-    import onnx
-    proto = onnx.load(str(path), load_external_data=False)
-    return next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
+    opset = next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
+    return proto.SerializeToString(), opset
 
 
 def run_exported(path: str | os.PathLike, fmt: str, images: torch.Tensor) -> torch.Tensor:
@@ -348,36 +355,52 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return json.loads(text)
 
 
-def _publish(tmp: str, path: Path) -> None:
-    """fsync the finished temporary file, then rename it over `path` (see engine.checkpoint)."""
-    from .engine.checkpoint import commit_file
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    commit_file(tmp, path)
+#: what to do when an exported file does not fit
+_NO_SPACE_FIX = "free space or pass --out elsewhere"
+
+
+def _write_temp(data: bytes, path: Path) -> str:
+    """`data` written and fsynced to a new temporary file next to `path`; its name.
+
+    A file that cannot fit is refused before anything is written; a full disk met while writing
+    removes the temporary file. Both are a one-line SokdError.
+    """
+    from .engine.checkpoint import check_free_space, make_temp, write_bytes
+    check_free_space(path, len(data), _NO_SPACE_FIX)
+    try:
+        fd, tmp = make_temp(path, _NO_SPACE_FIX)
+    except OSError as err:
+        raise SokdError(f"cannot write '{path}' ({err.strerror}); pass --out PATH in a writable directory") from None
+    try:
+        try:
+            write_bytes(fd, data, path, _NO_SPACE_FIX)
+        finally:
+            os.close(fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return tmp
 
 
 def export_network(item: Exportable, fmt: str, path: Path, images: torch.Tensor, *,
                    opset: int | None = None, tolerance: float = TOLERANCE,
                    class_names: list[str] | None = None) -> ExportResult:
     """Write `item.net` to `path` atomically after checking its logits on `images` against PyTorch."""
+    from .engine.checkpoint import commit_file
     fmt = _check_format(fmt)
     opset = _check_opset(opset, fmt)
     meta = metadata(item, class_names)
     meta_json = json.dumps(meta, sort_keys=True)
     model = _Logits(item.net).eval()
     images = images.detach().to("cpu", torch.float32).contiguous()
+    example = images[:_TRACE_BATCH].clone()
+    if fmt == "onnx":
+        data, opset = _onnx_bytes(model, example, meta_json, opset)
+    else:
+        data = _torchscript_bytes(model, example, meta_json)
+    tmp = _write_temp(data, path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as err:
-        raise SokdError(f"cannot write '{path}' ({err.strerror}); pass --out PATH in a writable directory") from None
-    try:
-        example = images[:_TRACE_BATCH].clone()
-        if fmt == "onnx":
-            _write_onnx(model, example, tmp, meta_json, opset)
-            opset = onnx_opset(tmp)
-        else:
-            _write_torchscript(model, example, tmp, meta_json)
         with torch.no_grad():
             ref = model(images)
         try:
@@ -393,7 +416,7 @@ def export_network(item: Exportable, fmt: str, path: Path, images: torch.Tensor,
             raise SokdError(f"the exported {fmt} model disagrees with PyTorch: max |logit diff| {diff:.2e} > "
                             f"{tolerance:.0e} on {images.shape[0]} test images; nothing was written "
                             f"(try the other --format{' or another --opset' if fmt == 'onnx' else ''})")
-        _publish(tmp, path)
+        commit_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -5,7 +5,9 @@ selected on the test set and therefore optimistic.
 """
 from __future__ import annotations
 
+import io
 import json
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -36,9 +38,89 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+_LEAVE_OUT = "restore it from a copy or leave this run out of the report"
+
+
+def _read(path: Path) -> str:
+    if not path.exists():
+        raise SokdError(f"'{path}' is missing, so '{path.parent}' is not a complete run; {_LEAVE_OUT}")
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise SokdError(f"'{path}' is {kind}, not a file sokd wrote; {_LEAVE_OUT}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SokdError(f"'{path}' is not text (corrupt?); {_LEAVE_OUT}") from None
+    except OSError as err:
+        raise SokdError(f"cannot read '{path}' ({err.strerror}); check its permissions or {_LEAVE_OUT}") from None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _summary_problem(summary) -> str | None:
+    """What makes `summary` unusable for a report, or None."""
+    if not isinstance(summary, dict):
+        return f"a JSON {type(summary).__name__}, not an object"
+    for key in ("name", "method", "primary_role"):
+        if not isinstance(summary.get(key), str):
+            return f"'{key}' is missing or not a string"
+    if not isinstance(summary.get("seed"), int):
+        return "'seed' is missing or not an integer"
+    nets = summary.get("networks")
+    if not isinstance(nets, dict) or not nets:
+        return "'networks' is missing or empty"
+    for role, net in nets.items():
+        if not isinstance(net, dict) or not all(_number(net.get(k)) for k in ("top1_final", "top1_best")):
+            return f"networks.{role} lacks numeric top1_final / top1_best"
+    compare = summary.get("compare", {})
+    if not isinstance(compare, dict) or not all(
+            isinstance(m, dict) and _number(m.get("agreement")) and _number(m.get("kl")) for m in compare.values()):
+        return "'compare' is not a mapping of pairs to numeric agreement / kl"
+    return None
+
+
+def _row_problem(row, primary: str) -> str | None:
+    """What makes one metrics.jsonl row unusable for a report, or None."""
+    if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+        return "not an object with an integer 'epoch'"
+    test = row.get("test")
+    if not isinstance(test, dict) or not all(isinstance(m, dict) and _number(m.get("top1")) for m in test.values()):
+        return "'test' is not a mapping of roles to a numeric top1"
+    if row["epoch"] > 0 and primary not in test:
+        return f"'test' has no '{primary}' (the run's primary role)"
+    train = row.get("train")
+    if train is not None and not (isinstance(train, dict) and isinstance(train.get("terms"), dict)
+                                  and all(_number(v) for v in train["terms"].values())):
+        return "'train.terms' is not a mapping of numbers"
+    return None
+
+
 def load(run: Path) -> dict:
-    summary = json.loads((run / "summary.json").read_text())
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    """A run's summary.json and metrics.jsonl; an unreadable or malformed file is a SokdError naming it."""
+    path = run / "summary.json"
+    try:
+        summary = json.loads(_read(path))
+    except json.JSONDecodeError as err:
+        raise SokdError(f"'{path}' is truncated or not valid JSON ({err.msg} at line {err.lineno}); "
+                        f"{_LEAVE_OUT}") from None
+    problem = _summary_problem(summary)
+    if problem:
+        raise SokdError(f"'{path}' is not a sokd run summary ({problem}); {_LEAVE_OUT}")
+    path = run / "metrics.jsonl"
+    rows = []
+    for n, line in enumerate(_read(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise SokdError(f"'{path}' line {n} is truncated or not valid JSON; {_LEAVE_OUT}") from None
+        problem = _row_problem(row, summary["primary_role"])
+        if problem:
+            raise SokdError(f"'{path}' line {n} is not a sokd metrics row ({problem}); {_LEAVE_OUT}")
+        rows.append(row)
     return {"dir": run, "summary": summary, "metrics": rows}
 
 
@@ -105,7 +187,7 @@ def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_out(out_dir)
     paths = []
     curves = list(_curves(groups))
     # left: whole run; right: the last third, where methods differ by tenths of a point, with the
@@ -142,7 +224,7 @@ def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
         ax.set_ylim(bottom=max(0, min(sorted(lo)[len(lo) // 2] - 10, 100)))
     p = out_dir / "test_top1.png"
     fig.tight_layout()
-    fig.savefig(p, dpi=120, bbox_inches="tight")  # keep the legend beside the zoom
+    _save_figure(fig, p, dpi=120, bbox_inches="tight")  # keep the legend beside the zoom
     plt.close(fig)
     paths.append(p)
 
@@ -165,10 +247,40 @@ def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
         ax.axis("off")
     p = out_dir / "loss_terms.png"
     fig.tight_layout()
-    fig.savefig(p, dpi=110)
+    _save_figure(fig, p, dpi=110)
     plt.close(fig)
     paths.append(p)
     return paths
+
+
+#: what to do when a report file does not fit
+NO_SPACE_FIX = "free space or pass --out elsewhere"
+
+
+def prepare_out(out_dir: Path) -> None:
+    """Create the --out folder (SokdError when it is a file or cannot be made or written)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SokdError(f"--out '{out_dir}' is a file, not a folder; pass a folder for the report")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SokdError(f"cannot create --out folder '{out_dir}' ({err.strerror}); pass a writable folder") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise SokdError(f"--out folder '{out_dir}' is not writable; pass a writable folder")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a report file atomically (a full disk is a one-line SokdError)."""
+    from .engine.checkpoint import atomic_write_text, default_file_mode
+    atomic_write_text(path, text, NO_SPACE_FIX, default_file_mode())
+
+
+def _save_figure(fig, path: Path, **options) -> None:
+    from .engine.checkpoint import atomic_write_bytes, default_file_mode
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **options)
+    atomic_write_bytes(path, buffer.getvalue(), NO_SPACE_FIX, default_file_mode())
 
 
 def build(paths: list[str], out_dir: str | None = None) -> dict:

@@ -130,23 +130,41 @@ def rebuild_model_file(ckpt: dict, path: str) -> tuple[torch.nn.Module, Config |
 
 def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: str = "auto",
                         precision: str = "fp32") -> dict:
-    """Score a run checkpoint (every role) or a model file on its data set's test split."""
+    """Score a run checkpoint (every role) or a model file on its data set's test split.
+
+    Refused before scoring: non-finite weights, and a data set whose classes or image shape
+    differ from those the networks were trained on.
+    """
     from .data.config import DataConfig
+    from .engine.checkpoint import check_finite, check_layout
     ckpt = safe_load(path)
+    check_layout(ckpt, path)
     fmt = ckpt.get("format")
     dev = resolve_device(device)
     if fmt == "sokd-run":
         method, _, cfg = rebuild_run(ckpt, path)
+        check_finite(method.state_dict(), path)
         data_cfg = cfg.data
+        trained = ckpt["data"]
     elif fmt == "sokd-model":
         net, cfg = rebuild_model_file(ckpt, path)
+        check_finite(net.state_dict(), path)
         data_cfg = cfg.data if cfg is not None else DataConfig(name=ckpt["data"]["name"])
         method = methods.create("vanilla", model=net)
+        trained = {"num_classes": ckpt["num_classes"], "shape": ckpt.get("preprocess", {}).get("shape")}
     else:
         raise SokdError(f"'{path}' is not a sokd run checkpoint or model file")
     if data_overrides:
         data_cfg = DataConfig.from_dict({**data_cfg.__dict__, **data_overrides})
     bundle = data_layer.create(data_cfg, device=dev)
+    if bundle.num_classes != trained["num_classes"]:
+        raise SokdError(f"'{path}' was trained for {trained['num_classes']} classes but data set "
+                        f"{bundle.name} has {bundle.num_classes}; evaluate it on the data it was trained on")
+    shape = trained.get("shape")
+    if shape is not None and list(bundle.shape) != list(shape):
+        raise SokdError(f"'{path}' was trained on {'x'.join(map(str, shape))} images but data set "
+                        f"{bundle.name} has {'x'.join(map(str, bundle.shape))}; evaluate it on the data "
+                        f"it was trained on")
     method.to(dev)
     result = evaluate(method, bundle.test, dev, precision)
     result["checkpoint"] = str(path)

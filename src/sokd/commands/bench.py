@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -31,10 +32,12 @@ def run(args) -> int:
     from .. import bench
     from ..errors import SokdError
     from .table import render
-    shape = tuple(int(v) for v in args.input.split("x"))
-    unknown = [m for m in (args.methods or []) + args.fp32_too if m not in bench.VARIANTS]
-    if unknown:
-        raise SokdError(f"unknown bench variant '{unknown[0]}'; valid: {', '.join(bench.VARIANTS)}")
+    try:
+        shape = tuple(int(v) for v in args.input.split("x"))
+    except ValueError:
+        raise SokdError(f"--input must be CxHxW with integer sizes (e.g. 3x32x32), got '{args.input}'") from None
+    if args.json:
+        _check_json_path(Path(args.json))
     res = bench.run(args.teacher, args.student, args.batch, args.device, args.precision,
                     not args.no_channels_last, args.classes, shape, args.methods, args.warmup,
                     args.reps, args.steps_per_rep, plain=not args.no_plain, memory=not args.no_memory,
@@ -50,7 +53,25 @@ def run(args) -> int:
     for k, v in res["ratios"].items():
         print(f"  {k}: {v:.2f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        from ..engine.checkpoint import atomic_write_text, default_file_mode
+        path = Path(args.json)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SokdError(f"cannot create the folder of --json '{path}' ({err.strerror}); pass a "
+                            f"writable path") from None
+        atomic_write_text(path, json.dumps(res, indent=2) + "\n", "free space or pass --json elsewhere",
+                          default_file_mode())
         print(f"wrote {args.json}")
     return 0
+
+
+def _check_json_path(path: Path) -> None:
+    """Refuse a --json path that cannot be written before the (minutes long) measurement starts."""
+    from ..errors import SokdError
+    if path.is_dir():
+        raise SokdError(f"--json '{path}' is a directory; pass a file path such as {path / 'bench.json'}")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise SokdError(f"--json '{path}' cannot be written ('{parent}' is not a writable folder); "
+                        f"pass a writable path")

@@ -22,8 +22,8 @@ def run(args) -> int:
         claims_md = claims.check(args.runs)
         print("\n" + claims_md)
     if args.out:
-        (Path(args.out) / "report.md").write_text(res["markdown"] + "\n")
+        report.write_text(Path(args.out) / "report.md", res["markdown"] + "\n")
         if claims_md:
-            (Path(args.out) / "claims.md").write_text(claims_md)
+            report.write_text(Path(args.out) / "claims.md", claims_md)
         print(f"wrote {args.out}/report.md and " + ", ".join(res["plots"]))
     return 0

@@ -1,13 +1,18 @@
 """Checkpoints that survive crashes and refuse to run code.
 
-Writes go to a temporary file in the same directory, are flushed and fsynced, then renamed over
-the target, so a crash leaves either the old file or the new one. Loads use
+Writes are serialised in memory first, checked against the free space of the target's file
+system, written to a temporary file in the same directory, flushed and fsynced, then renamed over
+the target, so a crash leaves either the old file or the new one, and a full disk is a one-line
+SokdError that leaves no temporary file behind. Loads use
 `torch.load(weights_only=True)`: a pickle crafted to execute code is refused.
 """
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -18,20 +23,110 @@ from torch import nn
 from ..errors import SokdError
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Call `write(file)` on a temporary file next to `path`, fsync it, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+#: free space a write must leave on the file system (its metadata, other processes' appends)
+FREE_MARGIN = 64 * 1024
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+OUTPUT_DIR_FIX = "free space or set output.dir elsewhere"
+
+
+def _mb(n: int | float) -> str:
+    mb = n / 2 ** 20
+    return f"{mb:.2f}" if mb < 10 else f"{mb:.0f}"
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes free for writing in the directory holding `path` (None when it cannot be told)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        return shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return None
+
+
+def no_space_error(path: str | os.PathLike, needed: int | None, fix: str = OUTPUT_DIR_FIX) -> SokdError:
+    """The one-line error for a file that does not fit on its file system."""
+    free = free_bytes(path)
+    parts = [f"needed ~{_mb(needed)} MB" if needed is not None else None,
+             f"{_mb(free)} MB free" if free is not None else None]
+    detail = ", ".join(p for p in parts if p)
+    return SokdError(f"no space left on device writing '{path}'" + (f" ({detail})" if detail else "")
+                     + f"; {fix}")
+
+
+def is_no_space(err: BaseException) -> bool:
+    """Whether `err` is a full disk or an exceeded quota."""
+    return isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS
+
+
+def check_free_space(path: str | os.PathLike, size: int, fix: str = OUTPUT_DIR_FIX) -> None:
+    """SokdError unless `size` bytes (plus FREE_MARGIN) fit next to `path`."""
+    free = free_bytes(path)
+    if free is not None and free < size + FREE_MARGIN:
+        raise no_space_error(path, size, fix)
+
+
+def write_bytes(fd: int, data: bytes, path: str | os.PathLike, fix: str = OUTPUT_DIR_FIX) -> None:
+    """Write all of `data` to the open file descriptor `fd` (a file that will become `path`) and
+    fsync it; a full disk is a SokdError naming `path`."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as err:
+        if is_no_space(err):
+            raise no_space_error(path, len(data), fix) from None
+        raise
+
+
+def make_temp(path: str | os.PathLike, fix: str = OUTPUT_DIR_FIX) -> tuple[int, str]:
+    """A new temporary file next to `path`, as (fd, name); a full disk is a SokdError."""
+    path = Path(path)
+    try:
+        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        if is_no_space(err):
+            raise no_space_error(path, None, fix) from None
+        raise
+
+
+def default_file_mode() -> int:
+    """The permissions open() gives a new file: 0o666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fix: str = OUTPUT_DIR_FIX,
+                       mode: int | None = None) -> None:
+    """Write `data` to a temporary file next to `path`, fsync it, then rename it over `path`.
+
+    A file that cannot fit is refused before anything is written; a full disk met while writing
+    is a SokdError too. Either way the temporary file is removed and `path` is left as it was.
+    `mode`: the file's permissions (default: the temporary file's, owner-only).
+    """
+    path = Path(path)
+    check_free_space(path, len(data), fix)
+    fd, tmp = make_temp(path, fix)
+    try:
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            write_bytes(fd, data, path, fix)
+        finally:
+            os.close(fd)
         commit_file(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Call `write(buffer)` on an in-memory buffer, then write its bytes atomically to `path`
+    (see atomic_write_bytes): serialisers never see the disk, so a full one is always named."""
+    buffer = io.BytesIO()
+    write(buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def commit_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -49,8 +144,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(path: str | os.PathLike, text: str, fix: str = OUTPUT_DIR_FIX,
+                      mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), fix, mode)
 
 
 def safe_load(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -79,6 +175,81 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(obj, dict):
         raise SokdError(f"checkpoint '{path}' is not a sokd checkpoint (expected a mapping)")
     return obj
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _sequence(v, n: int | None = None, item=(int, float)) -> bool:
+    return (isinstance(v, (list, tuple)) and (n is None or len(v) == n)
+            and all(isinstance(x, item) and not isinstance(x, bool) for x in v))
+
+
+def _layout_problem(ckpt: dict) -> str | None:
+    """What a run checkpoint or model file lacks for sokd eval / export to rebuild it, or None."""
+    def tensors(key):
+        state = ckpt.get(key)
+        ok = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in state.items())
+        return None if ok else f"'{key}' is not a mapping of names to tensors"
+
+    data = ckpt.get("data")
+    if ckpt["format"] == "sokd-run":
+        if not isinstance(ckpt.get("config"), dict):
+            return "'config' is missing or not a mapping"
+        if not (isinstance(data, dict) and isinstance(data.get("name"), str) and _sequence(data.get("shape"), 3, int)
+                and _sequence(data.get("mean")) and _sequence(data.get("std")) and _is_int(data.get("num_classes"))):
+            return "'data' lacks name / shape / mean / std / num_classes"
+        return tensors("method")
+    for key, kind in (("arch", str), ("num_classes", int), ("in_channels", int)):
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
+            return f"'{key}' is missing or not a {kind.__name__}"
+    if not isinstance(ckpt.get("kwargs", {}), dict) or not isinstance(ckpt.get("config") or {}, dict):
+        return "'kwargs' or 'config' is not a mapping"
+    pre = ckpt.get("preprocess")
+    if not (isinstance(pre, dict) and _sequence(pre.get("shape"), 3, int) and _sequence(pre.get("mean"))
+            and _sequence(pre.get("std"))):
+        return "'preprocess' lacks shape / mean / std"
+    if not (isinstance(data, dict) and isinstance(data.get("name"), str)):
+        return "'data' lacks the data set's name"
+    return tensors("state_dict")
+
+
+def check_layout(ckpt: dict, path: str | os.PathLike) -> None:
+    """SokdError unless a loaded 'sokd-run' / 'sokd-model' checkpoint holds every entry (and a
+    valid config) that rebuilding its networks reads; other formats pass unchecked."""
+    if ckpt.get("format") not in ("sokd-run", "sokd-model"):
+        return
+    problem = _layout_problem(ckpt)
+    if problem is None and ckpt.get("config"):
+        from ..config import Config
+        from ..validation import validate
+        try:
+            validate(Config, ckpt["config"])
+        except SokdError as err:
+            problem = f"its config: {err}"
+    if problem:
+        raise SokdError(f"checkpoint '{path}' is damaged or was not written by this sokd ({problem}); "
+                        f"use another copy, e.g. best.pt")
+
+
+def non_finite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of `state` holding NaN or infinity."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+            and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(state: dict, path: str | os.PathLike) -> None:
+    """SokdError when weights or buffers of `state` are NaN or infinite: they score and export
+    as if they were a model, so they are refused before either."""
+    bad = non_finite_tensors(state)
+    if bad:
+        earlier = "an older backup" if Path(path).name == "best.pt" else "best.pt"
+        raise SokdError(f"checkpoint '{path}' holds non-finite weights ({len(bad)} tensor"
+                        f"{'s' if len(bad) != 1 else ''}, e.g. {bad[0]}); use an earlier checkpoint "
+                        f"such as {earlier}")
 
 
 def load_state_strict(module: nn.Module, state: dict, what: str) -> None:

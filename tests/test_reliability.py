@@ -223,7 +223,7 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(bad_inputs, tmp_path,
         if not any(o.startswith("output.dir") for o in overrides):
             ok = ok and not run_dir.exists()
         if not ok:
-            failures.append((name, proc.returncode, msg[-400:]))
+            failures.append((name, code, msg[-400:]))
     Path(os.environ.get("SOKD_BAD_INPUT_TABLE", tmp_path / "table.md")).write_text(
         "| bad input | what the user sees |\n|---|---|\n"
         + "".join(f"| {n} | `{m}` |\n" for n, m in table))

@@ -319,3 +319,15 @@ def test_signal_before_training_starts_writes_nothing(tmp_path):
     code, _, err = run.finish()
     assert code == 128 + signal.SIGTERM and err == "sokd: stopped by SIGTERM", err
     assert not run_dir.exists()
+
+
+def test_resume_rewrites_metrics_from_the_checkpoint_history(make_config):
+    """A metrics line lost or cut short (a crash, a full disk) comes back from last.pt's history."""
+    from sokd import config, runner
+    base = make_config("vanilla", train={"epochs": 2})
+    runner.train(config.build(base))
+    run_dir = config.build(base).run_dir
+    whole = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").write_text(whole[: len(whole) // 2])
+    runner.train(config.build({**base, "output": {**base["output"], "resume": True}}))
+    assert (run_dir / "metrics.jsonl").read_text() == whole

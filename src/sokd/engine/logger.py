@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, check_free_space, is_no_space, no_space_error
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, float]:
@@ -19,19 +19,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, float]:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool, keep_epochs_upto: int | None):
+    def __init__(self, run_dir: Path, tensorboard: bool, history: list[dict] | None = None):
+        """`history` (a resumed run's rows, from its checkpoint) rewrites metrics.jsonl, so rows
+        written after that checkpoint, or lost or cut short by a crash or a full disk, come out
+        exactly as the checkpoint knows them."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.rows: list[dict] = []
-        if keep_epochs_upto is not None and self.path.exists():
-            # resuming: drop lines of epochs the checkpoint does not cover (written after it)
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row.get("epoch", 0) <= keep_epochs_upto:
-                    self.rows.append(row)
+        if history is not None:
+            self.rows = list(history)
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.writer = None
         if tensorboard:
@@ -40,9 +36,16 @@ class RunLogger:
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        line = (json.dumps(row) + "\n").encode()
+        check_free_space(self.path, len(line))
+        try:
+            with open(self.path, "ab") as f:
+                f.write(line)
+                f.flush()
+        except OSError as err:
+            if is_no_space(err):
+                raise no_space_error(self.path, len(line)) from None
+            raise
         if self.writer is not None:
             for key, value in _flatten(row).items():
                 if key != "epoch":

@@ -205,7 +205,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
         if start_epoch >= tr.epochs:
             dist.print(f"run already finished {start_epoch} epochs; raise train.epochs to train more")
 
-    logger = RunLogger(ctx.run_dir, cfg.output.tensorboard, start_epoch if ckpt else None) if dist.is_main else None
+    logger = RunLogger(ctx.run_dir, cfg.output.tensorboard, history if ckpt else None) if dist.is_main else None
     if tr.compile:
         step_module = torch.compile(step_module)
 

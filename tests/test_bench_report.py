@@ -13,7 +13,7 @@ from .conftest import tiny_config
 
 
 def test_bench_measures_every_requested_variant_and_the_plain_baseline():
-    res = bench.run("resnet14", "resnet8", batch=8, precision="bf16", num_classes=10, shape=(3, 16, 16),
+    res = bench.run("resnet14", "resnet8", batch=4, precision="bf16", num_classes=10, shape=(3, 8, 8),
                     variants=["vanilla", "kd", "sokd", "sokd+at"], warmup=1, reps=2, steps_per_rep=1,
                     memory=True, fp32_too=["vanilla"], log=lambda *_: None)
     names = [r["name"] for r in res["results"]]

@@ -87,8 +87,8 @@ def test_local_torchvision_weights_are_loaded(tmp_path):
     tree = tiny_config(tmp_path, "sokd", data={"synthetic_classes": 10, "synthetic_shape": [3, 32, 32]})
     tree["teacher"] = {"arch": "tv.resnet18", "weights": str(path)}
     cfg = config.build(tree)
-    method, arch_of = runner.build_method(cfg, 10, (3, 32, 32))
-    assert arch_of["teacher"]["arch"] == "tv.resnet18"
+    method = runner.build_method(cfg, 10, (3, 32, 32))
+    assert sokd.models.spec_of(method.nets["teacher"])["arch"] == "tv.resnet18"
     with torch.no_grad():
         assert torch.allclose(method.nets["teacher"].eval()(x), expected, atol=1e-5)
 

@@ -103,7 +103,7 @@ def test_sokd_teacher_branch_from_model_file_and_run_checkpoint(sokd_run, tmp_pa
     assert item.arch["arch"] == "resnet14" and item.source["method"] == "sokd"
     whole = export.load_exportable(sokd_run / "last.pt", "student")  # rebuilds the whole method
     assert whole.role == "student"
-    method, _ = runner.build_method(
+    method = runner.build_method(
         config.build({**tiny_config(tmp_path, "sokd"), "teacher": {"arch": "resnet14"}}), 4, (3, 16, 16),
         require_trained=False)
     method.load_state_dict(torch.load(sokd_run / "last.pt", weights_only=True)["method"])

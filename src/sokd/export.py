@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import artifacts, models
 from .errors import SokdError, suggest
 
 FORMATS = ("torchscript", "onnx")
@@ -84,12 +85,11 @@ class _Logits(nn.Module):
 # ---------------------------------------------------------------- rebuilding the network
 def load_exportable(checkpoint: str | os.PathLike, role: str | None = None) -> Exportable:
     """The network `role` of a run checkpoint, or the one network of a model file, in eval mode."""
-    from .engine.checkpoint import check_finite, check_layout, safe_load
-    ckpt = safe_load(checkpoint)
-    check_layout(ckpt, checkpoint)
-    fmt = ckpt.get("format")
-    if fmt in ("sokd-run", "sokd-model"):
-        item = (_from_run if fmt == "sokd-run" else _from_model_file)(ckpt, str(checkpoint), role)
+    from .engine.checkpoint import check_finite
+    ckpt = artifacts.load(checkpoint)
+    fmt = artifacts.kind(ckpt)
+    if fmt is not None:
+        item = (_from_run if fmt == artifacts.RUN_FORMAT else _from_model_file)(ckpt, str(checkpoint), role)
         check_finite(item.net.state_dict(), checkpoint)
         return item
     raise SokdError(f"'{checkpoint}' is not a sokd run checkpoint or model file; export a run's "
@@ -105,11 +105,10 @@ def _from_model_file(ckpt: dict, path: str, role: str | None) -> Exportable:
                         f"network of a run checkpoint (last.pt / best.pt), so drop --role or export "
                         f"from the run checkpoint")
     net, cfg = runner.rebuild_model_file(ckpt, path)
-    arch = {k: ckpt[k] for k in ("arch", "num_classes", "in_channels")}
-    arch["kwargs"] = dict(ckpt.get("kwargs", {}))
+    arch = models.spec_of(net)
     data_cfg = cfg.data if cfg is not None else DataConfig(name=ckpt["data"]["name"])
     return Exportable(net.eval(), name, arch, dict(ckpt["preprocess"]), data_cfg,
-                      {"checkpoint": path, "format": "sokd-model",
+                      {"checkpoint": path, "format": artifacts.MODEL_FORMAT,
                        "method": cfg.method.name if cfg is not None else None})
 
 
@@ -117,7 +116,7 @@ def _from_run(ckpt: dict, path: str, role: str | None) -> Exportable:
     from . import runner
     from .models.staged import StagedNet
     data = ckpt["data"]
-    method, arch_of, cfg = runner.rebuild_run(ckpt, path)
+    method, cfg = runner.rebuild_run(ckpt, path)
     method.eval()
     candidates = {name: (arch_role, module) for name, (arch_role, module) in method.standalone().items()}
     for r, net in method.nets.items():
@@ -133,12 +132,10 @@ def _from_run(ckpt: dict, path: str, role: str | None) -> Exportable:
         raise SokdError(f"checkpoint '{path}' has no network '{role}'{suggest(role, candidates)}; "
                         f"--role must be one of: {', '.join(candidates)}")
     arch_role, module = candidates[role]
-    info = arch_of[arch_role]
-    arch = {"arch": info["arch"], "num_classes": info["num_classes"], "in_channels": info["in_channels"],
-            "kwargs": dict(info.get("kwargs", {}))}
+    arch = models.spec_of(method.nets[arch_role])
     preprocess = {"shape": list(data["shape"]), "mean": list(data["mean"]), "std": list(data["std"])}
     return Exportable(module.eval(), role, arch, preprocess, cfg.data,
-                      {"checkpoint": path, "format": "sokd-run", "method": cfg.method.name,
+                      {"checkpoint": path, "format": artifacts.RUN_FORMAT, "method": cfg.method.name,
                        "epoch": ckpt.get("epoch")})
 
 
@@ -147,7 +144,7 @@ def _test_images(item: Exportable, n: int, overrides: dict | None):
     from . import data as data_layer
     from .data.config import DataConfig
     # one test batch of (at least) n images is all the check needs
-    data_cfg = DataConfig.from_dict({**item.data_cfg.__dict__, "eval_batch_size": n, **(overrides or {})})
+    data_cfg = DataConfig.from_dict({**item.data_cfg.model_dump(), "eval_batch_size": n, **(overrides or {})})
     try:
         bundle = data_layer.create(data_cfg, device="cpu")
     except SokdError as err:

@@ -7,33 +7,13 @@ from pathlib import Path
 import torch
 
 from . import data as data_layer
-from . import methods, models
+from . import artifacts, methods, models
 from .config import Config, NetworkSpec, import_plugins
 from .engine import DistContext, FitContext, evaluate, fit, load_state_strict, resolve_device, safe_load
 from .errors import SokdError
 
 #: methods whose teacher must come trained (a checkpoint or local weights)
 NEEDS_TRAINED_TEACHER = {"kd", "kd_dml", "sokd"}
-
-
-def _state_from_checkpoint(ckpt: dict, path: str, role: str | None) -> dict:
-    """A network's state dict from a model file or from one role of a run checkpoint."""
-    fmt = ckpt.get("format")
-    if fmt == "sokd-model":
-        return ckpt["state_dict"]
-    if fmt == "sokd-run":
-        states = ckpt["method"]
-        roles = sorted({k.split(".")[1] for k in states if k.startswith("nets.")})
-        if role is None:
-            role = next((r for r in ("model", "student") if r in roles), roles[0] if roles else None)
-        if role not in roles:
-            raise SokdError(f"checkpoint '{path}' has no role '{role}'; it holds: {', '.join(roles)} "
-                            f"(set checkpoint_role)")
-        prefix = f"nets.{role}."
-        return {k[len(prefix):]: v for k, v in states.items() if k.startswith(prefix)}
-    if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt  # a bare state dict
-    raise SokdError(f"'{path}' is not a sokd checkpoint, model file or state dict")
 
 
 def build_network(spec: NetworkSpec, role: str, num_classes: int, in_channels: int) -> torch.nn.Module:
@@ -45,14 +25,14 @@ def build_network(spec: NetworkSpec, role: str, num_classes: int, in_channels: i
     net = models.create(spec.arch, num_classes=num_classes, in_channels=in_channels, **kwargs)
     if spec.checkpoint:
         ckpt = safe_load(spec.checkpoint)
-        state = _state_from_checkpoint(ckpt, spec.checkpoint, spec.checkpoint_role)
+        state = artifacts.network_state(ckpt, spec.checkpoint, spec.checkpoint_role)
         load_state_strict(net, state, f"{role}.checkpoint '{spec.checkpoint}'")
     return net
 
 
 def build_method(cfg: Config, num_classes: int, shape,
-                 require_trained: bool = True) -> tuple[methods.Method, dict]:
-    """The method with its networks, and role -> architecture facts for saved model files."""
+                 require_trained: bool = True) -> methods.Method:
+    """The method with its networks (each carries its spec, see `models.spec_of`)."""
     import_plugins(cfg.imports)
     name = cfg.method.name
     teacher = cfg.teacher
@@ -65,18 +45,7 @@ def build_method(cfg: Config, num_classes: int, shape,
     peers = [build_network(s, "peer", num_classes, shape[0]) for s in cfg.peers]
     if peers:
         nets["peers"] = peers
-    method = methods.create(name, input_shape=tuple(shape), **nets, **cfg.method.options())
-    arch_of = {}
-    for role, net in method.nets.items():
-        spec = specs.get(role) or (cfg.teacher if role == "kbm" else None)
-        if spec is None and role.startswith("peer"):
-            idx = 0 if role == "peer" else int(role[4:]) - 1
-            spec = cfg.peers[idx]
-        if spec is not None:
-            arch_of[role] = {"arch": spec.arch, "num_classes": num_classes, "in_channels": shape[0],
-                             "kwargs": dict(spec.kwargs),
-                             "params": sum(p.numel() for p in net.parameters())}
-    return method, arch_of
+    return methods.create(name, input_shape=tuple(shape), **nets, **cfg.method.options())
 
 
 def _elastic_restart(cfg: Config) -> Config:
@@ -96,13 +65,13 @@ def train(cfg: Config) -> dict | None:
     bundle = data_layer.create(cfg.data, device=device, rank=dist.rank, world_size=dist.world_size,
                                seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    method, arch_of = build_method(cfg, bundle.num_classes, bundle.shape)
-    ctx = FitContext(cfg=cfg, run_dir=cfg.run_dir, arch_of=arch_of, dist=dist)
+    method = build_method(cfg, bundle.num_classes, bundle.shape)
+    ctx = FitContext(cfg=cfg, run_dir=cfg.run_dir, dist=dist)
     summary = fit(method, bundle, ctx)
     return summary if dist.is_main else None
 
 
-def rebuild_run(ckpt: dict, path: str) -> tuple[methods.Method, dict, Config]:
+def rebuild_run(ckpt: dict, path: str) -> tuple[methods.Method, Config]:
     """The method of a run checkpoint with every weight loaded from it.
 
     The files its networks started from (teacher checkpoints, local weights) are not re-read.
@@ -112,9 +81,9 @@ def rebuild_run(ckpt: dict, path: str) -> tuple[methods.Method, dict, Config]:
         "model": _no_ckpt(cfg.model), "teacher": _no_ckpt(cfg.teacher),
         "student": _no_ckpt(cfg.student), "peers": [_no_ckpt(p) for p in cfg.peers]})
     data = ckpt["data"]
-    method, arch_of = build_method(stripped, data["num_classes"], data["shape"], require_trained=False)
+    method = build_method(stripped, data["num_classes"], data["shape"], require_trained=False)
     load_state_strict(method, ckpt["method"], f"checkpoint '{path}'")
-    return method, arch_of, cfg
+    return method, cfg
 
 
 def rebuild_model_file(ckpt: dict, path: str) -> tuple[torch.nn.Module, Config | None]:
@@ -122,10 +91,7 @@ def rebuild_model_file(ckpt: dict, path: str) -> tuple[torch.nn.Module, Config |
     cfg = Config.model_validate(ckpt["config"]) if ckpt.get("config") else None
     if cfg is not None:
         import_plugins(cfg.imports)  # user-registered architectures
-    net = models.create(ckpt["arch"], num_classes=ckpt["num_classes"], in_channels=ckpt["in_channels"],
-                        **ckpt.get("kwargs", {}))
-    load_state_strict(net, ckpt["state_dict"], f"model file '{path}'")
-    return net, cfg
+    return artifacts.rebuild_model(ckpt, path), cfg
 
 
 def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: str = "auto",
@@ -136,17 +102,16 @@ def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: s
     differ from those the networks were trained on.
     """
     from .data.config import DataConfig
-    from .engine.checkpoint import check_finite, check_layout
-    ckpt = safe_load(path)
-    check_layout(ckpt, path)
-    fmt = ckpt.get("format")
+    from .engine.checkpoint import check_finite
+    ckpt = artifacts.load(path)
+    fmt = artifacts.kind(ckpt)
     dev = resolve_device(device)
-    if fmt == "sokd-run":
-        method, _, cfg = rebuild_run(ckpt, path)
+    if fmt == artifacts.RUN_FORMAT:
+        method, cfg = rebuild_run(ckpt, path)
         check_finite(method.state_dict(), path)
         data_cfg = cfg.data
         trained = ckpt["data"]
-    elif fmt == "sokd-model":
+    elif fmt == artifacts.MODEL_FORMAT:
         net, cfg = rebuild_model_file(ckpt, path)
         check_finite(net.state_dict(), path)
         data_cfg = cfg.data if cfg is not None else DataConfig(name=ckpt["data"]["name"])
@@ -155,7 +120,7 @@ def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: s
     else:
         raise SokdError(f"'{path}' is not a sokd run checkpoint or model file")
     if data_overrides:
-        data_cfg = DataConfig.from_dict({**data_cfg.__dict__, **data_overrides})
+        data_cfg = DataConfig.from_dict({**data_cfg.model_dump(), **data_overrides})
     bundle = data_layer.create(data_cfg, device=dev)
     if bundle.num_classes != trained["num_classes"]:
         raise SokdError(f"'{path}' was trained for {trained['num_classes']} classes but data set "

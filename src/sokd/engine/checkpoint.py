@@ -177,63 +177,6 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> dict:
     return obj
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _sequence(v, n: int | None = None, item=(int, float)) -> bool:
-    return (isinstance(v, (list, tuple)) and (n is None or len(v) == n)
-            and all(isinstance(x, item) and not isinstance(x, bool) for x in v))
-
-
-def _layout_problem(ckpt: dict) -> str | None:
-    """What a run checkpoint or model file lacks for sokd eval / export to rebuild it, or None."""
-    def tensors(key):
-        state = ckpt.get(key)
-        ok = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                             for k, v in state.items())
-        return None if ok else f"'{key}' is not a mapping of names to tensors"
-
-    data = ckpt.get("data")
-    if ckpt["format"] == "sokd-run":
-        if not isinstance(ckpt.get("config"), dict):
-            return "'config' is missing or not a mapping"
-        if not (isinstance(data, dict) and isinstance(data.get("name"), str) and _sequence(data.get("shape"), 3, int)
-                and _sequence(data.get("mean")) and _sequence(data.get("std")) and _is_int(data.get("num_classes"))):
-            return "'data' lacks name / shape / mean / std / num_classes"
-        return tensors("method")
-    for key, kind in (("arch", str), ("num_classes", int), ("in_channels", int)):
-        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
-            return f"'{key}' is missing or not a {kind.__name__}"
-    if not isinstance(ckpt.get("kwargs", {}), dict) or not isinstance(ckpt.get("config") or {}, dict):
-        return "'kwargs' or 'config' is not a mapping"
-    pre = ckpt.get("preprocess")
-    if not (isinstance(pre, dict) and _sequence(pre.get("shape"), 3, int) and _sequence(pre.get("mean"))
-            and _sequence(pre.get("std"))):
-        return "'preprocess' lacks shape / mean / std"
-    if not (isinstance(data, dict) and isinstance(data.get("name"), str)):
-        return "'data' lacks the data set's name"
-    return tensors("state_dict")
-
-
-def check_layout(ckpt: dict, path: str | os.PathLike) -> None:
-    """SokdError unless a loaded 'sokd-run' / 'sokd-model' checkpoint holds every entry (and a
-    valid config) that rebuilding its networks reads; other formats pass unchecked."""
-    if ckpt.get("format") not in ("sokd-run", "sokd-model"):
-        return
-    problem = _layout_problem(ckpt)
-    if problem is None and ckpt.get("config"):
-        from ..config import Config
-        from ..validation import validate
-        try:
-            validate(Config, ckpt["config"])
-        except SokdError as err:
-            problem = f"its config: {err}"
-    if problem:
-        raise SokdError(f"checkpoint '{path}' is damaged or was not written by this sokd ({problem}); "
-                        f"use another copy, e.g. best.pt")
-
-
 def non_finite_tensors(state: dict) -> list[str]:
     """Names of the floating-point tensors of `state` holding NaN or infinity."""
     return [k for k, v in state.items()

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .. import artifacts
 from ..errors import SokdError
 from . import rundir
 from .checkpoint import atomic_save, safe_load
@@ -111,11 +112,10 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 @dataclass
 class FitContext:
-    """What fit needs besides the method and data: config, where to write, how to name nets."""
+    """What fit needs besides the method and data: the config and where to write."""
 
     cfg: object                      # sokd.config.Config
     run_dir: Path
-    arch_of: dict[str, dict]         # role -> {"arch", "num_classes", "in_channels", "params"}
     dist: DistContext = field(default_factory=DistContext)
     precision: str = "fp32"          # train.precision with `auto` resolved for the device
 
@@ -216,16 +216,11 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
             raise NonFiniteState(
                 f"{len(bad)} weight/buffer tensor(s) became non-finite by {where} (e.g. {bad[0]}), so "
                 f"nothing was saved; {_recovery(stop.saved, cfg.optim.lr)}")
-        state = {
-            "format": "sokd-run", "version": 1, "epoch": epoch, "step": step,
-            "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "wall_time_s": prior_wall + time.perf_counter() - wall0,
-            "rng": _rng_state(device), "config": cfg.to_dict(), "history": history,
-            "accum": accum.state() if accum else None, "arch_of": ctx.arch_of,
-            "data": {"name": data.name, "shape": list(data.shape), "mean": list(data.mean),
-                     "std": list(data.std), "num_classes": data.num_classes},
-        }
+        state = artifacts.run_state(
+            method=method, epoch=epoch, step=step, data=data, config=cfg.to_dict(),
+            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+            wall_time_s=prior_wall + time.perf_counter() - wall0, rng=_rng_state(device), history=history,
+            accum=accum.state() if accum else None)
         if dist.is_main:
             atomic_save(state, ctx.run_dir / path)
             run_dir.commit()
@@ -351,14 +346,8 @@ def _epoch_line(row: dict, primary: str) -> str:
 def _save_standalone(method, data, ctx: FitContext) -> None:
     """Each network worth shipping as its own classifier file (`sokd eval` / `sokd export` read it)."""
     for name, (arch_role, module) in method.standalone().items():
-        info = ctx.arch_of[arch_role]
-        atomic_save({
-            "format": "sokd-model", "version": 1, "name": name, **info,
-            "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-            "preprocess": {"shape": list(data.shape), "mean": list(data.mean), "std": list(data.std)},
-            "data": {"name": data.name, "num_classes": data.num_classes},
-            "config": ctx.cfg.to_dict(),
-        }, ctx.run_dir / f"{name}.pt")
+        atomic_save(artifacts.model_file(name, module, method.nets[arch_role], data, ctx.cfg.to_dict()),
+                    ctx.run_dir / f"{name}.pt")
 
 
 def _summary(cfg, method, data, history, ctx, device) -> dict:
@@ -370,7 +359,7 @@ def _summary(cfg, method, data, history, ctx, device) -> dict:
         curve = [(r["epoch"], r["test"][role]) for r in history if role in r.get("test", {})]
         trained = [(e, m) for e, m in curve if e > 0] or curve
         best_epoch, best = max(trained, key=lambda em: em[1]["top1"])
-        info = ctx.arch_of.get(role, {})
+        info = artifacts.network_info(method.nets[role]) if role in method.nets else {}
         nets[role] = {
             "arch": info.get("arch"), "params": info.get("params"),
             "top1_final": curve[-1][1]["top1"], "top5_final": curve[-1][1]["top5"],

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import artifacts
 from ..errors import SokdError
 from .checkpoint import atomic_write_text, safe_load
 
@@ -68,7 +69,7 @@ def _is_sokd_pt(path: Path) -> bool:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - any unreadable file is simply not recognised as ours
         return False
-    return isinstance(obj, dict) and obj.get("format") in ("sokd-run", "sokd-model")
+    return isinstance(obj, dict) and artifacts.kind(obj) is not None
 
 
 def _is_sokd_onnx(path: Path) -> bool:
@@ -269,7 +270,7 @@ class RunDirectory:
                                     f"to start again")
                 return None
             ckpt = safe_load(last)
-            if ckpt.get("format") != "sokd-run":
+            if artifacts.kind(ckpt) != artifacts.RUN_FORMAT:
                 raise SokdError(f"'{last}' is not a run checkpoint (format {ckpt.get('format')!r}); put the "
                                 f"run's own last.pt back, or use output.overwrite=true to start again")
             old = ckpt.get("config")

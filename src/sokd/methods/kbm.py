@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import SokdError
+from .. import models
 from ..models.staged import StagedNet
 
 
@@ -45,6 +46,9 @@ def build_kbm(teacher: StagedNet, stages: int = 1,
         teacher.reset_parameters(kbm)
     elif init != "teacher":
         raise SokdError(f"kbm_init must be 'random' or 'teacher', got '{init}'")
+    spec = models.spec_of(teacher)
+    if spec is not None:  # the KBM is part of the teacher's architecture (its last stages + head)
+        models.set_spec(kbm, spec)
     return kbm
 
 

@@ -6,6 +6,7 @@
     model_info(name_or_net, input_shape=(3, 32, 32), num_classes=100) -> {"params", "macs"}
     from_torchvision(module) -> StagedNet cut automatically from a torchvision/timm classifier
     adapt(stem, stages, head) -> StagedNet from your own pieces
+    spec_of(net) -> {"arch", "num_classes", "in_channels", "kwargs"} that `create` rebuilds it from
 
 Names: resnet8/14/20/32/44/56/110, resnet8x4, resnet32x4, resnet50, vgg8/11/13/16/19 (with BN),
 mobilenetv2, shufflenetv1, shufflenetv2, wrn_<depth>_<width>; `tv.<torchvision model>`
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 from . import zoo as _zoo  # noqa: F401  (registers the CIFAR zoo)
 from .info import model_info
-from .registry import adapt, create, list_models, register
+from .registry import adapt, create, list_models, register, set_spec, spec_of
 from .staged import StagedNet
 from .torchvision_adapter import from_torchvision
 
 CIFAR_MODELS = _zoo.CIFAR_MODELS
 
 __all__ = ["StagedNet", "adapt", "create", "from_torchvision", "list_models", "model_info", "register",
-           "CIFAR_MODELS"]
+           "set_spec", "spec_of", "CIFAR_MODELS"]

@@ -114,7 +114,25 @@ def create(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> Stage
     if not isinstance(net, StagedNet):
         raise SokdError(f"model constructor for '{name}' returned {type(net).__name__}, not a StagedNet; "
                         "wrap it with sokd.models.adapt(stem, stages, head)")
+    # what rebuilds this network (local weight files are a loading step, not part of its shape)
+    set_spec(net, {"arch": name, "num_classes": num_classes, "in_channels": in_channels,
+                   "kwargs": {k: v for k, v in kwargs.items() if k != "weights"}})
     return net
+
+
+SPEC_ATTR = "sokd_spec"
+
+
+def set_spec(net: nn.Module, spec: dict) -> nn.Module:
+    """Attach the facts `create` needs to rebuild `net` (as timm attaches `pretrained_cfg`)."""
+    setattr(net, SPEC_ATTR, dict(spec, kwargs=dict(spec.get("kwargs", {}))))
+    return net
+
+
+def spec_of(net: nn.Module) -> dict | None:
+    """{"arch", "num_classes", "in_channels", "kwargs"} of a network built by `create`, else None."""
+    spec = getattr(net, SPEC_ATTR, None)
+    return dict(spec, kwargs=dict(spec["kwargs"])) if spec is not None else None
 
 
 def adapt(stem: nn.Module, stages, head: nn.Module) -> StagedNet:

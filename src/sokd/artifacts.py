@@ -1,0 +1,171 @@
+"""The files sokd saves, described in one place: run checkpoints and model files.
+
+* **Run checkpoint** (`last.pt`, `best.pt`; format `sokd-run`): everything a resumption needs —
+  the method's state (every role, under `nets.<role>.`), optimizer, schedule, scaler, RNG,
+  epoch/step, history, the resolved config — and, so the file describes itself, each network's
+  spec under `networks` and the data set's facts under `data`.
+* **Model file** (`student.pt`, `teacher_branch.pt`, `model.pt`, ...; format `sokd-model`): one
+  classifier on its own — its spec (`arch`, `num_classes`, `in_channels`, `kwargs`), `state_dict`,
+  the preprocessing it was trained with, and the run's config.
+
+Networks carry their spec from `models.create` (`models.spec_of`), so writers never need to be
+told what a network is. The engine writes through `run_state` / `model_file`; eval, export,
+teacher loading and resume read through `load`, `network_state` and `rebuild_model`.
+Version 2 names the run checkpoint's network specs `networks`; version 1 files (which named them
+`arch_of`, read by nothing) load unchanged.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import models
+from .engine.checkpoint import safe_load
+from .errors import SokdError
+
+RUN_FORMAT = "sokd-run"
+MODEL_FORMAT = "sokd-model"
+VERSION = 2
+
+
+# --------------------------------------------------------------------------------- writing
+def network_info(net: nn.Module) -> dict:
+    """A network's spec plus its parameter count (what files and summaries record about it)."""
+    spec = models.spec_of(net) or {}
+    return {**spec, "params": sum(p.numel() for p in net.parameters())}
+
+
+def data_facts(data) -> dict:
+    """What a checkpoint records about its data set (a `DataBundle`)."""
+    return {"name": data.name, "shape": list(data.shape), "mean": list(data.mean), "std": list(data.std),
+            "num_classes": data.num_classes}
+
+
+def run_state(*, method: nn.Module, epoch: int, step: int, data, config: dict, **training: Any) -> dict:
+    """A run checkpoint. `training` holds the loop's resumable state (optimizer, scheduler,
+    scaler, rng, history, accum, wall_time_s), stored as given."""
+    return {"format": RUN_FORMAT, "version": VERSION, "epoch": epoch, "step": step,
+            "method": method.state_dict(), **training, "config": config,
+            "networks": {role: network_info(net) for role, net in method.nets.items()},
+            "data": data_facts(data)}
+
+
+def model_file(name: str, module: nn.Module, spec_source: nn.Module, data, config: dict) -> dict:
+    """A standalone classifier file for `module`, rebuilt as the architecture of `spec_source`
+    (the same network, or e.g. the teacher for SOKD's trunk + KBM)."""
+    info = {**network_info(spec_source), "params": sum(p.numel() for p in module.parameters())}
+    return {"format": MODEL_FORMAT, "version": VERSION, "name": name, **info,
+            "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+            "preprocess": {"shape": list(data.shape), "mean": list(data.mean), "std": list(data.std)},
+            "data": {"name": data.name, "num_classes": data.num_classes},
+            "config": config}
+
+
+# --------------------------------------------------------------------------------- reading
+def load(path: str | os.PathLike) -> dict:
+    """A checkpoint or model file (weights only, no code run), its layout checked."""
+    ckpt = safe_load(path)
+    check_layout(ckpt, path)
+    return ckpt
+
+
+def kind(ckpt: dict) -> str | None:
+    """RUN_FORMAT, MODEL_FORMAT, or None (e.g. a bare state dict)."""
+    fmt = ckpt.get("format")
+    return fmt if fmt in (RUN_FORMAT, MODEL_FORMAT) else None
+
+
+def run_roles(ckpt: dict) -> list[str]:
+    """The roles whose networks a run checkpoint holds."""
+    return sorted({k.split(".")[1] for k in ckpt["method"] if k.startswith("nets.")})
+
+
+def network_state(ckpt: dict, path: str, role: str | None = None) -> dict:
+    """One network's state dict from a model file, from one role of a run checkpoint (default: the
+    model or student), or a bare state dict as it is."""
+    fmt = kind(ckpt)
+    if fmt == MODEL_FORMAT:
+        return ckpt["state_dict"]
+    if fmt == RUN_FORMAT:
+        roles = run_roles(ckpt)
+        if role is None:
+            role = next((r for r in ("model", "student") if r in roles), roles[0] if roles else None)
+        if role not in roles:
+            raise SokdError(f"checkpoint '{path}' has no role '{role}'; it holds: {', '.join(roles)} "
+                            f"(set checkpoint_role)")
+        prefix = f"nets.{role}."
+        return {k[len(prefix):]: v for k, v in ckpt["method"].items() if k.startswith(prefix)}
+    if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt
+    raise SokdError(f"'{path}' is not a sokd checkpoint, model file or state dict")
+
+
+def rebuild_model(ckpt: dict, path: str) -> nn.Module:
+    """The network of a model file, built from its spec with its weights loaded.
+    (Architectures registered by the run's `imports:` must be imported first.)"""
+    from .engine.checkpoint import load_state_strict
+    net = models.create(ckpt["arch"], num_classes=ckpt["num_classes"], in_channels=ckpt["in_channels"],
+                        **ckpt.get("kwargs", {}))
+    load_state_strict(net, ckpt["state_dict"], f"model file '{path}'")
+    return net
+
+
+# ---------------------------------------------------------------------------- layout checks
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _sequence(v, n: int | None = None, item=(int, float)) -> bool:
+    return (isinstance(v, (list, tuple)) and (n is None or len(v) == n)
+            and all(isinstance(x, item) and not isinstance(x, bool) for x in v))
+
+
+def _layout_problem(ckpt: dict) -> str | None:
+    """What a run checkpoint or model file lacks for sokd eval / export to rebuild it, or None."""
+    def tensors(key):
+        state = ckpt.get(key)
+        ok = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in state.items())
+        return None if ok else f"'{key}' is not a mapping of names to tensors"
+
+    data = ckpt.get("data")
+    if ckpt["format"] == RUN_FORMAT:
+        if not isinstance(ckpt.get("config"), dict):
+            return "'config' is missing or not a mapping"
+        if not (isinstance(data, dict) and isinstance(data.get("name"), str) and _sequence(data.get("shape"), 3, int)
+                and _sequence(data.get("mean")) and _sequence(data.get("std")) and _is_int(data.get("num_classes"))):
+            return "'data' lacks name / shape / mean / std / num_classes"
+        return tensors("method")
+    for key, typ in (("arch", str), ("num_classes", int), ("in_channels", int)):
+        if not isinstance(ckpt.get(key), typ) or isinstance(ckpt.get(key), bool):
+            return f"'{key}' is missing or not a {typ.__name__}"
+    if not isinstance(ckpt.get("kwargs", {}), dict) or not isinstance(ckpt.get("config") or {}, dict):
+        return "'kwargs' or 'config' is not a mapping"
+    pre = ckpt.get("preprocess")
+    if not (isinstance(pre, dict) and _sequence(pre.get("shape"), 3, int) and _sequence(pre.get("mean"))
+            and _sequence(pre.get("std"))):
+        return "'preprocess' lacks shape / mean / std"
+    if not (isinstance(data, dict) and isinstance(data.get("name"), str)):
+        return "'data' lacks the data set's name"
+    return tensors("state_dict")
+
+
+def check_layout(ckpt: dict, path: str | os.PathLike) -> None:
+    """SokdError unless a loaded run checkpoint / model file holds every entry (and a valid
+    config) that rebuilding its networks reads; other contents pass unchecked."""
+    if kind(ckpt) is None:
+        return
+    problem = _layout_problem(ckpt)
+    if problem is None and ckpt.get("config"):
+        from .config import Config
+        from .validation import validate
+        try:
+            validate(Config, ckpt["config"])
+        except SokdError as err:
+            problem = f"its config: {err}"
+    if problem:
+        raise SokdError(f"checkpoint '{path}' is damaged or was not written by this sokd ({problem}); "
+                        f"use another copy, e.g. best.pt")

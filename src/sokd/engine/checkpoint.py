@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import SokdError
+from ..models.common import state_mismatch
 
 
 #: free space a write must leave on the file system (its metadata, other processes' appends)
@@ -197,11 +198,8 @@ def check_finite(state: dict, path: str | os.PathLike) -> None:
 
 def load_state_strict(module: nn.Module, state: dict, what: str) -> None:
     """load_state_dict that names missing, unexpected and mis-shaped tensors in one line."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    missing, unexpected, mismatched = state_mismatch(module, state)
+    shapes = [f"{k} {file_shape} vs {model_shape}" for k, file_shape, model_shape in mismatched]
     if missing or unexpected or shapes:
         parts = []
         if shapes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -19,6 +20,9 @@ from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler, rebase_lr
 from .precision import autocast, grad_scaler, resolve_device, resolve_precision
 from .signals import Interrupted, StopRequest
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 class NonFiniteLoss(SokdError):
@@ -114,7 +118,7 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 class FitContext:
     """What fit needs besides the method and data: the config and where to write."""
 
-    cfg: object                      # sokd.config.Config
+    cfg: "Config"
     run_dir: Path
     dist: DistContext = field(default_factory=DistContext)
     precision: str = "fp32"          # train.precision with `auto` resolved for the device
@@ -295,7 +299,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
         primary = method.primary
         if dist.is_main and _best_epoch(history, primary) == epoch + 1:
             atomic_save(state, ctx.run_dir / "best.pt")
-        dist.print(_epoch_line(row, primary))
+        dist.print(_epoch_line(row))
         if epoch + 1 < tr.epochs and dist.any_flag(stop.requested):
             raise Interrupted(stop.signum or 15, epoch + 1, 0, ctx.run_dir)
 
@@ -337,7 +341,7 @@ def _repair_best(run_dir: Path, ckpt: dict, history: list[dict], primary: str) -
               f"{'missing' if current is None else f'epoch {current}'})", flush=True)
 
 
-def _epoch_line(row: dict, primary: str) -> str:
+def _epoch_line(row: dict) -> str:
     tests = "  ".join(f"{r} {m['top1']:.2f}" for r, m in row["test"].items())
     return (f"epoch {row['epoch']:>3}  loss {row['train']['loss']:.4f}  "
             f"{row['train']['images_per_s']:.0f} img/s  test top-1: {tests}")

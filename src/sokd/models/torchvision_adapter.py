@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import SokdError, unknown
+from .common import state_mismatch
 from .staged import StagedNet
 
 PROBE_SIZES = (64, 224)
@@ -282,16 +283,13 @@ def load_weights(model: nn.Module, path, label: str) -> None:
         raise SokdError(f"{label}: '{path}' is not a state dict (name -> tensor)")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
-    own = model.state_dict()
-    mismatch = [f"{k} (file {tuple(obj[k].shape)}, model {tuple(v.shape)})"
-                for k, v in own.items() if k in obj and obj[k].shape != v.shape]
+    missing, unexpected, shapes = state_mismatch(model, obj)
+    mismatch = [f"{k} (file {file_shape}, model {model_shape})" for k, file_shape, model_shape in shapes]
     if mismatch:
         raise SokdError(f"{label}: weights '{path}' do not fit the model, shape mismatch for "
                         f"{', '.join(mismatch[:8])}{' ...' if len(mismatch) > 8 else ''}; a classifier "
                         "mismatch means the file was saved for another num_classes: create the model "
                         "with the file's number of classes")
-    missing = [k for k in own if k not in obj]
-    unexpected = [k for k in obj if k not in own]
     if missing or unexpected:
         raise SokdError(f"{label}: weights '{path}' do not fit the model; missing: {missing[:8]}, "
                         f"unexpected: {unexpected[:8]}")

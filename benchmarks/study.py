@@ -16,6 +16,7 @@ with --commit they are committed right away (only those paths).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -43,8 +44,14 @@ STUDIES = {
         "seeds": [0],
     },
 }
-#: runs that learn without a trained teacher; every other run distils from its seed's teacher
-NO_TEACHER = {"teacher", "vanilla", "dml"}
+
+
+@functools.lru_cache(maxsize=None)
+def needs_teacher(study: str, name: str) -> bool:
+    """Whether run `name` distils from its seed's teacher: its config's method needs a trained one."""
+    from sokd import config, methods
+    cfg = config.load(STUDIES[study]["configs"] / f"{name}.yaml")
+    return methods.needs_trained_teacher(cfg.method.name)
 
 
 def plan(study: str, seeds: list[int]) -> list[tuple[str, int]]:
@@ -169,7 +176,7 @@ def next_runnable(study: str, todo: list[tuple[str, int]], dry_run: bool) -> tup
             todo.remove((name, seed))
             continue
         teacher = run_dir(study, "teacher", seed)
-        if name not in NO_TEACHER and not (teacher / "summary.json").exists():
+        if needs_teacher(study, name) and not (teacher / "summary.json").exists():
             continue
         return name, seed
     return None
@@ -177,7 +184,8 @@ def next_runnable(study: str, todo: list[tuple[str, int]], dry_run: bool) -> tup
 
 def teacher_in_training(study: str, todo: list[tuple[str, int]]) -> bool:
     """Whether a live worker is training the teacher of some run in `todo` (worth waiting for)."""
-    return any(holder(run_dir(study, "teacher", seed)) is not None for name, seed in todo if name not in NO_TEACHER)
+    return any(holder(run_dir(study, "teacher", seed)) is not None for name, seed in todo
+               if needs_teacher(study, name))
 
 
 def run_one(args, name: str, seed: int) -> int:
@@ -193,7 +201,7 @@ def run_one(args, name: str, seed: int) -> int:
         return 0
     cmd = SOKD + ["train", str(STUDIES[args.study]["configs"] / f"{name}.yaml"), f"train.seed={seed}",
                   f"output.dir={rd}", f"output.resume={str((rd / 'last.pt').exists()).lower()}"]
-    if name not in NO_TEACHER:
+    if needs_teacher(args.study, name):
         cmd.append(f"teacher.checkpoint={run_dir(args.study, 'teacher', seed) / 'model.pt'}")
     if args.threads:
         cmd.append(f"train.threads={args.threads}")

@@ -7,6 +7,8 @@ import pytest
 import torch
 import yaml
 
+from sokd import methods
+
 torch.set_num_threads(2)
 
 
@@ -22,14 +24,14 @@ def tiny_config(tmp_path: Path, method: str = "vanilla", **sections) -> dict:
         "train": {"epochs": 2, "seed": 0},
         "output": {"dir": str(tmp_path / "runs" / method), "tensorboard": False, "progress": False},
     }
-    if method == "vanilla":
-        cfg["model"] = {"arch": "resnet8"}
-    elif method == "dml":
-        cfg["student"] = {"arch": "resnet8"}
-        cfg["peers"] = [{"arch": "resnet8"}]
-    else:
-        cfg["teacher"] = {"arch": "resnet14", "checkpoint": str(tmp_path / "teacher.pt")}
-        cfg["student"] = {"arch": "resnet8"}
+    networks = {  # every network section a method may take, at toy size
+        "model": {"arch": "resnet8"},
+        "teacher": {"arch": "resnet14", "checkpoint": str(tmp_path / "teacher.pt")},
+        "student": {"arch": "resnet8"},
+        "peers": [{"arch": "resnet8"}],
+    }
+    for role in methods.config_roles(method):
+        cfg[role] = networks[role]
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key] = {**cfg[key], **value}

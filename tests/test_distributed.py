@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import sokd
 from sokd.engine import safe_load
 
 from .conftest import tiny_config, write_config
@@ -73,46 +75,110 @@ def test_two_process_run_completes_with_one_set_of_outputs(tmp_path, teacher_fil
     assert single["roles"]["student"]["top1"] == pytest.approx(summary["networks"]["student"]["top1_final"])
 
 
-def _equivalence_config(tmp_path, name, batch, method="vanilla"):
-    plugin = tmp_path / "nobn.py"
-    plugin.write_text(NOBN_NET)
-    cfg = tiny_config(tmp_path, method, name=name, train={"epochs": 2, "seed": 3, "threads": 1},
+#: equivalence cases: label -> (method, method options); what learns differs in each (one
+#: network, a student under a frozen teacher, peers, a learning teacher, student + KBM, feature
+#: terms without and with trainable regressors)
+EQUIVALENCE = {
+    "sokd": ("sokd", {}),
+    "vanilla": ("vanilla", {}),
+    "kd": ("kd", {}),
+    "dml": ("dml", {}),
+    "kd_dml": ("kd_dml", {}),
+    "kd_at": ("kd", {"features": [{"kind": "at", "stages": [0, 1, 2]}]}),
+    "sokd_fitnet": ("sokd", {"features": [{"kind": "fitnet"}]}),
+}
+
+RANK_PARAMS = '''
+"""At exit, each rank writes the parameters of the module it wrapped in DistributedDataParallel."""
+import atexit, os
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+_init = DistributedDataParallel.__init__
+
+
+def _recording_init(self, module, *args, **kwargs):
+    _init(self, module, *args, **kwargs)
+    path = os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"])
+    atexit.register(lambda: torch.save({{k: p.detach().clone() for k, p in module.named_parameters()}}, path))
+
+
+DistributedDataParallel.__init__ = _recording_init
+'''
+
+
+def _equivalence_config(root: Path, name, batch, method="vanilla", teacher_file=None, options=None):
+    plugin = root / "nobn.py"
+    if not plugin.exists():
+        plugin.write_text(NOBN_NET)
+    cfg = tiny_config(root, method, name=name, train={"epochs": 2, "seed": 3, "threads": 1},
                       optim={"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4})
     cfg["imports"] = [str(plugin)]
     cfg["data"].update(batch_size=batch, crop_padding=0, hflip=False)
-    cfg["output"]["dir"] = str(tmp_path / "runs" / name)
-    if method == "vanilla":
-        cfg["model"] = {"arch": "nobn_net"}
-    else:
-        cfg["teacher"] = {"arch": "nobn_net", "kwargs": {"width": 16},
-                          "checkpoint": str(tmp_path / "runs" / "teacher" / "model.pt")}
-        cfg["student"] = {"arch": "nobn_net"}
+    cfg["output"]["dir"] = str(root / "runs" / name)
+    cfg["method"].update(options or {})
+    networks = {"model": {"arch": "nobn_net"}, "student": {"arch": "nobn_net"},
+                "teacher": {"arch": "nobn_net", "kwargs": {"width": 16}, "checkpoint": str(teacher_file)},
+                "peers": [{"arch": "nobn_net", "kwargs": {"width": 16}}]}
+    for role in sokd.methods.config_roles(method):
+        cfg[role] = networks[role]
     return cfg
 
 
-def test_two_procs_of_64_follow_one_proc_of_128(tmp_path):
-    """Without BatchNorm or augmentation randomness, DDP's gradient mean over 2 x 64 equals the
-    batch mean over 128 up to float summation order: per-step relative error ~1e-7, so after
-    8 SGD steps losses and weights must agree to 1e-4 (relative) — far below any real change."""
+@pytest.fixture(scope="module")
+def nobn_teacher(tmp_path_factory) -> tuple[Path, Path]:
+    """(directory holding the nobn_net plugin, a trained width-16 nobn_net teacher model file)."""
     from sokd import config, runner
-    teacher = _equivalence_config(tmp_path, "teacher", 128)
+    root = tmp_path_factory.mktemp("nobn")
+    teacher = _equivalence_config(root, "teacher", 128)
     teacher["model"]["kwargs"] = {"width": 16}
     runner.train(config.build(teacher))
-    one = _equivalence_config(tmp_path, "one", 128, "sokd")
-    runner.train(config.build(one))
-    two = _equivalence_config(tmp_path, "two", 64, "sokd")
+    return root, Path(teacher["output"]["dir"]) / "model.pt"
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[] if c == "sokd" else [pytest.mark.slow])
+                                  for c in EQUIVALENCE])
+def test_two_procs_of_64_follow_one_proc_of_128(tmp_path, nobn_teacher, case):
+    """Without BatchNorm or augmentation randomness, DDP's gradient mean over 2 x 64 equals the
+    batch mean over 128 up to float summation order: per-step relative error ~1e-7, so after
+    8 SGD steps losses and weights must agree to 1e-4 (relative) — far below any real change.
+    FitNet's regressors normalise with BatchNorm over each rank's own 64 images, so that case is
+    not the 128-image maths; for every case both ranks must end with bitwise-equal weights (a
+    gradient that is not reduced lets the ranks drift apart)."""
+    from sokd import config, runner
+    root, teacher_file = nobn_teacher
+    method, options = EQUIVALENCE[case]
+    exact = not any(f["kind"] == "fitnet" for f in options.get("features", []))
+    one = _equivalence_config(root, f"{case}-one", 128, method, teacher_file, options)
+    if exact:
+        runner.train(config.build(one))
+    two = _equivalence_config(root, f"{case}-two", 64, method, teacher_file, options)
+    (tmp_path / "rank_params.py").write_text(RANK_PARAMS.format(out=str(tmp_path)))
+    two["imports"].append(str(tmp_path / "rank_params.py"))
     proc = torchrun(2, write_config(tmp_path, two, "two.yaml"))
     assert proc.returncode == 0, failure(proc.stderr)
+
+    s2 = safe_load(Path(two["output"]["dir"]) / "last.pt")["method"]
+    ranks = [safe_load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and set(ranks[0]) <= set(s2)
+    assert {k.split(".")[1] for k in ranks[0] if k.startswith("nets.")} == {
+        k.split(".")[1] for k in s2 if k.startswith("nets.")}  # one wrapper holds every network
+    for k, v in ranks[0].items():
+        assert torch.equal(v, ranks[1][k]), f"ranks disagree on {k}"
+        assert torch.equal(v, s2[k]), k
+    if not exact:
+        return
     r1, r2 = rows(Path(one["output"]["dir"])), rows(Path(two["output"]["dir"]))
+    assert len(r1) == len(r2) == 3
     for a, b in zip(r1[1:], r2[1:]):
         assert b["train"]["loss"] == pytest.approx(a["train"]["loss"], rel=1e-4)
         for term, v in a["train"]["terms"].items():
             assert b["train"]["terms"][term] == pytest.approx(v, rel=1e-4, abs=1e-6)
     s1 = safe_load(Path(one["output"]["dir"]) / "last.pt")["method"]
-    s2 = safe_load(Path(two["output"]["dir"]) / "last.pt")["method"]
+    assert s1.keys() == s2.keys()
     worst = max(((s1[k] - s2[k]).abs().max() / s1[k].abs().max().clamp_min(1e-12)).item()
                 for k in s1 if s1[k].is_floating_point())
-    print(f"max relative weight difference after 8 steps: {worst:.2e}")
+    print(f"{case}: max relative weight difference after 8 steps: {worst:.2e}")
     assert worst < 1e-4
 
 

@@ -271,3 +271,41 @@ def test_wrong_networks_for_a_method_is_a_clear_error():
         sokd.methods.create("kd", student=student)
     with pytest.raises(SokdError, match="does not use a teacher"):
         sokd.methods.create("vanilla", model=student, teacher=teacher)
+
+
+# -- what methods declare ------------------------------------------------------------------------
+def test_methods_declare_their_needs_and_register_names_them():
+    m = sokd.methods
+    for name in m.list_methods():
+        cls = m.get(name)
+        assert cls.name == name  # set by register; no method spells its own name
+        assert set(cls.config_roles) <= {"model", "teacher", "student", "peers"}
+        assert m.needs_trained_teacher(name) == cls.needs_trained_teacher
+        assert m.config_roles(name) == cls.config_roles
+        assert not cls.needs_trained_teacher or "teacher" in cls.config_roles
+    assert m.with_features() == [n for n in m.list_methods() if m.get(n).accepts_features]
+    with pytest.raises(SokdError, match="unknown method 'kdd' \\(did you mean 'kd'\\?\\)"):
+        m.get("kdd")
+
+    class Unregistered(m.Method):
+        pass
+    assert Unregistered.name == "unregistered"
+
+
+def test_methods_without_feature_terms_refuse_them_in_one_place():
+    teacher, student = nets()
+    users = sokd.methods.with_features()
+    feats = [{"kind": "at"}]
+    for name in sokd.methods.list_methods():
+        kwargs = {r: student for r in ("model", "teacher", "student") if r in sokd.methods.config_roles(name)}
+        if "teacher" in kwargs:
+            kwargs["teacher"] = teacher
+        if "peers" in sokd.methods.config_roles(name):
+            kwargs["peers"] = [teacher]
+        if name in users:
+            assert sokd.methods.create(name, features=feats, **kwargs).features is not None
+            continue
+        with pytest.raises(SokdError, match=f"^method '{name}' ") as err:
+            sokd.methods.create(name, features=feats, **kwargs)
+        assert " or ".join(users) in str(err.value) or "/".join(users) in str(err.value)
+

@@ -77,3 +77,15 @@ def test_a_worker_ends_when_every_run_left_is_held_by_another(study, monkeypatch
     monkeypatch.setattr(study.time, "sleep", lambda s: pytest.fail("the worker waited instead of ending"))
     assert study.main() == 0
     assert "run " not in capsys.readouterr().out
+
+
+def test_a_run_gets_its_seeds_teacher_when_its_configs_method_needs_a_trained_one(study, monkeypatch, capsys):
+    names = {n for n, _ in study.plan("fmnist", [0])}
+    assert {n for n in names if not study.needs_teacher("fmnist", n)} == {"teacher", "vanilla", "dml"}
+    monkeypatch.setattr(sys, "argv", ["study.py", "fmnist", "--seeds", "0", "--dry-run"])
+    assert study.main() == 0
+    lines = {Path(next(w for w in ln.split() if w.endswith(".yaml"))).stem: ln
+             for ln in capsys.readouterr().out.splitlines() if ln.startswith("would run")}
+    assert set(lines) == names
+    for name, line in lines.items():
+        assert ("teacher.checkpoint=" in line) == study.needs_teacher("fmnist", name), line

@@ -12,9 +12,6 @@ from .config import Config, NetworkSpec, import_plugins
 from .engine import DistContext, FitContext, evaluate, fit, load_state_strict, resolve_device, safe_load
 from .errors import SokdError
 
-#: methods whose teacher must come trained (a checkpoint or local weights)
-NEEDS_TRAINED_TEACHER = {"kd", "kd_dml", "sokd"}
-
 
 def build_network(spec: NetworkSpec, role: str, num_classes: int, in_channels: int) -> torch.nn.Module:
     kwargs = dict(spec.kwargs)
@@ -36,7 +33,8 @@ def build_method(cfg: Config, num_classes: int, shape,
     import_plugins(cfg.imports)
     name = cfg.method.name
     teacher = cfg.teacher
-    if require_trained and name in NEEDS_TRAINED_TEACHER and teacher is not None and not (teacher.checkpoint or teacher.weights):
+    if (require_trained and methods.needs_trained_teacher(name) and teacher is not None
+            and not (teacher.checkpoint or teacher.weights)):
         raise SokdError(f"method '{name}' needs a trained teacher: set teacher.checkpoint=PATH "
                         f"(train one first with method.name=vanilla) or teacher.weights=PATH")
     specs = {"model": cfg.model, "teacher": cfg.teacher, "student": cfg.student}

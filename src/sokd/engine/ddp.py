@@ -1,10 +1,18 @@
-"""DistributedDataParallel for methods: each network that learns gets its own DDP wrapper.
+"""DistributedDataParallel for methods: the whole method is one DDP module.
 
-Frozen networks (a KD/SOKD teacher) are not wrapped: they have no gradients to reduce. The SOKD
-KBM is fed a detached trunk output, so its DDP sees an ordinary leaf input; every wrapped module
-is called exactly once per step and all its parameters receive gradients, so
-`find_unused_parameters` stays off. Wrappers are installed as the method's runners, which keeps
-state_dict keys identical to single-process runs (checkpoints are interchangeable).
+The loop calls the wrapper; the method's forward calls its networks as usual (`self.nets[role]`)
+and knows nothing of processes. DDP reduces the gradients of every parameter that requires one:
+the learning networks and any feature regressors. Frozen networks (a KD/SOKD teacher) have
+requires_grad False, so DDP leaves their parameters alone. Every learning parameter receives a
+gradient each step (the SOKD KBM is fed a detached trunk output, an ordinary leaf input), so
+`find_unused_parameters` stays off. The method itself is never changed, so its state_dict keys
+are those of a single-process run (checkpoints are interchangeable).
+
+Buffers: DDP broadcasts every buffer from rank 0 before each forward, so the learners' BatchNorm
+statistics follow rank 0's. A frozen teacher in BatchNorm train mode updates its running
+statistics from each rank's own batch during the step (they are written, never read, in train
+mode); `sync_frozen_buffers` makes rank 0's the truth at the end of every epoch, before
+evaluation and checkpoints.
 """
 from __future__ import annotations
 
@@ -15,18 +23,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..errors import SokdError
 
 
-def wrap_learners(method, ctx, sync_bn: bool = False):
+def wrap_method(method: nn.Module, ctx, sync_bn: bool = False) -> DDP:
+    """The DDP module whose forward the loop calls. With `sync_bn`, the BatchNorm layers of what
+    learns become SyncBatchNorm (frozen networks keep their own)."""
     if sync_bn and ctx.device.type != "cuda":
         raise SokdError("distributed.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); "
                         "set distributed.sync_bn=false on CPU")
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    for role, module in method.trainable_modules().items():
-        if sync_bn:
+    if sync_bn:
+        for role, module in method.trainable_modules().items():
             converted = nn.SyncBatchNorm.convert_sync_batchnorm(module)
             if converted is not module:  # a bare BN module as the whole network: rare
                 raise RuntimeError(f"cannot convert {role} to SyncBatchNorm in place")
-        method.set_runner(role, DDP(module, device_ids=device_ids))
-    return method
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DDP(method, device_ids=device_ids)
 
 
 def sync_frozen_buffers(method, ctx) -> None:

@@ -39,11 +39,13 @@ class DistContext:
         return cls(tdist.get_rank(), tdist.get_world_size(), local, dev)
 
     def wrap(self, method, sync_bn: bool = False):
-        """The module whose forward the loop calls: the method itself, or its DDP wrapper."""
+        """The module whose forward the loop calls: the method itself, or its DDP wrapper.
+
+        Only the loop calls the wrapper; evaluation, checkpoints and the optimizer use `method`."""
         if not self.enabled:
             return method
-        from .ddp import wrap_learners
-        return wrap_learners(method, self, sync_bn)
+        from .ddp import wrap_method
+        return wrap_method(method, self, sync_bn)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -1,9 +1,11 @@
-"""Distillation methods by name. `create(name, teacher=..., student=..., **options)` -> Method."""
+"""Distillation methods by name. `create(name, teacher=..., student=..., **options)` -> Method.
+
+`get(name)` is the registered class; `needs_trained_teacher(name)` and `config_roles(name)` answer
+what a run of that method needs, from what the class declares.
+"""
 from __future__ import annotations
 
-from typing import Callable
-
-from ..errors import SokdError, unknown
+from ..errors import SokdError
 from ..validation import validate
 from . import losses
 from .base import Method, MethodOptions
@@ -11,30 +13,9 @@ from .dml import DML
 from .kbm import KnowledgeBridge, build_kbm, teacher_branch
 from .kd import KD
 from .kd_dml import KDDML
+from .registry import config_roles, get, list_methods, needs_trained_teacher, options_model, register, with_features
 from .sokd import SOKD, SOKDOptions
 from .vanilla import Vanilla
-
-_REGISTRY: dict[str, type[Method]] = {
-    "vanilla": Vanilla, "kd": KD, "dml": DML, "kd_dml": KDDML, "sokd": SOKD,
-}
-
-
-def register(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Decorator adding a Method subclass under `name`."""
-    def deco(cls):
-        _REGISTRY[name] = cls
-        return cls
-    return deco
-
-
-def list_methods() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def options_model(name: str):
-    if name not in _REGISTRY:
-        raise unknown("method", name, _REGISTRY)
-    return _REGISTRY[name].Options
 
 
 def create(name: str, *, input_shape=(3, 32, 32), **kwargs) -> Method:
@@ -42,9 +23,7 @@ def create(name: str, *, input_shape=(3, 32, 32), **kwargs) -> Method:
 
     Options (T, weights, features, kbm_stages, ...) are validated; unknown ones raise SokdError.
     """
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise unknown("method", name, _REGISTRY)
+    cls = get(name)
     net_keys = {"teacher", "student", "model", "peers", "peer"}
     nets = {k: v for k, v in kwargs.items() if k in net_keys}
     for role, net in nets.items():
@@ -55,6 +34,6 @@ def create(name: str, *, input_shape=(3, 32, 32), **kwargs) -> Method:
     return cls(options=opts, input_shape=tuple(input_shape), **nets)
 
 
-__all__ = ["create", "register", "list_methods", "options_model", "Method", "MethodOptions", "losses",
-           "build_kbm", "teacher_branch", "KnowledgeBridge", "SOKD", "SOKDOptions", "KD", "DML",
-           "KDDML", "Vanilla"]
+__all__ = ["create", "register", "get", "list_methods", "options_model", "needs_trained_teacher",
+           "config_roles", "with_features", "Method", "MethodOptions", "losses", "build_kbm",
+           "teacher_branch", "KnowledgeBridge", "SOKD", "SOKDOptions", "KD", "DML", "KDDML", "Vanilla"]

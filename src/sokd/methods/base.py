@@ -2,7 +2,12 @@
 
 A method is an nn.Module. `forward(images, labels)` returns
 `{"loss": scalar, "terms": {name: tensor}, "logits": {role: tensor}}`; the engine backpropagates
-"loss" and never looks at the method's name. Methods know nothing about files or devices.
+"loss" and never looks at the method's name. Methods know nothing about files, devices or
+processes: forward calls each network as `self.nets[role]`, and the engine decides how the whole
+method is run (on one process, or wrapped for data-parallel training).
+
+What a method needs from a run is declared on its class (`config_roles`, `needs_trained_teacher`,
+`accepts_features`); `sokd.methods` answers those questions by name for the layers above.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from torch import nn
 
 from ..errors import SokdError, suggest
 from ..models.staged import StagedNet
+from . import registry
 from .features import FeatureSpec, FeatureTerms
 
 
@@ -38,6 +44,9 @@ class Method(nn.Module):
     """Base class: `nets` (role -> network), `learning` (roles that train), weighted terms."""
 
     Options = MethodOptions
+    #: the name the method is registered under (`sokd.methods.register` sets it; an unregistered
+    #: subclass is named after its class, lower-cased)
+    name: str = "method"
     term_names: tuple[str, ...] = ()
     #: (reference, follower) role pairs whose test-set agreement and KL the engine reports
     comparisons: tuple[tuple[str, str], ...] = ()
@@ -45,8 +54,22 @@ class Method(nn.Module):
     frozen: tuple[str, ...] = ()
     #: constructor network arguments this method takes
     accepts: tuple[str, ...] = ("teacher", "student")
+    #: network sections a run config gives this method: "model", "teacher", "student", "peers"
+    config_roles: tuple[str, ...] = ("teacher", "student")
+    #: whether the config's teacher must come trained (a checkpoint or local weights)
+    needs_trained_teacher: bool = False
+    #: whether method.features (feature terms) may be given; when not, they are refused with
+    #: "method 'NAME' " + `features_refused`, where {either} / {slashed} name the methods that
+    #: take them ("a or b" / "a/b")
+    accepts_features: bool = True
+    features_refused: str = "does not support feature terms; use {either}"
     #: the role whose test accuracy selects best.pt
     primary: str = "student"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            cls.name = cls.__name__.lower()
 
     def __init__(self, nets: dict[str, nn.Module], options: MethodOptions):
         super().__init__()
@@ -57,9 +80,10 @@ class Method(nn.Module):
         for role, net in self.nets.items():  # the method decides what learns, whatever came before
             net.requires_grad_(role not in self.frozen)
         self.features: FeatureTerms | None = None
-        # role -> callable used in forward (the network, or its DistributedDataParallel wrapper);
-        # a plain dict so wrapping never changes the state_dict
-        self._runners: dict[str, nn.Module] = {}
+        if options.features and not self.accepts_features:
+            users = registry.with_features()
+            raise SokdError(f"method '{self.name}' " + self.features_refused.format(
+                either=" or ".join(users), slashed="/".join(users)))
 
     # -- construction helpers -------------------------------------------------------------
     def _check_weights(self) -> None:
@@ -76,18 +100,6 @@ class Method(nn.Module):
             self.features = FeatureTerms(self.options.features, student, target, input_shape)
             self._weights.update(self.features.weights)
 
-    def net(self, role: str) -> nn.Module:
-        """The module to call for `role` in forward: its DDP wrapper when distributed."""
-        runner = self._runners.get(role)
-        return runner if runner is not None else self.nets[role]
-
-    def run_features(self, student_feats, target_feats) -> dict:
-        runner = self._runners.get("student_regressors")
-        return (runner if runner is not None else self.features)(student_feats, target_feats)
-
-    def set_runner(self, role: str, module: nn.Module) -> None:
-        self._runners[role] = module
-
     def weight(self, term: str) -> float:
         return self._weights[term]
 
@@ -98,19 +110,15 @@ class Method(nn.Module):
 
     # -- what the engine uses -------------------------------------------------------------
     @property
-    def name(self) -> str:
-        return type(self).__name__.lower()
-
-    @property
     def learning(self) -> list[str]:
         return [r for r in self.nets if r not in self.frozen]
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        """Role -> module holding that role's trainable parameters (feature regressors ride with
-        the student)."""
+        """Role -> module holding that role's trainable parameters; feature regressors are one
+        more entry, `FeatureTerms.group`, learning with `FeatureTerms.owner`."""
         mods: dict[str, nn.Module] = {r: self.nets[r] for r in self.learning}
         if self.features is not None and any(True for _ in self.features.parameters()):
-            mods["student_regressors"] = self.features
+            mods[FeatureTerms.group] = self.features
         return mods
 
     def param_groups(self, lr: float, lr_per_role: dict[str, float] | None = None,
@@ -127,7 +135,7 @@ class Method(nn.Module):
             params = [p for p in module.parameters() if p.requires_grad]
             if not params:
                 continue
-            base = role if role in self.nets else "student"
+            base = role if role in self.nets else FeatureTerms.owner
             role_lr = lr_per_role.get(role, lr_per_role.get(base, lr))
             groups.append({"params": params, "lr": role_lr, "role": role, **group_options})
         return groups

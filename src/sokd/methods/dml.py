@@ -3,25 +3,27 @@ from __future__ import annotations
 
 from .base import Method, MethodOptions, roles_required
 from . import losses
-from ..errors import SokdError
+from .registry import register
 
 
+@register("dml")
 class DML(Method):
     accepts = ("student", "peers", "peer")
+    config_roles = ("student", "peers")
+    accepts_features = False
+
     def __init__(self, student=None, peers=None, peer=None, options: MethodOptions | None = None,
                  input_shape=None):
         peers = list(peers or []) + ([peer] if peer is not None else [])
-        roles_required("dml", {"student": student, "peer": peers[0] if peers else None}, ["student", "peer"])
+        roles_required(self.name, {"student": student, "peer": peers[0] if peers else None}, ["student", "peer"])
         names = ["peer"] if len(peers) == 1 else [f"peer{i + 1}" for i in range(len(peers))]
         nets = {"student": student, **dict(zip(names, peers))}
         self.term_names = tuple(t for r in nets for t in (f"{r}_ce", f"{r}_kl_peers"))
         self.comparisons = ((names[0], "student"),)
         super().__init__(nets, options or MethodOptions())
-        if self.options.features:
-            raise SokdError("method 'dml' does not support feature terms; use kd or sokd")
 
     def forward(self, images, labels):
-        logits = {role: self.net(role)(images) for role in self.nets}
+        logits = {role: net(images) for role, net in self.nets.items()}
         T, terms = self.options.T, {}
         for role, z in logits.items():
             others = [o for r, o in logits.items() if r != role]

@@ -51,6 +51,12 @@ def _stage_channels(net: StagedNet, input_shape) -> list[int]:
 class FeatureTerms(nn.Module):
     """Computes every configured feature term; holds FitNet regressors as parameters."""
 
+    #: the role whose features are compared: terms are named "<owner>_<kind>", and the regressors
+    #: learn with it (its optim.lr_per_role entry applies to them)
+    owner = "student"
+    #: the regressors' param-group role (optim.lr_per_role may also name it)
+    group = f"{owner}_regressors"
+
     def __init__(self, specs: list[FeatureSpec], student: StagedNet, target: StagedNet, input_shape):
         super().__init__()
         kinds = [s.kind for s in specs]
@@ -67,7 +73,7 @@ class FeatureTerms(nn.Module):
                 raise SokdError(f"feature term '{spec.kind}': stages and target_stages differ in length")
             pairs = [(_resolve(i, ns, "student", spec.kind), _resolve(j, nt, "teacher", spec.kind))
                      for i, j in zip(spec.stages, tgt)]
-            name = f"student_{spec.kind}"
+            name = f"{self.owner}_{spec.kind}"
             self.pairs[name] = pairs
             self.weights[name] = spec.weight if spec.weight is not None else DEFAULT_WEIGHT[spec.kind]
             if spec.kind == "fitnet":
@@ -82,7 +88,7 @@ class FeatureTerms(nn.Module):
         for name, pairs in self.pairs.items():
             total = 0.0
             for i, j in pairs:
-                if name == "student_fitnet":
+                if name == f"{self.owner}_fitnet":
                     total = total + losses.hint(self.regressors[f"{i}_{j}"](student_feats[i]), target_feats[j])
                 else:
                     total = total + losses.attention_transfer(student_feats[i], target_feats[j])

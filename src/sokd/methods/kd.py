@@ -5,21 +5,24 @@ import torch
 
 from .base import Method, MethodOptions, roles_required
 from . import losses
+from .registry import register
 
 
+@register("kd")
 class KD(Method):
     term_names = ("student_ce", "student_kl_teacher")
     frozen = ("teacher",)
     comparisons = (("teacher", "student"),)
+    needs_trained_teacher = True
 
     def __init__(self, teacher=None, student=None, options: MethodOptions | None = None,
                  input_shape=(3, 32, 32)):
-        roles_required("kd", {"teacher": teacher, "student": student}, ["teacher", "student"])
+        roles_required(self.name, {"teacher": teacher, "student": student}, ["teacher", "student"])
         super().__init__({"teacher": teacher, "student": student}, options or MethodOptions())
         self._attach_features(student, teacher, input_shape)
 
     def forward(self, images, labels):
-        teacher, student = self.nets["teacher"], self.net("student")
+        teacher, student = self.nets["teacher"], self.nets["student"]
         want_feats = self.features is not None
         with torch.no_grad():
             t_out = teacher(images, features=want_feats)
@@ -31,5 +34,5 @@ class KD(Method):
             "student_kl_teacher": losses.soft_target(t_logits, s_logits, T),
         }
         if want_feats:
-            terms.update(self.run_features(s_feats, t_feats))
+            terms.update(self.features(s_feats, t_feats))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits})

@@ -3,26 +3,23 @@ from __future__ import annotations
 
 from .base import Method, MethodOptions, roles_required
 from . import losses
-from ..errors import SokdError
+from .registry import register
 
 
+@register("kd_dml")
 class KDDML(Method):
     term_names = ("teacher_ce", "teacher_kl_student", "student_ce", "student_kl_teacher")
     comparisons = (("teacher", "student"),)
+    needs_trained_teacher = True
+    accepts_features = False
 
     def __init__(self, teacher=None, student=None, options: MethodOptions | None = None, input_shape=None):
-        roles_required("kd_dml", {"teacher": teacher, "student": student}, ["teacher", "student"])
+        roles_required(self.name, {"teacher": teacher, "student": student}, ["teacher", "student"])
         super().__init__({"teacher": teacher, "student": student}, options or MethodOptions())
-        if self.options.features:
-            raise SokdError("method 'kd_dml' does not support feature terms; use kd or sokd")
-
-    @property
-    def name(self) -> str:
-        return "kd_dml"
 
     def forward(self, images, labels):
-        t = self.net("teacher")(images)
-        s = self.net("student")(images)
+        t = self.nets["teacher"](images)
+        s = self.nets["student"](images)
         T = self.options.T
         terms = {
             "teacher_ce": losses.cross_entropy(t, labels),

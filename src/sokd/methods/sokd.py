@@ -16,6 +16,7 @@ from pydantic import Field
 from .base import Method, MethodOptions, roles_required
 from .kbm import build_kbm, teacher_branch
 from . import losses
+from .registry import register
 
 
 class SOKDOptions(MethodOptions):
@@ -25,15 +26,17 @@ class SOKDOptions(MethodOptions):
         "train", description="frozen teacher's BatchNorm: batch statistics (reference) or running ones")
 
 
+@register("sokd")
 class SOKD(Method):
     Options = SOKDOptions
     term_names = ("kbm_ce", "kbm_kl_teacher", "kbm_kl_student", "student_ce", "student_kl_kbm")
     frozen = ("teacher",)
     comparisons = (("teacher", "student"), ("kbm", "student"))
+    needs_trained_teacher = True
 
     def __init__(self, teacher=None, student=None, options: SOKDOptions | None = None,
                  input_shape=(3, 32, 32)):
-        roles_required("sokd", {"teacher": teacher, "student": student}, ["teacher", "student"])
+        roles_required(self.name, {"teacher": teacher, "student": student}, ["teacher", "student"])
         options = options or SOKDOptions()
         kbm = build_kbm(teacher, options.kbm_stages, options.kbm_init)
         super().__init__({"teacher": teacher, "student": student, "kbm": kbm}, options)
@@ -44,7 +47,7 @@ class SOKD(Method):
 
     def _branches(self, images):
         """Frozen trunk once; teacher tail and KBM both fed from it. Returns logits and features."""
-        teacher, kbm = self.nets["teacher"], self.net("kbm")
+        teacher, kbm = self.nets["teacher"], self.nets["kbm"]
         with torch.no_grad():
             trunk, trunk_feats = teacher.forward_trunk(images, self.split)
             t_logits, _ = teacher.forward_tail(trunk, self.split)
@@ -54,7 +57,7 @@ class SOKD(Method):
     def forward(self, images, labels):
         t_logits, a_logits, branch_feats = self._branches(images)
         want_feats = self.features is not None
-        s_out = self.net("student")(images, features=want_feats)
+        s_out = self.nets["student"](images, features=want_feats)
         s_logits, s_feats = s_out if want_feats else (s_out, None)
         T = self.options.T
         terms = {
@@ -65,7 +68,7 @@ class SOKD(Method):
             "student_kl_kbm": losses.soft_target(a_logits, s_logits, T),
         }
         if want_feats:
-            terms.update(self.run_features(s_feats, branch_feats))
+            terms.update(self.features(s_feats, branch_feats))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits, "kbm": a_logits})
 
     @torch.no_grad()

@@ -255,8 +255,9 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
         method_name, opts = VARIANTS[name]
         teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0])
         student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0])
-        nets = {"vanilla": {"model": student}, "dml": {"student": student, "peers": [teacher]}}.get(
-            method_name, {"teacher": teacher, "student": student})
+        # the student architecture learns in every role; the wider one is the teacher or the peer
+        given = {"model": student, "student": student, "teacher": teacher, "peers": [teacher]}
+        nets = {role: given[role] for role in methods.config_roles(method_name)}
         layout = torch.channels_last if cl else torch.contiguous_format
         method = methods.create(method_name, input_shape=shape, **nets, **opts).to(dev, memory_format=layout)
         opt = torch.optim.SGD(method.param_groups(lr=0.01), momentum=0.9, weight_decay=5e-4)

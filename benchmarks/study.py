@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate the reproduction study (issue 5): every run, then the report. Resumable.
+"""Regenerate the reproduction study: every run, then the report. Resumable.
 
     .venv/bin/python benchmarks/study.py fmnist            # Fashion-MNIST: 3 seeds + ablations
     .venv/bin/python benchmarks/study.py cifar100          # WRN-40-2 -> WRN-40-1, 20 epochs

@@ -35,7 +35,7 @@ def _check_staged(net: StagedNet, x: torch.Tensor, num_classes: int) -> None:
     net.eval()
     with torch.no_grad():
         logits = net(x)
-        logits2, feats = net(x, features=True)
+        logits2, feats = net.forward_features(x)
         assert logits.shape == (x.shape[0], num_classes)
         assert torch.equal(logits, logits2)
         assert len(feats) == net.num_stages >= 2
@@ -64,7 +64,7 @@ def test_cifar_model_shapes_and_staging(name):
         _check_staged(net, torch.randn(2, c, s, s), 10)
     # train mode: features and logits backpropagate (no in-place clobbering of stage outputs)
     net.train()
-    logits, feats = net(torch.randn(2, 3, 32, 32), features=True)
+    logits, feats = net.forward_features(torch.randn(2, 3, 32, 32))
     (logits.sum() + sum(f.pow(2).mean() for f in feats)).backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
@@ -181,7 +181,7 @@ def test_torchvision_stage_grouping():
     for name in ("mobilenet_v2", "efficientnet_b0", "convnext_tiny", "resnet18"):
         net = models.create(f"tv.{name}", 10).eval()
         with torch.no_grad():
-            _, feats = net(torch.randn(1, 3, 64, 64), features=True)
+            _, feats = net.forward_features(torch.randn(1, 3, 64, 64))
         shapes[name] = [tuple(f.shape[1:]) for f in feats]
     # resolution-bounded stages; mobilenet/efficientnet keep the 1x1 expand conv in the last stage
     assert shapes["mobilenet_v2"] == [(16, 32, 32), (24, 16, 16), (32, 8, 8), (96, 4, 4), (1280, 2, 2)]

@@ -16,12 +16,26 @@ from ..errors import SokdError
 from ..models.staged import StagedNet
 from . import losses
 
-DEFAULT_WEIGHT = {"at": 1000.0, "fitnet": 1.0}
+
+class _Kind:
+    """One kind of feature term: its default weight and the loss of one (student, target) pair."""
+
+    def __init__(self, default_weight: float, regressed: bool, pair_loss):
+        self.default_weight = default_weight
+        self.regressed = regressed    # a trainable 1x1-conv regressor maps student to target channels
+        self.pair_loss = pair_loss    # (student feature, target feature) -> scalar
+
+
+KINDS = {
+    "at": _Kind(1000.0, regressed=False, pair_loss=lambda s, t: losses.attention_transfer(s, t)),
+    "fitnet": _Kind(1.0, regressed=True, pair_loss=lambda s, t: losses.hint(s, t)),
+}
+DEFAULT_WEIGHT = {name: kind.default_weight for name, kind in KINDS.items()}
 
 
 class FeatureSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    kind: Literal["at", "fitnet"]
+    kind: Literal[tuple(KINDS)]  # type: ignore[valid-type]
     stages: list[int] = Field(default_factory=lambda: [-1], min_length=1, description="student stage indices")
     target_stages: list[int] | None = Field(None, min_length=1, description="target stage indices (default: same)")
     weight: float | None = Field(None, ge=0, description="default: 1000 for at (beta), 1 for fitnet")
@@ -42,7 +56,7 @@ def _stage_channels(net: StagedNet, input_shape) -> list[int]:
         with torch.no_grad():
             param = next(net.parameters())
             x = torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
-            _, feats = net(x, features=True)
+            _, feats = net.forward_features(x)
     finally:
         net.train(was_training)
     return [f.shape[1] for f in feats]
@@ -64,6 +78,7 @@ class FeatureTerms(nn.Module):
             raise SokdError("method.features lists the same kind twice; list all its stages in one entry")
         ns, nt = student.num_stages, target.num_stages
         self.pairs: dict[str, list[tuple[int, int]]] = {}
+        self.kinds: dict[str, _Kind] = {}
         self.weights: dict[str, float] = {}
         self.regressors = nn.ModuleDict()
         s_ch = t_ch = None
@@ -75,8 +90,9 @@ class FeatureTerms(nn.Module):
                      for i, j in zip(spec.stages, tgt)]
             name = f"{self.owner}_{spec.kind}"
             self.pairs[name] = pairs
-            self.weights[name] = spec.weight if spec.weight is not None else DEFAULT_WEIGHT[spec.kind]
-            if spec.kind == "fitnet":
+            self.kinds[name] = KINDS[spec.kind]
+            self.weights[name] = spec.weight if spec.weight is not None else KINDS[spec.kind].default_weight
+            if KINDS[spec.kind].regressed:
                 if s_ch is None:
                     s_ch, t_ch = _stage_channels(student, input_shape), _stage_channels(target, input_shape)
                 for i, j in pairs:
@@ -87,10 +103,9 @@ class FeatureTerms(nn.Module):
         terms = {}
         for name, pairs in self.pairs.items():
             total = 0.0
+            kind = self.kinds[name]
             for i, j in pairs:
-                if name == f"{self.owner}_fitnet":
-                    total = total + losses.hint(self.regressors[f"{i}_{j}"](student_feats[i]), target_feats[j])
-                else:
-                    total = total + losses.attention_transfer(student_feats[i], target_feats[j])
+                s = self.regressors[f"{i}_{j}"](student_feats[i]) if kind.regressed else student_feats[i]
+                total = total + kind.pair_loss(s, target_feats[j])
             terms[name] = total
         return terms

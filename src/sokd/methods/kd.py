@@ -23,16 +23,14 @@ class KD(Method):
 
     def forward(self, images, labels):
         teacher, student = self.nets["teacher"], self.nets["student"]
-        want_feats = self.features is not None
         with torch.no_grad():
-            t_out = teacher(images, features=want_feats)
-        s_out = student(images, features=want_feats)
-        (t_logits, t_feats), (s_logits, s_feats) = (t_out, s_out) if want_feats else ((t_out, None), (s_out, None))
+            t_logits, t_feats = teacher.forward_features(images)
+        s_logits, s_feats = student.forward_features(images)
         T = self.options.T
         terms = {
             "student_ce": losses.cross_entropy(s_logits, labels),
             "student_kl_teacher": losses.soft_target(t_logits, s_logits, T),
         }
-        if want_feats:
+        if self.features is not None:
             terms.update(self.features(s_feats, t_feats))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits})

@@ -56,9 +56,7 @@ class SOKD(Method):
 
     def forward(self, images, labels):
         t_logits, a_logits, branch_feats = self._branches(images)
-        want_feats = self.features is not None
-        s_out = self.nets["student"](images, features=want_feats)
-        s_logits, s_feats = s_out if want_feats else (s_out, None)
+        s_logits, s_feats = self.nets["student"].forward_features(images)
         T = self.options.T
         terms = {
             "kbm_ce": losses.cross_entropy(a_logits, labels),
@@ -67,7 +65,7 @@ class SOKD(Method):
             "student_ce": losses.cross_entropy(s_logits, labels),
             "student_kl_kbm": losses.soft_target(a_logits, s_logits, T),
         }
-        if want_feats:
+        if self.features is not None:
             terms.update(self.features(s_feats, branch_feats))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits, "kbm": a_logits})
 

@@ -29,15 +29,18 @@ class StagedNet(nn.Module):
     def num_stages(self) -> int:
         return len(self.stages)
 
-    def forward(self, x: torch.Tensor, features: bool = False):
-        """Logits, or (logits, [output of each stage]) when `features` is true."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits."""
+        return self.forward_features(x)[0]
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits, [output of each stage]): what feature terms compare, at no extra cost."""
         x = self.stem(x)
         feats = []
         for stage in self.stages:
             x = stage(x)
             feats.append(x)
-        logits = self.head(x)
-        return (logits, feats) if features else logits
+        return self.head(x), feats
 
     def forward_trunk(self, x: torch.Tensor, upto: int):
         """Run stem and stages[:upto]; returns (output, [stage outputs])."""

@@ -39,9 +39,6 @@ class ZooNet(StagedNet):
     conv_init = "kaiming"
     linear_init = "default"
 
-    def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module):
-        super().__init__(stem, stages, head)
-
     def init_module(self, m: nn.Module) -> None:
         if isinstance(m, nn.modules.conv._ConvNd) and self.conv_init == "kaiming":
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

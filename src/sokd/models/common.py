@@ -1,8 +1,6 @@
 """Building blocks shared by the CIFAR zoo: a StagedNet with a per-family init scheme."""
 from __future__ import annotations
 
-from typing import Sequence
-
 from torch import nn
 
 from .staged import StagedNet

@@ -161,7 +161,7 @@ def fit(method, data, ctx: FitContext) -> dict:
 def _check_forward(method, data, device, precision: str) -> None:
     """One small test batch through every network, so input the networks cannot take (images too
     small, wrong channels) is refused before anything is written."""
-    images, labels = next(iter(data.test))
+    images, _ = next(iter(data.test))
     was_training = method.training
     method.eval()
     try:

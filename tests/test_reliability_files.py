@@ -181,14 +181,14 @@ def test_resume_with_a_lower_lr_continues_the_run(tmp_path):
 def test_weights_are_checked_before_every_save(make_config, monkeypatch):
     from sokd import config, runner
     from sokd.engine import loop
-    real = loop.nonfinite_tensors
+    real = loop.non_finite_tensors
     calls = {"n": 0}
 
-    def poisoned(module):  # the state turns non-finite in epoch 2
+    def poisoned(state):  # the state turns non-finite in epoch 2
         calls["n"] += 1
-        return ["nets.model.stem.0.weight"] if calls["n"] >= 2 else real(module)
+        return ["nets.model.stem.0.weight"] if calls["n"] >= 2 else real(state)
 
-    monkeypatch.setattr(loop, "nonfinite_tensors", poisoned)
+    monkeypatch.setattr(loop, "non_finite_tensors", poisoned)
     cfg = config.build(make_config("vanilla", train={"epochs": 3}))
     with pytest.raises(loop.NonFiniteState, match=r"by epoch 2 .*last.pt holds the run at epoch 1"):
         runner.train(cfg)

@@ -179,10 +179,13 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def non_finite_tensors(state: dict) -> list[str]:
-    """Names of the floating-point tensors of `state` holding NaN or infinity."""
-    return [k for k, v in state.items()
-            if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
-            and not bool(torch.isfinite(v).all())]
+    """Names of the floating-point tensors of `state` holding NaN or infinity (one host sync)."""
+    named = [(k, v) for k, v in state.items()
+             if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())]
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(v).all() for _, v in named]).cpu().tolist()
+    return [k for (k, _), good in zip(named, ok) if not good]
 
 
 def check_finite(state: dict, path: str | os.PathLike) -> None:

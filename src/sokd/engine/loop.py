@@ -12,7 +12,7 @@ from tqdm import tqdm
 from .. import artifacts
 from ..errors import SokdError
 from . import rundir
-from .checkpoint import atomic_save, safe_load
+from .checkpoint import atomic_save, non_finite_tensors, safe_load
 from .ddp import sync_frozen_buffers
 from .distributed import DistContext
 from .evaluate import evaluate
@@ -31,15 +31,6 @@ class NonFiniteLoss(SokdError):
 
 class NonFiniteState(SokdError):
     """Weights or buffers became NaN/inf; the run stops instead of writing them to a checkpoint."""
-
-
-def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
-    """Names of floating-point parameters and buffers holding NaN or inf (one host sync)."""
-    named = [(k, t) for k, t in module.state_dict().items() if torch.is_floating_point(t)]
-    if not named:
-        return []
-    ok = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
-    return [k for (k, _), good in zip(named, ok.tolist()) if not good]
 
 
 def _recovery(saved: str, lr: float) -> str:
@@ -214,7 +205,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
         step_module = torch.compile(step_module)
 
     def save(epoch: int, step: int, accum: EpochAccumulator | None, path: str = "last.pt") -> dict:
-        bad = nonfinite_tensors(method)
+        bad = non_finite_tensors(method.state_dict())
         if bad:
             where = f"epoch {epoch}" if step == 0 else f"epoch {epoch + 1} step {step}"
             raise NonFiniteState(

@@ -19,7 +19,7 @@ from .evaluate import evaluate
 from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler, rebase_lr
 from .precision import autocast, grad_scaler, resolve_device, resolve_precision
-from .signals import Interrupted, StopRequest
+from .signals import Interrupted, StopRequest, position
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -207,9 +207,8 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
     def save(epoch: int, step: int, accum: EpochAccumulator | None, path: str = "last.pt") -> dict:
         bad = non_finite_tensors(method.state_dict())
         if bad:
-            where = f"epoch {epoch}" if step == 0 else f"epoch {epoch + 1} step {step}"
             raise NonFiniteState(
-                f"{len(bad)} weight/buffer tensor(s) became non-finite by {where} (e.g. {bad[0]}), so "
+                f"{len(bad)} weight/buffer tensor(s) became non-finite by {position(epoch, step)} (e.g. {bad[0]}), so "
                 f"nothing was saved; {_recovery(stop.saved, cfg.optim.lr)}")
         state = artifacts.run_state(
             method=method, epoch=epoch, step=step, data=data, config=cfg.to_dict(),
@@ -305,8 +304,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
 
 
 def _saved_note(epoch: int, step: int) -> str:
-    where = f"epoch {epoch}" if step == 0 else f"epoch {epoch + 1} step {step}"
-    return f"last.pt holds the run at {where} (its last finite state)"
+    return f"last.pt holds the run at {position(epoch, step)} (its last finite state)"
 
 
 def _best_epoch(history: list[dict], primary: str) -> int | None:

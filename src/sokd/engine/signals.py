@@ -31,6 +31,11 @@ def _name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
+def position(epoch: int, step: int) -> str:
+    """Where a checkpoint stands: `epoch` epochs done, plus `step` steps of the next one."""
+    return f"epoch {epoch}" if step == 0 else f"epoch {epoch + 1} step {step}"
+
+
 class Stopped(Exception):
     """A signal outside training: nothing was in progress that needed saving."""
 
@@ -53,7 +58,7 @@ class Interrupted(Exception):
     """Raised after the checkpoint of an interrupted run has been written."""
 
     def __init__(self, signum: int, epoch: int, step: int, run_dir):
-        where = f"at the end of epoch {epoch}" if step == 0 else f"at epoch {epoch + 1} step {step}"
+        where = f"at the end of epoch {epoch}" if step == 0 else f"at {position(epoch, step)}"
         super().__init__(f"{_name(signum)} received: stopped {where} and saved {run_dir}/last.pt; "
                          f"resume with the same command plus output.resume=true")
         self.exit_code = 128 + signum

@@ -36,6 +36,19 @@ STUDIES = {
         "followups": ["sokd_kbm_finetune"],
         "seeds": [0, 1, 2],
     },
+    # The distillers issue's comparison: the same protocol and configs, a fresh set of teachers
+    # (their model.pt is published, so later runs distil from exactly these), KD and SOKD rerun on
+    # them so that every comparison is paired on a shared teacher.
+    "fmnist_methods": {
+        "configs": ROOT / "configs/study/fmnist",
+        "main": ["kd", "sokd", "kd_dkd", "sokd_dkd", "kd_dist", "kd_ls", "kd_sp", "kd_pkt", "kd_rkd",
+                 "kd_crd", "sokd_crd", "kd_reviewkd", "sokd_reviewkd", "one", "kdcl"],
+        "core": ["kd", "sokd"],
+        "ablations": [],
+        "seeds": [0, 1, 2],
+        "all_seeds_first": True,
+        "publish_models": ["teacher"],
+    },
     "cifar100": {
         "configs": ROOT / "configs/study/cifar100",
         "main": ["vanilla", "kd", "sokd"],
@@ -64,8 +77,11 @@ def plan(study: str, seeds: list[int]) -> list[tuple[str, int]]:
     rest = [m for m in s["main"] if m not in s["core"]]
     order = [("teacher", seed) for seed in seeds]
     order += [(m, seed) for seed in seeds for m in core]
-    order += [(m, seeds[0]) for m in rest] + [(a, seeds[0]) for a in s["ablations"]]
-    order += [(m, seed) for seed in seeds[1:] for m in rest]
+    if s.get("all_seeds_first"):  # a study cut short has whole methods (every seed) rather than seed 0 of all
+        order += [(m, seed) for m in rest for seed in seeds]
+    else:
+        order += [(m, seeds[0]) for m in rest] + [(a, seeds[0]) for a in s["ablations"]]
+        order += [(m, seed) for seed in seeds[1:] for m in rest]
     order += [(f, seed) for seed in seeds for f in s.get("followups", [])]
     return order
 
@@ -121,12 +137,31 @@ def published(study: str, name: str, seed: int) -> bool:
     return (published_dir(study, name, seed) / "summary.json").exists()
 
 
+def finished(study: str, name: str, seed: int) -> bool:
+    """Whether run `name` needs no more work: trained here, or published with everything later runs
+    need from it (a teacher's model.pt where the study publishes it)."""
+    if (run_dir(study, name, seed) / "summary.json").exists():
+        return True
+    if name in STUDIES[study].get("publish_models", []):
+        return (published_dir(study, name, seed) / "model.pt").exists()
+    return published(study, name, seed)
+
+
+def teacher_model(study: str, seed: int) -> Path:
+    """The seed's teacher: the local run's model.pt, else the published copy."""
+    local = run_dir(study, "teacher", seed) / "model.pt"
+    return local if local.exists() else published_dir(study, "teacher", seed) / "model.pt"
+
+
 def publish(study: str, name: str, seed: int, commit: bool) -> None:
     src = run_dir(study, name, seed)
     out = results_dir(study)
     dst = published_dir(study, name, seed)
     dst.mkdir(parents=True, exist_ok=True)
-    for f in ("summary.json", "metrics.jsonl", "config.yaml"):
+    files = ["summary.json", "metrics.jsonl", "config.yaml"]
+    if name in STUDIES[study].get("publish_models", []):
+        files.append("model.pt")  # later runs (and later sessions) distil from exactly this teacher
+    for f in files:
         shutil.copy2(src / f, dst / f)
     subprocess.run(SOKD + ["report", str(out / "by_run"), "--out", str(out), "--claims"], cwd=ROOT,
                    stdout=subprocess.DEVNULL, check=False)
@@ -170,13 +205,12 @@ def next_runnable(study: str, todo: list[tuple[str, int]], dry_run: bool) -> tup
     Entries another live worker holds are dropped from `todo`: that worker trains and publishes them."""
     for name, seed in list(todo):
         rd = run_dir(study, name, seed)
-        if (rd / "summary.json").exists() or dry_run:
+        if finished(study, name, seed) or dry_run:
             return name, seed
         if holder(rd) not in (None, os.getpid()):
             todo.remove((name, seed))
             continue
-        teacher = run_dir(study, "teacher", seed)
-        if needs_teacher(study, name) and not (teacher / "summary.json").exists():
+        if needs_teacher(study, name) and not finished(study, "teacher", seed):
             continue
         return name, seed
     return None
@@ -191,8 +225,8 @@ def teacher_in_training(study: str, todo: list[tuple[str, int]]) -> bool:
 def run_one(args, name: str, seed: int) -> int:
     """Train (or resume) one run in a subprocess and publish its summary; 0 when done or skipped."""
     rd = run_dir(args.study, name, seed)
-    if (rd / "summary.json").exists():
-        if not published(args.study, name, seed):
+    if finished(args.study, name, seed):
+        if (rd / "summary.json").exists() and not published(args.study, name, seed):
             publish(args.study, name, seed, args.commit)
         print(f"done     {name} seed {seed}", flush=True)
         return 0
@@ -202,7 +236,7 @@ def run_one(args, name: str, seed: int) -> int:
     cmd = SOKD + ["train", str(STUDIES[args.study]["configs"] / f"{name}.yaml"), f"train.seed={seed}",
                   f"output.dir={rd}", f"output.resume={str((rd / 'last.pt').exists()).lower()}"]
     if needs_teacher(args.study, name):
-        cmd.append(f"teacher.checkpoint={run_dir(args.study, 'teacher', seed) / 'model.pt'}")
+        cmd.append(f"teacher.checkpoint={teacher_model(args.study, seed)}")
     if args.threads:
         cmd.append(f"train.threads={args.threads}")
     cmd += args.overrides

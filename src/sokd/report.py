@@ -250,6 +250,11 @@ def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     _save_figure(fig, p, dpi=110)
     plt.close(fig)
     paths.append(p)
+
+    from .report_dotplot import plot_final_top1  # final top-1 per run name: seeds, mean ± std
+    p = plot_final_top1(groups, out_dir, _save_figure)
+    if p is not None:
+        paths.append(p)
     return paths
 
 

@@ -234,6 +234,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
 
     for epoch in range(start_epoch, tr.epochs):
         data.train.set_epoch(epoch)
+        method.set_epoch(epoch)  # term-weight warm-up follows the epoch, also after a resume
         if not start_step:  # a mid-epoch resume restored the RNG state from the checkpoint
             torch.manual_seed(tr.seed * 100_003 + epoch)
         # a mid-epoch checkpoint holds the epoch's sums so far, already reduced over ranks

@@ -11,25 +11,58 @@ What a method needs from a run is declared on its class (`config_roles`, `needs_
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from ..errors import SokdError, suggest
 from ..models.staged import StagedNet
 from . import registry
+from . import losses
 from .features import FeatureSpec, FeatureTerms
+
+
+class DKDOptions(BaseModel):
+    """Decoupled KD's two weights; defaults are the DKD paper's CIFAR-100 setting."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    alpha: float = Field(1.0, ge=0, description="weight of TCKD (target-class KD)")
+    beta: float = Field(8.0, ge=0, description="weight of NCKD (non-target-class KD)")
+
+
+class DISTOptions(BaseModel):
+    """DIST's two weights; defaults are the DIST paper's CIFAR-100 setting (with T = 4)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    beta: float = Field(2.0, ge=0, description="weight of the inter-class (per sample) distance")
+    gamma: float = Field(2.0, ge=0, description="weight of the intra-class (per class) distance")
 
 
 class MethodOptions(BaseModel):
     """Options every method accepts; methods extend this."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    T: float = Field(4.0, gt=0, description="softmax temperature of every KL term")
+    T: float = Field(4.0, gt=0, description="softmax temperature of every logit-distillation term")
     weights: dict[str, float] = Field(default_factory=dict, description="per-term weights, default 1")
-    features: list[FeatureSpec] = Field(default_factory=list, description="feature terms (at, fitnet)")
+    features: list[FeatureSpec] = Field(default_factory=list,
+                                        description="feature and relational terms (docs/methods.md)")
+    logit_loss: Literal["kl", "dkd", "dist"] = Field(
+        "kl", description="the distance every logit-distillation term uses: kl (Hinton), dkd, dist")
+    logit_standardize: bool = Field(
+        False, description="z-score both logit vectors before the softmax (Sun et al., CVPR 2024)")
+    dkd: DKDOptions = Field(default_factory=DKDOptions)
+    dist: DISTOptions = Field(default_factory=DISTOptions)
+    warmup_epochs: int = Field(0, ge=0, description="ramp every distillation term's weight linearly "
+                               "over this many epochs (DKD: 20); 0 = off")
+
+    @model_validator(mode="after")
+    def _standardize_composes(self):
+        if self.logit_standardize and self.logit_loss == "dist":
+            raise ValueError("logit_standardize composes with logit_loss kl or dkd; DIST already "
+                             "compares correlations, so set logit_standardize: false or logit_loss: kl")
+        return self
 
     @field_validator("weights")
     @classmethod
@@ -65,6 +98,9 @@ class Method(nn.Module):
     features_refused: str = "does not support feature terms; use {either}"
     #: the role whose test accuracy selects best.pt
     primary: str = "student"
+    #: whether the method has logit-distillation terms (`distill`); when not, the options that
+    #: shape them (logit_loss, logit_standardize, dkd, dist, warmup_epochs) are refused
+    distills_logits: bool = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -77,9 +113,14 @@ class Method(nn.Module):
         self.options = options
         self._check_weights()
         self._weights = {t: float(options.weights.get(t, 1.0)) for t in self.term_names}
+        self._ramp = 1.0  # warm-up factor of the distillation terms (set_epoch)
         for role, net in self.nets.items():  # the method decides what learns, whatever came before
             net.requires_grad_(role not in self.frozen)
         self.features: FeatureTerms | None = None
+        shaping = {"logit_loss", "logit_standardize", "dkd", "dist", "warmup_epochs"} & options.model_fields_set
+        if shaping and not self.distills_logits:
+            raise SokdError(f"method '{self.name}' has no distillation term, so "
+                            f"method.{sorted(shaping)[0]} does nothing; remove it or pick a method that distils")
         if options.features and not self.accepts_features:
             users = registry.with_features()
             raise SokdError(f"method '{self.name}' " + self.features_refused.format(
@@ -94,14 +135,49 @@ class Method(nn.Module):
                     f"'{self.name}'; its terms are: {', '.join(self.term_names)}"
                 )
 
-    def _attach_features(self, student: StagedNet, target: StagedNet, input_shape) -> None:
-        """Build feature terms (and their trainable regressors) between student and target stages."""
+    def _attach_features(self, student: StagedNet, target: StagedNet, input_shape,
+                         num_samples: int | None = None) -> None:
+        """Build feature terms (and their trainable parts) between student and target stages."""
         if self.options.features:
-            self.features = FeatureTerms(self.options.features, student, target, input_shape)
+            self.features = FeatureTerms(self.options.features, student, target, input_shape, num_samples)
             self._weights.update(self.features.weights)
 
+    def distill(self, target_logits: torch.Tensor, logits: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        """The configured logit distance from `target_logits` (detached) to `logits`.
+
+        Every logit-distillation term of every method goes through here, so `method.logit_loss`
+        and `method.logit_standardize` change all of them at once.
+        """
+        o = self.options
+        if o.logit_standardize:
+            target_logits, logits = losses.standardize(target_logits.detach()), losses.standardize(logits)
+        if o.logit_loss == "dkd":
+            return losses.dkd(target_logits, logits, labels, o.dkd.alpha, o.dkd.beta, o.T)
+        if o.logit_loss == "dist":
+            return losses.dist(target_logits, logits, o.dist.beta, o.dist.gamma, o.T)
+        return losses.soft_target(target_logits, logits, o.T)
+
+    @staticmethod
+    def is_label_term(term: str) -> bool:
+        """Supervised terms (cross-entropy with the labels) are named "<role>_ce"; every other
+        term distils and is what method.warmup_epochs ramps."""
+        return term.endswith("_ce")
+
+    def set_epoch(self, epoch: float) -> None:
+        """The engine tells the method how far training is (epochs done, fractions allowed), so
+        term weights can warm up: the distillation terms are scaled by min(1, (epoch + 1) / W)."""
+        w = self.options.warmup_epochs
+        self._ramp = 1.0 if not w else min(1.0, (float(epoch) + 1.0) / w)
+
     def weight(self, term: str) -> float:
-        return self._weights[term]
+        w = self._weights[term]
+        return w if self.is_label_term(term) else w * self._ramp
+
+    @property
+    def needs_index(self) -> bool:
+        """Whether forward needs each sample's training-set index (`index=`), e.g. for CRD."""
+        return self.features is not None and self.features.needs_index
 
     @property
     def term_weights(self) -> dict[str, float]:

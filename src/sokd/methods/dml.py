@@ -24,9 +24,9 @@ class DML(Method):
 
     def forward(self, images, labels):
         logits = {role: net(images) for role, net in self.nets.items()}
-        T, terms = self.options.T, {}
+        terms = {}
         for role, z in logits.items():
             others = [o for r, o in logits.items() if r != role]
             terms[f"{role}_ce"] = losses.cross_entropy(z, labels)
-            terms[f"{role}_kl_peers"] = sum(losses.soft_target(o, z, T) for o in others) / len(others)
+            terms[f"{role}_kl_peers"] = sum(self.distill(o, z, labels) for o in others) / len(others)
         return self.combine(terms, logits)

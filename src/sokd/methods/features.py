@@ -1,44 +1,116 @@
-"""Feature-based terms (FitNet hints, attention transfer) between a student's and a target's stages.
+"""Feature-based and relational terms between a student's stages and a target's stages.
 
-A term compares student stage i with target stage j (default j = i, counted the same way, so
-negative indices pair the last stages of nets with different depths). FitNet's 1x1-conv regressors
-are trainable and are optimised together with the student, in one stage.
+Two shapes of term share one configuration (`method.features`):
+- pairwise kinds (at, fitnet, sp, pkt, rkd) compare student stage i with target stage j (default
+  j = i, counted the same way, so negative indices pair the last stages of nets with different
+  depths); FitNet's 1x1-conv regressors are trainable;
+- module kinds (crd, reviewkd) are nn.Modules built from the stage lists as a whole, with their
+  own trainable parts (embedding heads, fusion blocks) and state (CRD's memory bank).
+Everything trainable here is optimised with the student, in one param group; buffers are part
+of the method's state, so a checkpoint holds them and a resume continues them exactly.
 """
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from ..errors import SokdError
+from ..errors import SokdError, suggest
 from ..models.staged import StagedNet
+from ..validation import validate
 from . import losses
 
 
+@dataclass
+class TermContext:
+    """What a module kind may use to build itself: the two networks and the run's shapes."""
+
+    student: StagedNet
+    target: StagedNet
+    input_shape: tuple
+    num_samples: int | None = None
+    _channels: dict = field(default_factory=dict)
+
+    def channels(self, who: str) -> list[int]:
+        """Channels of each stage output of "student" or "target" (one dry forward, cached)."""
+        if who not in self._channels:
+            self._channels[who] = _stage_channels(getattr(self, who), self.input_shape)
+        return self._channels[who]
+
+
 class _Kind:
-    """One kind of feature term: its default weight and the loss of one (student, target) pair."""
+    """One kind of term: its default weight, default stages and how it is computed.
 
-    def __init__(self, default_weight: float, regressed: bool, pair_loss):
+    Pairwise kinds give `pair_loss(student feature, target feature) -> scalar`; module kinds give
+    `build(pairs, options, context) -> nn.Module` whose forward takes (student stage outputs,
+    target stage outputs, batch) with batch holding `labels` and, where `needs_index`, `index`
+    (each sample's position in the training set).
+    """
+
+    def __init__(self, default_weight: float, source: str, *, pair_loss: Callable | None = None,
+                 regressed: bool = False, build: Callable | None = None, options=None,
+                 default_stages: Callable[[int], list[int]] = lambda n: [-1], needs_index: bool = False):
         self.default_weight = default_weight
-        self.regressed = regressed    # a trainable 1x1-conv regressor maps student to target channels
-        self.pair_loss = pair_loss    # (student feature, target feature) -> scalar
+        self.source = source            # where the default weight comes from
+        self.pair_loss = pair_loss
+        self.regressed = regressed      # a trainable 1x1-conv regressor maps student to target channels
+        self.build = build
+        self.options = options          # pydantic model of the kind's own options (or None)
+        self.default_stages = default_stages
+        self.needs_index = needs_index
 
 
-KINDS = {
-    "at": _Kind(1000.0, regressed=False, pair_loss=lambda s, t: losses.attention_transfer(s, t)),
-    "fitnet": _Kind(1.0, regressed=True, pair_loss=lambda s, t: losses.hint(s, t)),
-}
-DEFAULT_WEIGHT = {name: kind.default_weight for name, kind in KINDS.items()}
+KINDS: dict[str, _Kind] = {}
+
+
+def register_kind(name: str, kind: _Kind) -> _Kind:
+    """Make `name` usable as method.features[].kind."""
+    KINDS[name] = kind
+    return kind
+
+
+register_kind("at", _Kind(1000.0, "AT paper (beta = 1000)",
+                          pair_loss=lambda s, t, o: losses.attention_transfer(s, t)))
+register_kind("fitnet", _Kind(1.0, "FitNets (hint weight 1)", regressed=True,
+                              pair_loss=lambda s, t, o: losses.hint(s, t)))
+register_kind("sp", _Kind(3000.0, "RepDistiller's CIFAR-100 setting for SP (the SP paper's gamma)",
+                          pair_loss=lambda s, t, o: losses.similarity_preserving(s, t)))
+register_kind("pkt", _Kind(30000.0, "RepDistiller's CIFAR-100 setting for PKT",
+                           pair_loss=lambda s, t, o: losses.pkt(s, t)))
+
+
+class RKDOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    w_dist: float = Field(25.0, ge=0, description="distance-wise weight (RKD paper: 25)")
+    w_angle: float = Field(50.0, ge=0, description="angle-wise weight (RKD paper: 50)")
+
+
+register_kind("rkd", _Kind(1.0, "RKD paper (w_dist 25, w_angle 50 inside the term)", options=RKDOptions,
+                           pair_loss=lambda s, t, o: losses.rkd(s, t, o.w_dist, o.w_angle)))
+
+
+def default_weight(kind: str) -> float:
+    return KINDS[kind].default_weight
 
 
 class FeatureSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    kind: Literal[tuple(KINDS)]  # type: ignore[valid-type]
-    stages: list[int] = Field(default_factory=lambda: [-1], min_length=1, description="student stage indices")
+    kind: str = Field(description="a registered feature kind: at, fitnet, sp, pkt, rkd, crd, reviewkd")
+    stages: list[int] | None = Field(None, min_length=1, description="student stage indices (default: the kind's)")
     target_stages: list[int] | None = Field(None, min_length=1, description="target stage indices (default: same)")
-    weight: float | None = Field(None, ge=0, description="default: 1000 for at (beta), 1 for fitnet")
+    weight: float | None = Field(None, ge=0, description="default: the kind's (docs/methods.md)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the kind's own options")
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        if kind not in KINDS:
+            raise ValueError(f"unknown feature kind '{kind}'{suggest(kind, KINDS)}; "
+                             f"known: {', '.join(sorted(KINDS))}")
+        return kind
 
 
 def _resolve(idx: int, n: int, who: str, kind: str) -> int:
@@ -63,49 +135,73 @@ def _stage_channels(net: StagedNet, input_shape) -> list[int]:
 
 
 class FeatureTerms(nn.Module):
-    """Computes every configured feature term; holds FitNet regressors as parameters."""
+    """Computes every configured term; holds their trainable parts and state as submodules."""
 
-    #: the role whose features are compared: terms are named "<owner>_<kind>", and the regressors
-    #: learn with it (its optim.lr_per_role entry applies to them)
+    #: the role whose features are compared: terms are named "<owner>_<kind>", and the trainable
+    #: parts learn with it (its optim.lr_per_role entry applies to them)
     owner = "student"
-    #: the regressors' param-group role (optim.lr_per_role may also name it)
+    #: the trainable parts' param-group role (optim.lr_per_role may also name it)
     group = f"{owner}_regressors"
 
-    def __init__(self, specs: list[FeatureSpec], student: StagedNet, target: StagedNet, input_shape):
+    def __init__(self, specs: list[FeatureSpec], student: StagedNet, target: StagedNet, input_shape,
+                 num_samples: int | None = None):
         super().__init__()
         kinds = [s.kind for s in specs]
         if len(set(kinds)) != len(kinds):
             raise SokdError("method.features lists the same kind twice; list all its stages in one entry")
+        ctx = TermContext(student, target, tuple(input_shape), num_samples)
         ns, nt = student.num_stages, target.num_stages
         self.pairs: dict[str, list[tuple[int, int]]] = {}
         self.kinds: dict[str, _Kind] = {}
+        self.kind_options: dict[str, Any] = {}
         self.weights: dict[str, float] = {}
-        self.regressors = nn.ModuleDict()
-        s_ch = t_ch = None
+        self.regressors = nn.ModuleDict()   # FitNet's, keyed "i_j"
+        self.modules_by_term = nn.ModuleDict()  # module kinds, keyed by term name
         for spec in specs:
-            tgt = spec.target_stages if spec.target_stages is not None else spec.stages
-            if len(tgt) != len(spec.stages):
+            kind = KINDS[spec.kind]
+            stages = spec.stages if spec.stages is not None else kind.default_stages(ns)
+            tgt = spec.target_stages if spec.target_stages is not None else stages
+            if len(tgt) != len(stages):
                 raise SokdError(f"feature term '{spec.kind}': stages and target_stages differ in length")
             pairs = [(_resolve(i, ns, "student", spec.kind), _resolve(j, nt, "teacher", spec.kind))
-                     for i, j in zip(spec.stages, tgt)]
+                     for i, j in zip(stages, tgt)]
+            if kind.options is not None:
+                opts = validate(kind.options, spec.options, prefix=f"method.features[{spec.kind}].options.")
+            elif spec.options:
+                raise SokdError(f"feature term '{spec.kind}' takes no options; remove "
+                                f"method.features[{spec.kind}].options")
+            else:
+                opts = None
             name = f"{self.owner}_{spec.kind}"
             self.pairs[name] = pairs
-            self.kinds[name] = KINDS[spec.kind]
-            self.weights[name] = spec.weight if spec.weight is not None else KINDS[spec.kind].default_weight
-            if KINDS[spec.kind].regressed:
-                if s_ch is None:
-                    s_ch, t_ch = _stage_channels(student, input_shape), _stage_channels(target, input_shape)
+            self.kinds[name] = kind
+            self.kind_options[name] = opts
+            self.weights[name] = spec.weight if spec.weight is not None else kind.default_weight
+            if kind.build is not None:
+                self.modules_by_term[name] = kind.build(pairs, opts, ctx)
+            elif kind.regressed:
+                s_ch, t_ch = ctx.channels("student"), ctx.channels("target")
                 for i, j in pairs:
                     self.regressors[f"{i}_{j}"] = nn.Sequential(
                         nn.Conv2d(s_ch[i], t_ch[j], kernel_size=1, bias=False), nn.BatchNorm2d(t_ch[j]))
 
-    def forward(self, student_feats: list[torch.Tensor], target_feats: list[torch.Tensor]) -> dict:
+    @property
+    def needs_index(self) -> bool:
+        """Whether some term needs each sample's training-set index (`index=` in forward)."""
+        return any(k.needs_index for k in self.kinds.values())
+
+    def forward(self, student_feats: list[torch.Tensor], target_feats: list[torch.Tensor],
+                labels: torch.Tensor | None = None, index: torch.Tensor | None = None) -> dict:
         terms = {}
         for name, pairs in self.pairs.items():
-            total = 0.0
             kind = self.kinds[name]
+            if kind.build is not None:
+                terms[name] = self.modules_by_term[name](
+                    student_feats, target_feats, {"labels": labels, "index": index})
+                continue
+            total = 0.0
             for i, j in pairs:
                 s = self.regressors[f"{i}_{j}"](student_feats[i]) if kind.regressed else student_feats[i]
-                total = total + kind.pair_loss(s, target_feats[j])
+                total = total + kind.pair_loss(s, target_feats[j], self.kind_options[name])
             terms[name] = total
         return terms

@@ -21,16 +21,15 @@ class KD(Method):
         super().__init__({"teacher": teacher, "student": student}, options or MethodOptions())
         self._attach_features(student, teacher, input_shape)
 
-    def forward(self, images, labels):
+    def forward(self, images, labels, index=None):
         teacher, student = self.nets["teacher"], self.nets["student"]
         with torch.no_grad():
             t_logits, t_feats = teacher.forward_features(images)
         s_logits, s_feats = student.forward_features(images)
-        T = self.options.T
         terms = {
             "student_ce": losses.cross_entropy(s_logits, labels),
-            "student_kl_teacher": losses.soft_target(t_logits, s_logits, T),
+            "student_kl_teacher": self.distill(t_logits, s_logits, labels),
         }
         if self.features is not None:
-            terms.update(self.features(s_feats, t_feats))
+            terms.update(self.features(s_feats, t_feats, labels, index))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits})

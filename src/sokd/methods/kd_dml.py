@@ -20,11 +20,10 @@ class KDDML(Method):
     def forward(self, images, labels):
         t = self.nets["teacher"](images)
         s = self.nets["student"](images)
-        T = self.options.T
         terms = {
             "teacher_ce": losses.cross_entropy(t, labels),
-            "teacher_kl_student": losses.soft_target(s, t, T),
+            "teacher_kl_student": self.distill(s, t, labels),
             "student_ce": losses.cross_entropy(s, labels),
-            "student_kl_teacher": losses.soft_target(t, s, T),
+            "student_kl_teacher": self.distill(t, s, labels),
         }
         return self.combine(terms, {"teacher": t, "student": s})

@@ -54,19 +54,18 @@ class SOKD(Method):
         a_logits, a_feats = kbm(trunk.detach())
         return t_logits, a_logits, trunk_feats + a_feats
 
-    def forward(self, images, labels):
+    def forward(self, images, labels, index=None):
         t_logits, a_logits, branch_feats = self._branches(images)
         s_logits, s_feats = self.nets["student"].forward_features(images)
-        T = self.options.T
         terms = {
             "kbm_ce": losses.cross_entropy(a_logits, labels),
-            "kbm_kl_teacher": losses.soft_target(t_logits, a_logits, T),
-            "kbm_kl_student": losses.soft_target(s_logits, a_logits, T),
+            "kbm_kl_teacher": self.distill(t_logits, a_logits, labels),
+            "kbm_kl_student": self.distill(s_logits, a_logits, labels),
             "student_ce": losses.cross_entropy(s_logits, labels),
-            "student_kl_kbm": losses.soft_target(a_logits, s_logits, T),
+            "student_kl_kbm": self.distill(a_logits, s_logits, labels),
         }
         if self.features is not None:
-            terms.update(self.features(s_feats, branch_feats))
+            terms.update(self.features(s_feats, branch_feats, labels, index))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits, "kbm": a_logits})
 
     @torch.no_grad()

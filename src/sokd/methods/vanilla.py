@@ -13,6 +13,7 @@ class Vanilla(Method):
     accepts = ("model", "student")
     config_roles = ("model",)
     accepts_features = False
+    distills_logits = False
     features_refused = "has no teacher to take features from; remove method.features or use {slashed}"
 
     def __init__(self, model=None, student=None, options: MethodOptions | None = None, input_shape=None):

@@ -13,6 +13,8 @@ from .dml import DML
 from .kbm import KnowledgeBridge, build_kbm, teacher_branch
 from .kd import KD
 from .kd_dml import KDDML
+from .kdcl import KDCL, KDCLOptions
+from .one import ONE, ONEOptions
 from .registry import config_roles, get, list_methods, needs_trained_teacher, options_model, register, with_features
 from .sokd import SOKD, SOKDOptions
 from .vanilla import Vanilla
@@ -36,4 +38,5 @@ def create(name: str, *, input_shape=(3, 32, 32), **kwargs) -> Method:
 
 __all__ = ["create", "register", "get", "list_methods", "options_model", "needs_trained_teacher",
            "config_roles", "with_features", "Method", "MethodOptions", "losses", "build_kbm",
-           "teacher_branch", "KnowledgeBridge", "SOKD", "SOKDOptions", "KD", "DML", "KDDML", "Vanilla"]
+           "teacher_branch", "KnowledgeBridge", "SOKD", "SOKDOptions", "KD", "DML", "KDDML", "Vanilla",
+           "ONE", "ONEOptions", "KDCL", "KDCLOptions"]

@@ -88,8 +88,8 @@ class KDCL(Method):
     def forward(self, images, labels):
         logits = {role: net(images) for role, net in self.nets.items()}
         z_t = self.ensemble_target(logits, labels)
-        T, terms = self.options.T, {}
+        terms = {}
         for role, z in logits.items():
             terms[f"{role}_ce"] = losses.cross_entropy(z, labels)
-            terms[f"{role}_kl_ensemble"] = losses.soft_target(z_t, z, T)
+            terms[f"{role}_kl_ensemble"] = self.distill(z_t, z, labels)
         return self.combine(terms, logits)

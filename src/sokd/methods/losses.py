@@ -144,7 +144,8 @@ def similarity_preserving(student_feat: torch.Tensor, target_feat: torch.Tensor)
     """SP (Tung & Mori, ICCV 2019): match the batch's sample-similarity matrices.
 
     G = F F^T of the flattened features with each row L2-normalised; loss = ||G_s - G_t||_F^2 / b^2.
-    Invariant to each sample's feature scale and independent of the two networks' channel counts.
+    Invariant to a common scale of either network's features, and independent of their channel
+    counts and spatial sizes (only the b x b matrices are compared).
     """
     def gram(f):
         f = f.float().flatten(1)

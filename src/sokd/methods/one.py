@@ -126,10 +126,10 @@ class ONE(Method):
     def forward(self, images, labels):
         logits, gate = self.heads(images)
         z_e = self.ensemble(logits, gate)
-        T, terms = self.options.T, {}
+        terms = {}
         for role, z in logits.items():
             terms[f"{role}_ce"] = losses.cross_entropy(z, labels)
-            terms[f"{role}_kl_ensemble"] = losses.soft_target(z_e, z, T)  # z_e detached there
+            terms[f"{role}_kl_ensemble"] = self.distill(z_e, z, labels)  # z_e detached there
         terms["ensemble_ce"] = losses.cross_entropy(z_e, labels)
         return self.combine(terms, {**logits, "ensemble": z_e})
 

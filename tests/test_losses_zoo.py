@@ -141,3 +141,13 @@ def test_targets_get_no_gradient_and_bf16_inputs_give_fp32_losses(name):
     low = fn(t.detach().bfloat16(), s.detach().bfloat16()) if name in LOGIT else fn(s.detach().bfloat16(), t.detach().bfloat16())
     assert low.dtype == torch.float32
     assert math.isclose(low.item(), loss.item(), rel_tol=0.05, abs_tol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(RELATIONAL))
+def test_relational_losses_ignore_bf16_autocast(name):
+    """Their similarity matrices are fp32 even inside a bf16 autocast region."""
+    s, t = torch.randn(8, 6, 2, 2), torch.randn(8, 4, 2, 2)
+    want = RELATIONAL[name](s, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = RELATIONAL[name](s, t)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)

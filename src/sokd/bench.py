@@ -34,7 +34,22 @@ VARIANTS = {
     "sokd": ("sokd", {}),
     "sokd+at": ("sokd", {"features": [{"kind": "at", "stages": [0, 1, 2]}]}),
     "sokd+fitnet": ("sokd", {"features": [{"kind": "fitnet", "stages": [-1]}]}),
+    "kd+dkd": ("kd", {"logit_loss": "dkd"}),
+    "kd+dist": ("kd", {"logit_loss": "dist"}),
+    "kd+ls": ("kd", {"logit_standardize": True, "T": 2.0}),
+    "kd+sp": ("kd", {"features": [{"kind": "sp"}]}),
+    "kd+pkt": ("kd", {"features": [{"kind": "pkt"}]}),
+    "kd+rkd": ("kd", {"features": [{"kind": "rkd"}]}),
+    "kd+crd": ("kd", {"features": [{"kind": "crd"}]}),
+    "kd+reviewkd": ("kd", {"features": [{"kind": "reviewkd"}]}),
+    "one": ("one", {}),
+    "kdcl": ("kdcl", {}),
+    "sokd+dkd": ("sokd", {"logit_loss": "dkd"}),
+    "sokd+crd": ("sokd", {"features": [{"kind": "crd"}]}),
+    "sokd+reviewkd": ("sokd", {"features": [{"kind": "reviewkd"}]}),
 }
+#: what `sokd bench` times when no variant is named (`--methods all` times every one)
+DEFAULT_VARIANTS = ("vanilla", "kd", "kd+at", "kd+fitnet", "dml", "kd_dml", "sokd", "sokd+at", "sokd+fitnet")
 
 
 @dataclass
@@ -155,9 +170,12 @@ def time_step(step, images: int, device, warmup: int, reps: int, steps_per_rep: 
 
 
 def make_train_step(method, optimizer, x, y, device, precision):
+    # a method that needs each sample's training-set index (CRD) gets the batch's positions
+    extra = {"index": torch.arange(len(y), device=y.device)} if method.needs_index else {}
+
     def step():
         with autocast(device, precision):
-            out = method(x, y)
+            out = method(x, y, **extra)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
@@ -206,7 +224,8 @@ def check_args(teacher_arch: str, student_arch: str, batch, device: str, precisi
         raise SokdError(f"--input must be three positive sizes CxHxW (e.g. 3x32x32), got {shape!r}")
     if precision not in ("fp32", "bf16", "fp16"):
         raise SokdError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
-    for name in list(variants or []) + list(fp32_too):
+    named = [] if variants and list(variants) == ["all"] else list(variants or [])
+    for name in named + list(fp32_too):
         if name not in VARIANTS:
             from .errors import unknown
             raise unknown("bench variant", name, VARIANTS)
@@ -249,7 +268,9 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
             f"{gflops:6.0f} GFLOP/s ({100 * r.peak_fraction:.0f}% of matmul peak)"
             + (f"  peak mem {mem:.0f} MB" if mem is not None else ""))
 
-    runs = [(name, precision, channels_last) for name in variants or VARIANTS]
+    if variants and list(variants) == ["all"]:
+        variants = list(VARIANTS)
+    runs = [(name, precision, channels_last) for name in variants or DEFAULT_VARIANTS]
     runs += [(name, "fp32", False) for name in fp32_too]
     for name, prec, cl in runs:
         method_name, opts = VARIANTS[name]

@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--input", default="3x32x32")
-    p.add_argument("--methods", nargs="+", default=None, help="subset of variants (default: all)")
+    p.add_argument("--methods", nargs="+", default=None, help="variants to time (default: the nine core ones; 'all' for every variant)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps-per-rep", type=int, default=3)

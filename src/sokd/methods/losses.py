@@ -1,8 +1,21 @@
 """Loss terms as small pure functions; a method is a weighted composition of them."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+def fp32(fn):
+    """Run a loss with autocast off: its inputs are cast to fp32 inside, and under bf16 autocast
+    its matmuls (similarity and distance matrices) would otherwise be rounded back to bf16."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def soft_target(target_logits: torch.Tensor, logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
@@ -55,6 +68,7 @@ def hint(regressed_student: torch.Tensor, target_feat: torch.Tensor) -> torch.Te
 
 # -- logit distances beside KL ---------------------------------------------------------------
 
+@fp32
 def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Logit standardisation (Sun et al., CVPR 2024): per-sample (z - mean) / (std + eps).
 
@@ -71,6 +85,7 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(log_p > -float("inf"), log_p.exp() * (log_p - log_q), 0.0).sum(dim=1)
 
 
+@fp32
 def dkd_parts(target_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
               T: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (TCKD, NCKD) of Decoupled KD, each a KL at temperature T (not yet scaled by T^2).
@@ -116,6 +131,7 @@ def _pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float = 1
     return (1.0 - r).mean()
 
 
+@fp32
 def dist(target_logits: torch.Tensor, logits: torch.Tensor, beta: float = 1.0, gamma: float = 1.0,
          T: float = 1.0) -> torch.Tensor:
     """DIST (Huang et al., NeurIPS 2022): correlation instead of exact match of probabilities.
@@ -140,6 +156,7 @@ def embedding(feat: torch.Tensor) -> torch.Tensor:
     return feat.mean(dim=(2, 3)) if feat.dim() == 4 else feat.flatten(1)
 
 
+@fp32
 def similarity_preserving(student_feat: torch.Tensor, target_feat: torch.Tensor) -> torch.Tensor:
     """SP (Tung & Mori, ICCV 2019): match the batch's sample-similarity matrices.
 
@@ -154,6 +171,7 @@ def similarity_preserving(student_feat: torch.Tensor, target_feat: torch.Tensor)
     return (gram(student_feat) - gram(target_feat.detach())).pow(2).sum() / (b * b)
 
 
+@fp32
 def pkt(student_emb: torch.Tensor, target_emb: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """PKT (Passalis & Tefas, ECCV 2018): match conditional probability distributions of samples.
 
@@ -182,6 +200,7 @@ def _angles(e: torch.Tensor) -> torch.Tensor:
     return torch.bmm(diff, diff.transpose(1, 2)).flatten()
 
 
+@fp32
 def rkd(student_emb: torch.Tensor, target_emb: torch.Tensor, w_dist: float = 25.0,
         w_angle: float = 50.0) -> torch.Tensor:
     """RKD (Park et al., CVPR 2019): distance-wise + angle-wise relational losses.

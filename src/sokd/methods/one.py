@@ -23,8 +23,8 @@ branch i: `branch2.pt`, ...). The ensemble is reported at test time as role "ens
 no file of its own: it needs every branch and the gate.
 
 Not reproduced: the released code ramps the KL weight up with a sigmoid schedule over its first
-80 epochs (the paper's loss has no ramp); a method does not see the epoch, so the KL terms keep
-their constant weights (method.weights).
+80 epochs (the paper's loss has no ramp); the nearest setting is `method.warmup_epochs`, a linear
+ramp of every distillation term, off by default as in the paper.
 """
 from __future__ import annotations
 

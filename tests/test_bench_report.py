@@ -133,3 +133,14 @@ def test_claims_compare_pairs_seeds_and_applies_a_one_sided_t_test():
     # only seeds both sides have are paired; none in common means nothing to say yet
     assert "one seed" in compare({0: 2.0, 5: 9.0}, {0: 1.0})
     assert compare({1: 2.0}, {0: 1.0}) == "not measured yet"
+
+
+def test_paired_test_matches_scipy_and_the_t_table():
+    """t, one-sided p and the 95% interval of the mean difference, against known values."""
+    from sokd.claims import paired_test
+    t, p, (lo, hi), crit = paired_test([1.0, 2.0, 1.0])
+    assert round(t, 3) == 4.0 and round(crit, 3) == 2.920  # t table: 2 d.o.f., one-sided 5%
+    assert 0.02 < p < 0.03  # P(T_2 > 4) = 0.0286
+    assert round(lo, 3) == round(4 / 3 - 4.303 * (1 / 3 ** 0.5) / 3 ** 0.5, 3) and hi > lo
+    t, p, ci, _ = paired_test([0.5, 0.5])
+    assert t == float("inf") and p == 0.0 and ci == (0.5, 0.5)

@@ -16,8 +16,8 @@ import statistics
 
 from .report import find_runs, group, load, mean_std
 
-# One-sided 5% critical values of Student's t for 1..10 degrees of freedom (standard table).
-T_CRIT_05 = [6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812]
+#: one-sided significance level of every paired test
+ALPHA = 0.05
 
 ABLATIONS = {  # run name -> what it changes against the default `sokd` run of the same seed
     "sokd_bn_eval": "teacher BN in eval mode (default: train)",
@@ -43,6 +43,25 @@ def _paired_mean(a: Values, b: Values) -> str:
     return f"{statistics.mean(diffs):+.2f}" if diffs else "—"
 
 
+def paired_test(diffs: list[float]) -> tuple[float, float, tuple[float, float], float]:
+    """One-sided paired t-test of "mean difference > 0" (scipy.stats), with the two-sided 95%
+    confidence interval of the mean difference and the t the test needs at ALPHA.
+
+    Returns (t, p, (low, high), critical t). Identical differences (zero spread) give t = ±inf
+    and p 0 or 1, and the interval shrinks to the mean.
+    """
+    from scipy import stats
+    n, mean = len(diffs), statistics.mean(diffs)
+    sd = statistics.stdev(diffs)
+    crit = float(stats.t.ppf(1 - ALPHA, n - 1))
+    if sd == 0:
+        t = math.copysign(math.inf, mean) if mean else 0.0
+        return t, (0.0 if mean > 0 else 1.0), (mean, mean), crit
+    res = stats.ttest_1samp(diffs, 0.0, alternative="greater")
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return float(res.statistic), float(res.pvalue), (mean - half, mean + half), crit
+
+
 def compare(a: Values, b: Values) -> str:
     """Verdict on "a > b": paired over the seeds both have, against the seed spread."""
     seeds = sorted(set(a) & set(b))
@@ -53,13 +72,12 @@ def compare(a: Values, b: Values) -> str:
     if n == 1:
         return f"{'holds' if mean > 0 else 'does not hold'} on one seed (difference {mean:+.2f}; no spread yet)"
     spread = max(_std({s: a[s] for s in seeds}), _std({s: b[s] for s in seeds}))
-    sd = statistics.stdev(diffs)
-    t = math.copysign(math.inf, mean) if sd == 0 else mean / (sd / math.sqrt(n))
-    crit = T_CRIT_05[min(n - 1, len(T_CRIT_05)) - 1]
+    t, p, (lo, hi), crit = paired_test(diffs)
     positive = sum(d > 0 for d in diffs)
     detail = (f"mean difference {mean:+.2f} = {abs(mean) / spread if spread else math.inf:.1f}× the seed std "
               f"{spread:.2f}; per seed {', '.join(f'{d:+.2f}' for d in diffs)} ({positive}/{n} positive); "
-              f"paired t {t:.2f}, one-sided 5% needs > {crit}")
+              f"paired t {t:.2f}, one-sided p {p:.3f} (5% needs t > {crit:.2f}); "
+              f"95% CI of the difference [{lo:+.2f}, {hi:+.2f}]")
     if mean > 0 and t > crit:
         return f"holds ({detail})"
     if mean > 0:

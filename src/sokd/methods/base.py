@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Iterable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
 from ..errors import SokdError, suggest
@@ -57,12 +57,13 @@ class MethodOptions(BaseModel):
     warmup_epochs: int = Field(0, ge=0, description="ramp every distillation term's weight linearly "
                                "over this many epochs (DKD: 20); 0 = off")
 
-    @model_validator(mode="after")
-    def _standardize_composes(self):
-        if self.logit_standardize and self.logit_loss == "dist":
+    @field_validator("logit_standardize")
+    @classmethod
+    def _standardize_composes(cls, standardize: bool, info: ValidationInfo) -> bool:
+        if standardize and info.data.get("logit_loss") == "dist":
             raise ValueError("logit_standardize composes with logit_loss kl or dkd; DIST already "
                              "compares correlations, so set logit_standardize: false or logit_loss: kl")
-        return self
+        return standardize
 
     @field_validator("weights")
     @classmethod

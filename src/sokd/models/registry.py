@@ -52,7 +52,8 @@ def register(name: str, *, overwrite: bool = False) -> Callable[[Constructor], C
 def list_models() -> list[str]:
     """Every concrete registered name (CIFAR zoo incl. wrn examples, plus user registrations), sorted.
 
-    `create` also accepts any `wrn_D_W`, `tv.<name>` and `timm.<name>`.
+    `create` also accepts any `wrn_D_W`, `tv.<name>` and `timm.<name>`; `info.source_names("tv")`
+    / `info.source_names("timm")` list those (`sokd models --tv/--timm [PATTERN]`).
     """
     return sorted(set(_REGISTRY) | set(WRN_EXAMPLES))
 
@@ -81,7 +82,8 @@ def create(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> Stage
     Args:
         name: a name from `list_models()`, any `wrn_<depth>_<width>`, `tv.<torchvision name>`
             (e.g. `tv.resnet18`; never downloads weights, `weights=<path to local state dict>`
-            loads one) or `timm.<name>` (needs `pip install sokd[timm]`).
+            loads one) or `timm.<name>` (needs `pip install sokd[timm]`; stages from timm's
+            `feature_info`; ViT-style models are refused, see `torchvision_adapter.create_timm`).
         num_classes: size of the classifier.
         in_channels: input channels (1 for MNIST-like data); CIFAR-zoo models work at any
             resolution >= 28 px thanks to global average pooling.

@@ -2,7 +2,17 @@
 
 `from_torchvision(model)` recognises, in this order:
 
-1. ResNet-like models (torchvision resnet*/resnext*/wide_resnet*, timm resnets): children
+0. Models that describe their own stages (timm's `model.feature_info`: one entry per feature
+   level, naming the module whose output it is, e.g. resnet `act1, layer1..layer4`, efficientnet
+   `blocks.0, blocks.1, blocks.2, blocks.4, blocks.6`, convnext `stages.0..3`): the model's
+   children (Sequential / ModuleList containers of those modules expanded) form a chain; each
+   named module ENDS a stage; everything before the first one is the stem (the first one
+   itself when nothing precedes it, e.g. regnet `stem`); a stage without a convolution (resnet's
+   `act1`, mobilenetv3's `bn1`) joins the stem or the stage before; everything after the last
+   one is the head (so efficientnet's 1x1 `conv_head` is in the head, and a copied head in
+   SOKD's KBM includes it). A model whose feature_info does not fit this (names inside a custom
+   block, out of forward order, logits not reproduced) falls through to the heuristics below.
+1. ResNet-like models (torchvision resnet*/resnext*/wide_resnet*; timm's have feature_info): children
    conv1, bn1, relu|act1, maxpool, layer1..layer4, avgpool|global_pool, fc
    -> stem = conv1-bn1-relu-maxpool, stages = layer1..layer4, head = pool-flatten-fc.
 2. RegNet-like models: stem, trunk_output (block1..block4), avgpool, fc
@@ -19,6 +29,9 @@
    norm0/relu0) are merged into the stage before (or the stem). Consequently the trailing
    1x1 "expand" conv of mobilenet/efficientnet (to 1280 / 576 channels) stays in the LAST STAGE,
    so a copied last stage (SOKD's knowledge bridge) includes it.
+
+`AdaptedNet.cut_source` records which recogniser cut the model ("feature_info", "resnet",
+"regnet" or "chain of children").
 
 The head is then chosen among a few candidates (the trailing children as they are; with a
 flatten after their pooling; global-average-pool + flatten before them; ReLU + pool + flatten
@@ -57,9 +70,10 @@ class AdaptedNet(StagedNet):
     """A StagedNet cut out of an existing classifier; see the module docstring for the init rule."""
 
     def __init__(self, stem: nn.Module, stages: Iterable[nn.Module], head: nn.Module,
-                 constants: dict | None = None):
+                 constants: dict | None = None, cut_source: str | None = None):
         super().__init__(stem, list(stages), head)
         self.constant_init = dict(constants or {})  # {(module type, parameter name): value}
+        self.cut_source = cut_source  # which recogniser found the stages (see the module docstring)
 
     def init_module(self, m: nn.Module) -> None:
         super().init_module(m)
@@ -107,6 +121,87 @@ def _check_map(out, what: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- recognisers
+def feature_info_modules(model: nn.Module) -> list[str] | None:
+    """The module names of timm's `model.feature_info` (one per feature level), or None."""
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        return None
+    try:
+        if hasattr(info, "module_name"):  # timm FeatureInfo object (features_only models)
+            names = list(info.module_name())
+        else:  # plain timm classifiers: a list of {"module", "num_chs", "reduction"} dicts
+            names = [entry["module"] for entry in info]
+    except (TypeError, KeyError, AttributeError):
+        return None
+    if not names or not all(isinstance(n, str) and n for n in names):
+        return None
+    return names
+
+
+def _chain_units(module: nn.Module, prefix: str, names: list[str]) -> list[tuple[str, nn.Module]]:
+    """Children of `module` in order, containers holding a named module expanded (dotted names)."""
+    units = []
+    for cname, child in module.named_children():
+        full = prefix + cname
+        if any(n.startswith(full + ".") for n in names):
+            if not isinstance(child, (nn.Sequential, nn.ModuleList)):
+                raise _CutError(f"feature_info names a module inside '{full}' ({type(child).__name__}), "
+                                "which is not a plain chain of blocks")
+            units.extend(_chain_units(child, full + ".", names))
+        else:
+            units.append((full, child))
+    return units
+
+
+def feature_info_stages(model: nn.Module) -> tuple[list[str], list[list[str]], list[str]] | None:
+    """(stem, [stage, ...], head) as lists of dotted module names, from timm's feature_info.
+
+    Each feature_info module ends a stage; what precedes the first is the stem (the first one
+    itself if nothing precedes it); convolution-free stages join the stem / previous stage; what
+    follows the last is the head. None when the model has no feature_info; raises _CutError when
+    its names do not map onto the model's chain of children.
+    """
+    names = feature_info_modules(model)
+    if names is None:
+        return None
+    units = _chain_units(model, "", names)
+    index = {n: i for i, (n, _) in enumerate(units)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise _CutError(f"feature_info module(s) {missing[:3]} are not among the model's chained children")
+    bounds = [index[n] for n in names]
+    if bounds != sorted(set(bounds)):
+        raise _CutError("feature_info modules are not in forward order")
+    mods = dict(units)
+    order = [n for n, _ in units]
+    stem = order[:bounds[0]] or order[:1]
+    start, groups = len(stem), []
+    for b in bounds:
+        if b >= start:
+            groups.append(order[start:b + 1])
+            start = b + 1
+    head = order[start:]
+    if not head:
+        raise _CutError("nothing follows the last feature_info module (no classifier)")
+    stages: list[list[str]] = []
+    for g in groups:
+        if _has_conv(mods[n] for n in g):
+            stages.append(g)
+        else:
+            (stages[-1] if stages else stem).extend(g)
+    return stem, stages, head
+
+
+def _feature_info_like(model: nn.Module, x: torch.Tensor):
+    cut = feature_info_stages(model)
+    if cut is None:
+        return None
+    mods = dict(_chain_units(model, "", feature_info_modules(model)))
+    stem, stages, head = cut
+    return (_as_module([mods[n] for n in stem]), [_as_module([mods[n] for n in g]) for g in stages],
+            [mods[n] for n in head])
+
+
 def _resnet_like(model: nn.Module, x: torch.Tensor):
     c = dict(model.named_children())
     act = c.get("relu", c.get("act1"))
@@ -167,7 +262,8 @@ def _chain_like(model: nn.Module, x: torch.Tensor):
     return _as_module(stem), [_as_module(g) for g in stages], tail
 
 
-_RECOGNISERS = (("resnet", _resnet_like), ("regnet", _regnet_like), ("chain of children", _chain_like))
+_RECOGNISERS = (("feature_info", _feature_info_like), ("resnet", _resnet_like), ("regnet", _regnet_like),
+                ("chain of children", _chain_like))
 
 
 def _head_candidates(tail: list[nn.Module]) -> list[nn.Module]:
@@ -255,7 +351,8 @@ def from_torchvision(module: nn.Module, *, probe_size: int | None = None,
                         reasons.append(f"{label}: {err}")
                         continue
                     net = AdaptedNet(cut[0], cut[1], head,
-                                     constant_parameters(module) if constants is None else constants)
+                                     constant_parameters(module) if constants is None else constants,
+                                     cut_source=label)
                     return net.train(was_training)
                 break
     finally:
@@ -350,25 +447,66 @@ def create_torchvision(name: str, num_classes: int, in_channels: int = 3, weight
     return from_torchvision(model, constants=constants)
 
 
+def _is_token_model(model: nn.Module) -> bool:
+    """ViT-style: patch embedding + position embedding / class token, blocks on token sequences."""
+    return hasattr(model, "patch_embed") and any(hasattr(model, a) for a in ("pos_embed", "cls_token"))
+
+
+def _refuse_transformer(label: str, why: str) -> SokdError:
+    return SokdError(f"{label} is {why}, so sokd does not cut it into stem / stages / head automatically "
+                     "(SOKD's KBM and every feature term work on NCHW stage outputs); cut it yourself with "
+                     "sokd.models.adapt(stem, stages, head), see docs/byom.md")
+
+
+def _timm_head_dropout(net: StagedNet, model: nn.Module) -> None:
+    """timm heads apply `drop_rate` functionally (F.dropout in forward_head): put it in the head."""
+    p = float(getattr(model, "drop_rate", 0) or 0)
+    head = net.head
+    if p <= 0 or not isinstance(head, nn.Sequential) or not isinstance(head[-1], nn.Linear):
+        return
+    if any(isinstance(m, nn.Dropout) and m.p == p for m in head.modules()):
+        return
+    net.head = nn.Sequential(*head[:-1], nn.Dropout(p), head[-1])
+
+
 def create_timm(name: str, num_classes: int, in_channels: int = 3, weights=None, **kwargs) -> StagedNet:
-    """`timm.<name>`: timm.create_model(name, pretrained=False, ...), adapted (needs sokd[timm])."""
+    """`timm.<name>`: timm.create_model(name, pretrained=False, ...), adapted (needs sokd[timm]).
+
+    Stages come from the model's own `feature_info` where it maps onto its chain of children
+    (see the module docstring), else from the heuristics. Vision transformers (token sequences:
+    ViT, DeiT, ...) and models with channels-last stage outputs (Swin) are refused with a pointer
+    to `sokd.models.adapt`. A `drop_rate` option is kept as a Dropout before the classifier.
+    """
     try:
         import timm
     except ImportError:
         raise SokdError(f"timm.{name} needs the optional timm package: pip install sokd[timm]") from None
+    label = f"timm.{name}"
     if kwargs.pop("pretrained", False):
-        raise SokdError(f"timm.{name}: pretrained=True is not supported; pass weights=<path to a state dict>")
+        raise SokdError(f"{label}: pretrained=True is not supported; pass weights=<path to a state dict>")
+    if weights is not None and not isinstance(weights, (str, Path)):
+        raise SokdError(f"{label}: weights must be a path to a local state-dict file, got {weights!r} "
+                        "(sokd never downloads weights)")
     known = timm.is_model(name) if hasattr(timm, "is_model") else name in timm.list_models()
     if not known:
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        raise SokdError(f"unknown timm model 'timm.{name}'"
+        raise SokdError(f"unknown timm model '{label}'"
                         + (f" (close: {', '.join('timm.' + c for c in close)})" if close else "")
-                        + "; see timm.list_models()")
+                        + "; see sokd models --timm PATTERN")
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
     except (TypeError, ValueError) as err:
-        raise SokdError(f"timm.{name}: invalid options {sorted(kwargs)}: {err}") from None
+        raise SokdError(f"{label}: invalid options {sorted(kwargs)}: {err}") from None
+    if _is_token_model(model):
+        raise _refuse_transformer(label, "a vision transformer (its blocks work on token sequences, "
+                                         "not feature maps)")
+    fmt = getattr(model, "output_fmt", None) or "NCHW"
+    fmt = str(getattr(fmt, "value", fmt))  # a str or timm's Format enum
+    if fmt.upper() != "NCHW":
+        raise _refuse_transformer(label, f"a model whose stages output {fmt} (channels-last) feature maps")
     constants = constant_parameters(model)
     if weights is not None:
-        load_weights(model, weights, f"timm.{name}")
-    return from_torchvision(model, constants=constants)
+        load_weights(model, weights, label)
+    net = from_torchvision(model, constants=constants)
+    _timm_head_dropout(net, model)
+    return net

@@ -15,6 +15,7 @@ from .kd import KD
 from .kd_dml import KDDML
 from .kdcl import KDCL, KDCLOptions
 from .one import ONE, ONEOptions
+from . import reviewkd  # noqa: F401  (registers the "reviewkd" feature kind)
 from .registry import config_roles, get, list_methods, needs_trained_teacher, options_model, register, with_features
 from .sokd import SOKD, SOKDOptions
 from .vanilla import Vanilla

@@ -166,7 +166,8 @@ def publish(study: str, name: str, seed: int, commit: bool) -> None:
     subprocess.run(SOKD + ["report", str(out / "by_run"), "--out", str(out), "--claims"], cwd=ROOT,
                    stdout=subprocess.DEVNULL, check=False)
     if commit:
-        git_commit([dst, out / "report.md", out / "claims.md", out / "test_top1.png", out / "loss_terms.png"],
+        git_commit([dst, out / "report.md", out / "claims.md", out / "test_top1.png", out / "loss_terms.png",
+                    out / "final_top1.png"],
                    f"study {study}: {name} seed {seed} finished")
 
 

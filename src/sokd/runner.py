@@ -27,9 +27,12 @@ def build_network(spec: NetworkSpec, role: str, num_classes: int, in_channels: i
     return net
 
 
-def build_method(cfg: Config, num_classes: int, shape,
-                 require_trained: bool = True) -> methods.Method:
-    """The method with its networks (each carries its spec, see `models.spec_of`)."""
+def build_method(cfg: Config, num_classes: int, shape, require_trained: bool = True,
+                 num_samples: int | None = None) -> methods.Method:
+    """The method with its networks (each carries its spec, see `models.spec_of`).
+
+    `num_samples` is the training-set size, for feature terms that keep per-sample state.
+    """
     import_plugins(cfg.imports)
     name = cfg.method.name
     teacher = cfg.teacher
@@ -43,7 +46,8 @@ def build_method(cfg: Config, num_classes: int, shape,
     peers = [build_network(s, "peer", num_classes, shape[0]) for s in cfg.peers]
     if peers:
         nets["peers"] = peers
-    return methods.create(name, input_shape=tuple(shape), **nets, **cfg.method.options())
+    return methods.create(name, input_shape=tuple(shape), num_samples=num_samples, **nets,
+                          **cfg.method.options())
 
 
 def _elastic_restart(cfg: Config) -> Config:
@@ -63,7 +67,7 @@ def train(cfg: Config) -> dict | None:
     bundle = data_layer.create(cfg.data, device=device, rank=dist.rank, world_size=dist.world_size,
                                seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    method = build_method(cfg, bundle.num_classes, bundle.shape)
+    method = build_method(cfg, bundle.num_classes, bundle.shape, num_samples=bundle.train_size)
     ctx = FitContext(cfg=cfg, run_dir=cfg.run_dir, dist=dist)
     summary = fit(method, bundle, ctx)
     return summary if dist.is_main else None
@@ -79,7 +83,8 @@ def rebuild_run(ckpt: dict, path: str) -> tuple[methods.Method, Config]:
         "model": _no_ckpt(cfg.model), "teacher": _no_ckpt(cfg.teacher),
         "student": _no_ckpt(cfg.student), "peers": [_no_ckpt(p) for p in cfg.peers]})
     data = ckpt["data"]
-    method = build_method(stripped, data["num_classes"], data["shape"], require_trained=False)
+    method = build_method(stripped, data["num_classes"], data["shape"], require_trained=False,
+                          num_samples=data.get("train_size"))
     load_state_strict(method, ckpt["method"], f"checkpoint '{path}'")
     return method, cfg
 

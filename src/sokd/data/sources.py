@@ -4,7 +4,9 @@
 with batched tensor ops (the fast path for Fashion-MNIST / CIFAR / synthetic). `LoaderBatches` wraps
 a torch DataLoader for image folders. Both follow the `BatchSource` protocol and share the same
 per-epoch index plan (`epoch_indices` / `shard_bounds`), so sample order is a pure function of
-(seed, epoch, rank, world_size).
+(seed, epoch, rank, world_size). With `with_index` set, both also yield each sample's index
+(its position in the split as loaded, subset limits applied), for terms that keep per-sample
+state; the index of a sample is the same in every epoch, order, resume and rank.
 """
 from __future__ import annotations
 
@@ -19,16 +21,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from ..errors import SokdError
 from . import augment
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]  # (images, labels), or (images, labels, index) with `with_index`
 _MASK64 = (1 << 64) - 1
 
 
 @runtime_checkable
 class BatchSource(Protocol):
-    """Batches of (float32 NCHW normalised images, int64 labels), both on the target device."""
+    """Batches of (float32 NCHW normalised images, int64 labels), both on the target device;
+    with `with_index`, (images, labels, int64 index of each sample in the split)."""
 
     num_samples: int           # samples this rank yields per epoch
     channels_last: bool        # the engine may set this to get channels_last image tensors
+    with_index: bool           # the engine sets this when the method needs sample indices
 
     def set_epoch(self, epoch: int) -> None: ...
     def __iter__(self) -> Iterator[Batch]: ...
@@ -143,6 +147,7 @@ class TensorBatches:
         self.drop_last = bool(drop_last) and mode == "train"
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.channels_last = channels_last
+        self.with_index = False
         self.epoch = -1
         self.set_epoch(0)
 
@@ -201,13 +206,15 @@ class TensorBatches:
             start, stop = self._range
             lo, hi = start + lo, min(start + hi, stop)
             x, y = self.images[lo:hi], self.labels[lo:hi]
+            sel = torch.arange(lo, hi, device=self.device) if self.with_index else None
         else:
             sel = self._index[lo:hi]
             x, y = self.images.index_select(0, sel), self.labels.index_select(0, sel)
         if self.augment:
             x = self._augment(x, b)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return augment._affine(x, self._scale, self._shift, fmt), y
+        x = augment._affine(x, self._scale, self._shift, fmt)
+        return (x, y, sel) if self.with_index else (x, y)
 
     def _augment(self, x: torch.Tensor, b: int) -> torch.Tensor:
         gen = torch.Generator(device=self.device)
@@ -282,12 +289,15 @@ class SeededSampler(EpochSampler):
 
 
 class SeededSamples(Dataset):
-    """`samples[(index, epoch_seed)]` -> (x, label, problem) from a map-style (x, label) dataset.
+    """`samples[(index, epoch_seed)]` -> (x, label, problem, index) from a map-style (x, label)
+    dataset.
 
     The dataset's transforms run with torch's CPU generator seeded by mix_seed(epoch_seed, index)
     (the caller's generator state is restored afterwards). A sample whose image raises
     UnreadableImage gives problem=(path, reason) and, with `replace`, the next readable sample in
     dataset order (wrapping around) instead, else x=None. Readable samples give problem=None.
+    The index returned is always the requested one (a replacement stands in for that sample), so
+    a batch's indices are those of the sampler's plan, unique within an epoch on one rank.
     """
 
     def __init__(self, dataset: Dataset, replace: bool = False):
@@ -301,17 +311,17 @@ class SeededSamples(Dataset):
         seed = mix_seed(epoch_seed, index)
         try:
             x, y = self._load(index, seed)
-            return x, y, None
+            return x, y, None, index
         except UnreadableImage as err:
             problem = (err.path, err.reason)
         n = len(self.dataset)
         for k in range(1, n if self.replace else 1):
             try:
                 x, y = self._load((index + k) % n, seed)
-                return x, y, problem
+                return x, y, problem, index
             except UnreadableImage:
                 continue
-        return None, -1, problem
+        return None, -1, problem, index
 
     def _load(self, index: int, seed: int):
         state = torch.get_rng_state()
@@ -324,14 +334,15 @@ class SeededSamples(Dataset):
 
 
 def _collate(samples: list) -> tuple:
-    """(images, labels, problems, dropped) of the samples that have an image."""
-    kept = [(x, y) for x, y, _ in samples if x is not None]
-    problems = [p for _, _, p in samples if p is not None]
+    """(images, labels, problems, dropped, indices) of the samples that have an image."""
+    kept = [(x, y, i) for x, y, _, i in samples if x is not None]
+    problems = [p for _, _, p, _ in samples if p is not None]
     if kept:
-        images, labels = default_collate(kept)
+        images, labels, indices = default_collate(kept)
     else:
         images, labels = torch.empty(0), torch.empty(0, dtype=torch.int64)
-    return images, labels, problems, len(samples) - len(kept)
+        indices = torch.empty(0, dtype=torch.int64)
+    return images, labels, problems, len(samples) - len(kept), indices
 
 
 class LoaderBatches:
@@ -359,6 +370,7 @@ class LoaderBatches:
         self.batch_size = int(batch_size)
         self.drop_last = bool(drop_last) and not shard
         self.channels_last = channels_last
+        self.with_index = False
         self.skip_unreadable = bool(skip_unreadable)
         self.where = split if world_size == 1 else f"{split} on rank {rank}"  # for messages
         self.sampler = SeededSampler(len(dataset), shuffle=shuffle and not shard, seed=seed, rank=rank,
@@ -397,7 +409,7 @@ class LoaderBatches:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         skipped: list[str] = []
         try:
-            for images, labels, problems, dropped in self.loader:
+            for images, labels, problems, dropped, indices in self.loader:
                 if problems:
                     path, reason = problems[0]
                     if not self.skip_unreadable:
@@ -410,7 +422,11 @@ class LoaderBatches:
                 if not labels.numel():
                     continue
                 images = images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
-                yield images, labels.to(self.device, torch.int64, non_blocking=True)
+                labels = labels.to(self.device, torch.int64, non_blocking=True)
+                if self.with_index:
+                    yield images, labels, indices.to(self.device, torch.int64, non_blocking=True)
+                else:
+                    yield images, labels
         finally:
             if skipped:
                 print(f"warning: skipped {len(skipped)} unreadable image(s) in {self.where} "

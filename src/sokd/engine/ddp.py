@@ -13,9 +13,17 @@ statistics follow rank 0's. A frozen teacher in BatchNorm train mode updates its
 statistics from each rank's own batch during the step (they are written, never read, in train
 mode); `sync_frozen_buffers` makes rank 0's the truth at the end of every epoch, before
 evaluation and checkpoints.
+
+A submodule that updates per-sample state in forward (CRD's memory banks) names those buffers in
+`replicated_buffers` and has a `gather` attribute: the wrapper sets `gather` to an all-gather
+(every rank's rows, concatenated in rank order), so each rank applies every rank's updates and
+the buffers stay identical; they are broadcast from rank 0 once here and then left out of DDP's
+per-step broadcast, which would otherwise overwrite the other ranks' rows (and copy the whole
+bank every step). Keyword arguments of the loop's call (`index=`) reach the method unchanged.
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -34,8 +42,26 @@ def wrap_method(method: nn.Module, ctx, sync_bn: bool = False) -> DDP:
             converted = nn.SyncBatchNorm.convert_sync_batchnorm(module)
             if converted is not module:  # a bare BN module as the whole network: rare
                 raise RuntimeError(f"cannot convert {role} to SyncBatchNorm in place")
+    replicated = []
+    for prefix, module in method.named_modules():
+        names = getattr(module, "replicated_buffers", ())
+        if names:
+            module.gather = _all_gather_rows
+        for name in names:
+            tdist.broadcast(getattr(module, name).data, src=0)
+            replicated.append(f"{prefix}.{name}" if prefix else name)
+    if replicated:
+        DDP._set_params_and_buffers_to_ignore_for_model(method, replicated)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DDP(method, device_ids=device_ids)
+
+
+def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (same shape on each: the index plan gives every rank equal batches),
+    concatenated along dim 0 in rank order."""
+    parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
 
 
 def sync_frozen_buffers(method, ctx) -> None:

@@ -126,6 +126,7 @@ def fit(method, data, ctx: FitContext) -> dict:
     method.to(device=device, memory_format=memory_format)
     for source in (data.train, data.test):
         source.channels_last = tr.channels_last
+    data.train.with_index = method.needs_index  # training batches then carry each sample's index
 
     ctx.precision = resolve_precision(tr.precision, device)
     # everything that can be checked is checked before the run directory is touched
@@ -248,11 +249,13 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
                    disable=None if cfg.output.progress and dist.is_main else True)  # None: off when not a TTY
         method.train()
         t0 = time.perf_counter()
-        for images, labels in data.train.iter_from(step):
+        for batch in data.train.iter_from(step):
             if step >= total:
                 break
+            images, labels = batch[0], batch[1]
+            extra = {"index": batch[2]} if data.train.with_index else {}
             with autocast(device, ctx.precision):
-                out = step_module(images, labels)
+                out = step_module(images, labels, **extra)
             loss = out["loss"].detach()
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(

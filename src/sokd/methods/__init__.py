@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..errors import SokdError
 from ..validation import validate
+from . import crd  # noqa: F401  (registers the "crd" feature kind)
 from . import losses
 from .base import Method, MethodOptions
 from .dml import DML
@@ -21,10 +22,12 @@ from .sokd import SOKD, SOKDOptions
 from .vanilla import Vanilla
 
 
-def create(name: str, *, input_shape=(3, 32, 32), **kwargs) -> Method:
+def create(name: str, *, input_shape=(3, 32, 32), num_samples: int | None = None, **kwargs) -> Method:
     """Build method `name` from networks (teacher=, student=, model=, peers=) and options.
 
     Options (T, weights, features, kbm_stages, ...) are validated; unknown ones raise SokdError.
+    `num_samples` (the training-set size) reaches the constructor of every method that accepts
+    feature terms, whose terms may keep per-sample state (CRD's memory banks).
     """
     cls = get(name)
     net_keys = {"teacher", "student", "model", "peers", "peer"}
@@ -34,7 +37,8 @@ def create(name: str, *, input_shape=(3, 32, 32), **kwargs) -> Method:
             raise SokdError(f"method '{name}' does not use a {role} network; remove `{role}` from the "
                             f"config or pick a method that uses it")
     opts = validate(cls.Options, {k: v for k, v in kwargs.items() if k not in net_keys}, prefix="method.")
-    return cls(options=opts, input_shape=tuple(input_shape), **nets)
+    extra = {"num_samples": num_samples} if cls.accepts_features else {}
+    return cls(options=opts, input_shape=tuple(input_shape), **nets, **extra)
 
 
 __all__ = ["create", "register", "get", "list_methods", "options_model", "needs_trained_teacher",

@@ -16,10 +16,10 @@ class KD(Method):
     needs_trained_teacher = True
 
     def __init__(self, teacher=None, student=None, options: MethodOptions | None = None,
-                 input_shape=(3, 32, 32)):
+                 input_shape=(3, 32, 32), num_samples: int | None = None):
         roles_required(self.name, {"teacher": teacher, "student": student}, ["teacher", "student"])
         super().__init__({"teacher": teacher, "student": student}, options or MethodOptions())
-        self._attach_features(student, teacher, input_shape)
+        self._attach_features(student, teacher, input_shape, num_samples)
 
     def forward(self, images, labels, index=None):
         teacher, student = self.nets["teacher"], self.nets["student"]

@@ -35,7 +35,7 @@ class SOKD(Method):
     needs_trained_teacher = True
 
     def __init__(self, teacher=None, student=None, options: SOKDOptions | None = None,
-                 input_shape=(3, 32, 32)):
+                 input_shape=(3, 32, 32), num_samples: int | None = None):
         roles_required(self.name, {"teacher": teacher, "student": student}, ["teacher", "student"])
         options = options or SOKDOptions()
         kbm = build_kbm(teacher, options.kbm_stages, options.kbm_init)
@@ -43,7 +43,7 @@ class SOKD(Method):
         self.frozen_bn_train = options.teacher_bn == "train"
         self.split = teacher.num_stages - options.kbm_stages
         # student features are compared with the teacher branch: trunk stages, then KBM stages
-        self._attach_features(student, teacher, input_shape)
+        self._attach_features(student, teacher, input_shape, num_samples)
 
     def _branches(self, images):
         """Frozen trunk once; teacher tail and KBM both fed from it. Returns logits and features."""

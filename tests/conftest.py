@@ -70,3 +70,20 @@ def teacher_file(tmp_path_factory):
     cfg = tiny_config(tmp, "vanilla", model={"arch": "resnet14"}, train={"epochs": 2, "seed": 0})
     runner.train(config.build(cfg))
     return Path(cfg["output"]["dir"]) / "model.pt"
+
+
+def stop_after_checks(monkeypatch, checks: int = 12) -> None:
+    """Make the training loop see a SIGTERM at its `checks`-th look at the stop flag (the loop
+    looks once per step, so this stops a run at a known step)."""
+    from sokd.engine import loop as loop_mod
+    calls = {"n": 0}
+
+    class StopAtStep(loop_mod.StopRequest):
+        @property
+        def requested(self):
+            calls["n"] += 1
+            self.signum = 15 if calls["n"] == checks else self.signum
+            return calls["n"] >= checks
+
+    monkeypatch.setattr(loop_mod, "StopRequest", StopAtStep)
+

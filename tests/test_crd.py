@@ -22,7 +22,7 @@ from sokd.engine import loop as loop_mod
 from sokd.errors import SokdError
 from sokd.methods import crd
 
-from .conftest import tiny_config, write_config
+from .conftest import stop_after_checks, tiny_config, write_config
 from .test_distributed import failure, torchrun
 from .test_folder_faults import write_folder
 from .test_reliability_files import GATE_PLUGIN, GatedRun
@@ -306,17 +306,8 @@ def test_kill_and_resume_is_exact_including_the_memory_banks(tmp_path, teacher_f
 
     # stopped mid-epoch: last.pt holds epoch 2 step 3 (RNG, banks and Z of that step)
     cut, cut_dir = make("cut")
-    calls = {"n": 0}
     real = loop_mod.StopRequest
-
-    class StopAtStep(real):
-        @property
-        def requested(self):
-            calls["n"] += 1
-            self.signum = 15 if calls["n"] == 12 else self.signum
-            return calls["n"] >= 12
-
-    monkeypatch.setattr(loop_mod, "StopRequest", StopAtStep)
+    stop_after_checks(monkeypatch, 12)
     with pytest.raises(Interrupted):
         runner.train(config.build(cut))
     assert (safe_load(cut_dir / "last.pt")["epoch"], safe_load(cut_dir / "last.pt")["step"]) == (1, 3)

@@ -11,6 +11,8 @@ from sokd.engine import Interrupted, NonFiniteLoss, safe_load
 from sokd.engine import loop as loop_mod
 from sokd.errors import SokdError
 
+from .conftest import stop_after_checks
+
 
 def metrics(run_dir):
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -60,17 +62,8 @@ def test_interrupt_mid_epoch_saves_and_resume_matches(make_config, monkeypatch):
     full = config.build({**base, "output": {**base["output"], "dir": base["output"]["dir"] + "_full"}})
     runner.train(full)
 
-    calls = {"n": 0}
     real = loop_mod.StopRequest
-
-    class StopAtStep(real):
-        @property
-        def requested(self):
-            calls["n"] += 1
-            self.signum = 15 if calls["n"] == 12 else self.signum
-            return calls["n"] >= 12
-
-    monkeypatch.setattr(loop_mod, "StopRequest", StopAtStep)
+    stop_after_checks(monkeypatch, 12)
     cut = config.build(base)
     with pytest.raises(Interrupted, match="resume"):
         runner.train(cut)

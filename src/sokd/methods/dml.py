@@ -1,7 +1,7 @@
 """Deep Mutual Learning: N networks from scratch, each learning from the others online."""
 from __future__ import annotations
 
-from .base import Method, MethodOptions, roles_required
+from .base import Method, MethodOptions, student_and_peers
 from . import losses
 from .registry import register
 
@@ -14,10 +14,7 @@ class DML(Method):
 
     def __init__(self, student=None, peers=None, peer=None, options: MethodOptions | None = None,
                  input_shape=None):
-        peers = list(peers or []) + ([peer] if peer is not None else [])
-        roles_required(self.name, {"student": student, "peer": peers[0] if peers else None}, ["student", "peer"])
-        names = ["peer"] if len(peers) == 1 else [f"peer{i + 1}" for i in range(len(peers))]
-        nets = {"student": student, **dict(zip(names, peers))}
+        nets, names = student_and_peers(self.name, student, peers, peer)
         self.term_names = tuple(t for r in nets for t in (f"{r}_ce", f"{r}_kl_peers"))
         self.comparisons = ((names[0], "student"),)
         super().__init__(nets, options or MethodOptions())

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..errors import SokdError, suggest
-from ..models.staged import StagedNet
+from ..models.staged import StagedNet, dry_forward
 from ..validation import validate
 from . import losses
 
@@ -121,16 +121,8 @@ def _resolve(idx: int, n: int, who: str, kind: str) -> int:
 
 
 def _stage_channels(net: StagedNet, input_shape) -> list[int]:
-    """Channels of each stage output, from one dry forward in eval mode on a 1-image batch."""
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            param = next(net.parameters())
-            x = torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
-            _, feats = net.forward_features(x)
-    finally:
-        net.train(was_training)
+    """Channels of each stage output, from one dry forward."""
+    feats = dry_forward(net, input_shape, lambda n, x: n.forward_features(x)[1])
     return [f.shape[1] for f in feats]
 
 

@@ -34,7 +34,7 @@ import torch
 from pydantic import Field
 
 from . import losses
-from .base import Method, MethodOptions, roles_required
+from .base import Method, MethodOptions, student_and_peers
 from .registry import register
 
 
@@ -71,10 +71,7 @@ class KDCL(Method):
 
     def __init__(self, student=None, peers=None, peer=None, options: KDCLOptions | None = None,
                  input_shape=None):
-        peers = list(peers or []) + ([peer] if peer is not None else [])
-        roles_required(self.name, {"student": student, "peer": peers[0] if peers else None}, ["student", "peer"])
-        names = ["peer"] if len(peers) == 1 else [f"peer{i + 1}" for i in range(len(peers))]
-        nets = {"student": student, **dict(zip(names, peers))}
+        nets, names = student_and_peers(self.name, student, peers, peer)
         self.term_names = tuple(t for r in nets for t in (f"{r}_ce", f"{r}_kl_ensemble"))
         self.comparisons = ((names[0], "student"),)
         super().__init__(nets, options or KDCLOptions())

@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import models
 from ..errors import SokdError
-from ..models.staged import StagedNet
+from ..models.staged import StagedNet, dry_forward
 from . import losses
 from .base import Method, MethodOptions, roles_required
 from .kbm import KnowledgeBridge, teacher_branch
@@ -147,20 +147,13 @@ class ONE(Method):
 
 
 def _trunk_channels(student: StagedNet, upto: int, input_shape) -> int:
-    """Channels of the trunk output, from one dry forward in eval mode on a 1-image batch."""
-    was_training = student.training
-    student.eval()
+    """Channels of the trunk output, from one dry forward."""
     try:
-        with torch.no_grad():
-            param = next(student.parameters())
-            x = torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
-            trunk, _ = student.forward_trunk(x, upto)
+        trunk = dry_forward(student, input_shape, lambda n, x: n.forward_trunk(x, upto)[0])
     except RuntimeError as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise SokdError(f"the student cannot take {tuple(input_shape)} images ({first[:160]}); use larger "
                         f"images (data.image_size / data.pad_to) or another architecture") from None
-    finally:
-        student.train(was_training)
     if trunk.dim() != 4:
         raise SokdError(f"method 'one' needs the student's stage {upto - 1} to output feature maps "
                         f"(batch, channels, H, W), got shape {tuple(trunk.shape)}; use another architecture")

@@ -71,3 +71,18 @@ class StagedNet(nn.Module):
         """Default init: each layer's own `reset_parameters`."""
         if hasattr(m, "reset_parameters") and m is not self:
             m.reset_parameters()
+
+
+def dry_forward(net: nn.Module, input_shape, run):
+    """`run(net, x)` on one zero image of `input_shape`, in eval mode without gradients, the net's
+    mode restored afterwards: how methods learn a network's shapes before training."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            param = next(net.parameters())
+            x = torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
+            return run(net, x)
+    finally:
+        net.train(was_training)
+

@@ -41,8 +41,8 @@ STUDIES = {
     # them so that every comparison is paired on a shared teacher.
     "fmnist_methods": {
         "configs": ROOT / "configs/study/fmnist",
-        "main": ["kd", "sokd", "kd_dkd", "sokd_dkd", "kd_dist", "kd_ls", "kd_sp", "kd_pkt", "kd_rkd",
-                 "kd_crd", "sokd_crd", "kd_reviewkd", "sokd_reviewkd", "one", "kdcl"],
+        "main": ["kd", "sokd", "kd_dkd", "sokd_dkd", "kd_dist", "kd_crd", "sokd_crd", "kd_reviewkd",
+                 "sokd_reviewkd", "one", "kdcl", "kd_rkd", "kd_pkt", "kd_sp", "kd_ls"],
         "core": ["kd", "sokd"],
         "ablations": [],
         "seeds": [0, 1, 2],
@@ -93,11 +93,16 @@ def run_dir(study: str, name: str, seed: int) -> Path:
 def git_commit(paths: list[Path], message: str) -> None:
     rel = [str(p.relative_to(ROOT)) for p in paths if p.exists()]
     for _ in range(5):
-        add = subprocess.run(["git", "add", "--", *rel], cwd=ROOT, capture_output=True, text=True)
+        # -f: a published teacher's model.pt matches the *.pt ignore rule but is published on purpose
+        add = subprocess.run(["git", "add", "-f", "--", *rel], cwd=ROOT, capture_output=True, text=True)
         if add.returncode == 0:
             done = subprocess.run(["git", "commit", "-q", "-m", message, "--", *rel], cwd=ROOT,
                                   capture_output=True, text=True)
             if done.returncode == 0 or "nothing" in done.stdout + done.stderr:
+                untracked = [p for p in rel if subprocess.run(["git", "ls-files", "--error-unmatch", p], cwd=ROOT,
+                                                               capture_output=True).returncode != 0]
+                if untracked:
+                    print(f"warning: not committed: {untracked}", flush=True)
                 return
         time.sleep(3)  # index.lock held by another git command: retry
     print(f"warning: could not commit {rel}", flush=True)

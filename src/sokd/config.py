@@ -27,7 +27,8 @@ class NetworkSpec(Strict):
     arch: str = Field(description="zoo name, e.g. wrn_40_2, resnet20, tv.resnet18")
     checkpoint: str | None = Field(None, description="sokd run checkpoint or model file to start from")
     checkpoint_role: str | None = Field(None, description="role inside a run checkpoint (default: best guess)")
-    weights: str | None = Field(None, description="torchvision/timm state-dict file (local)")
+    weights: str | None = Field(None, description="local state dict: tv./timm. model, or a zoo model in "
+                                                  "sokd's or RepDistiller/mdistiller's layout")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments")
 
 

@@ -87,7 +87,9 @@ def create(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> Stage
         num_classes: size of the classifier.
         in_channels: input channels (1 for MNIST-like data); CIFAR-zoo models work at any
             resolution >= 28 px thanks to global average pooling.
-        **kwargs: model options (e.g. `dropout` for wrn, `width_mult` for mobilenetv2).
+        **kwargs: model options (e.g. `dropout` for wrn, `width_mult` for mobilenetv2);
+            `weights=PATH` loads a local state dict after construction — for the CIFAR zoo in
+            sokd's layout or as released with RepDistiller / mdistiller (`models.published`).
     Raises:
         SokdError: unknown name (the message lists valid ones), invalid wrn depth, bad options.
     """
@@ -97,6 +99,9 @@ def create(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> Stage
     _check_int("num_classes", num_classes)
     _check_int("in_channels", in_channels)
 
+    weights = None
+    if "weights" in kwargs and not name.startswith(("tv.", "timm.")) and not _takes_weights(_REGISTRY.get(name)):
+        weights = kwargs.pop("weights")  # loaded below, in sokd's or a published layout
     if name in _REGISTRY:
         net = _call(name, _REGISTRY[name], num_classes, in_channels, kwargs)
     elif (m := WRN_PATTERN.fullmatch(name)) is not None:
@@ -119,7 +124,18 @@ def create(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> Stage
     # what rebuilds this network (local weight files are a loading step, not part of its shape)
     set_spec(net, {"arch": name, "num_classes": num_classes, "in_channels": in_channels,
                    "kwargs": {k: v for k, v in kwargs.items() if k != "weights"}})
+    if weights is not None:
+        from .published import load_weights
+        load_weights(net, weights, f"model '{name}'")
     return net
+
+
+def _takes_weights(fn) -> bool:
+    """Whether a registered constructor loads `weights` itself."""
+    try:
+        return fn is not None and "weights" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 SPEC_ATTR = "sokd_spec"

@@ -365,21 +365,8 @@ def from_torchvision(module: nn.Module, *, probe_size: int | None = None,
 # ---------------------------------------------------------------- construction by name
 def load_weights(model: nn.Module, path, label: str) -> None:
     """Load a local state-dict file into `model`, with a SokdError naming any mismatching tensors."""
-    p = Path(str(path)).expanduser()
-    if not p.is_file():
-        raise SokdError(f"{label}: weights file '{path}' does not exist (sokd never downloads weights)")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SokdError(f"{label}: could not read weights file '{path}' as a PyTorch state dict: {err}") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SokdError(f"{label}: '{path}' is not a state dict (name -> tensor)")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+    from .published import read_state_file
+    obj = read_state_file(path, label)
     missing, unexpected, shapes = state_mismatch(model, obj)
     mismatch = [f"{k} (file {file_shape}, model {model_shape})" for k, file_shape, model_shape in shapes]
     if mismatch:

@@ -9,6 +9,8 @@ def add_parser(sub) -> None:
     p.add_argument("runs", nargs="+", help="run directories or folders containing them")
     p.add_argument("--out", default=None, help="write report.md, claims.md and PNG plots into this folder")
     p.add_argument("--claims", action="store_true", help="also check the paper's three claims")
+    p.add_argument("--published", action="store_true",
+                   help="also print each CIFAR-100 run next to the published CRD/DKD/ReviewKD numbers of its pair")
     p.set_defaults(run=run)
 
 
@@ -16,6 +18,9 @@ def run(args) -> int:
     from .. import report
     res = report.build(args.runs, args.out)
     print(res["markdown"])
+    if args.published:
+        from .. import published
+        print("\n" + published.compare(report.group([report.load(r) for r in report.find_runs(args.runs)])))
     claims_md = None
     if args.claims:
         from .. import claims

@@ -9,7 +9,8 @@
     spec_of(net) -> {"arch", "num_classes", "in_channels", "kwargs"} that `create` rebuilds it from
 
 Names: resnet8/14/20/32/44/56/110, resnet8x4, resnet32x4, resnet50, vgg8/11/13/16/19 (with BN),
-mobilenetv2, shufflenetv1, shufflenetv2, wrn_<depth>_<width>; `tv.<torchvision model>`
+mobilenetv2, shufflenetv1, shufflenetv2, wrn_<depth>_<width> (`weights=PATH`: a state dict in sokd's
+layout or a RepDistiller/mdistiller CIFAR teacher file, see `published`); `tv.<torchvision model>`
 (e.g. tv.resnet18, tv.mobilenet_v2; weights=<local state-dict path>, never downloaded) and
 `timm.<model>` (pip install sokd[timm]; stages from timm's feature_info; ResNet(-D),
 EfficientNet, MobileNetV3, ConvNeXt and RegNet are tested as SOKD teachers and students, vision

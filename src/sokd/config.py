@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .data.config import DataConfig
 from .errors import SokdError
-from .validation import validate
+from .validation import invalid, validate
 
 
 class Strict(BaseModel):
@@ -90,6 +90,35 @@ class TrainSpec(Strict):
 PLACEHOLDERS = ("name", "method", "seed")
 
 
+class MlflowSpec(Strict):
+    """`output.mlflow: true` or these keys (needs `pip install 'sokd[mlflow]'`)."""
+
+    uri: str | None = Field(None, description="tracking URI (default: a SQLite store in <run dir>/mlflow)")
+    experiment: str = Field("sokd", min_length=1, description="MLflow experiment name")
+
+
+class WandbSpec(Strict):
+    """`output.wandb: true` or these keys (needs `pip install 'sokd[wandb]'`)."""
+
+    project: str = Field("sokd", min_length=1)
+    entity: str | None = None
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files in <run dir>/wandb, `wandb sync` uploads them later")
+
+
+def _tracker_switch(value: Any, info: ValidationInfo) -> Any:
+    """`true` turns a tracker on with its defaults, `false`/null leaves it off."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    if value is None or isinstance(value, dict):
+        return value
+    keys = (MlflowSpec if info.field_name == "mlflow" else WandbSpec).model_fields
+    raise invalid(f"output.{info.field_name} must be true, false or a mapping of {', '.join(keys)}; "
+                  f"got {value!r}")
+
+
 class OutputSpec(Strict):
     dir: str = Field("runs/{name}", description="run directory; {name}, {method}, {seed} are replaced")
 
@@ -109,7 +138,11 @@ class OutputSpec(Strict):
     resume: bool = False
     overwrite: bool = False
     tensorboard: bool = True
+    mlflow: MlflowSpec | None = Field(None, description="MLflow tracking (true, or uri/experiment)")
+    wandb: WandbSpec | None = Field(None, description="Weights & Biases tracking (true, or project/entity/mode)")
     progress: bool = True
+
+    _trackers_on_off = field_validator("mlflow", "wandb", mode="before")(_tracker_switch)
 
 
 class DistributedSpec(Strict):

@@ -10,6 +10,7 @@ from . import data as data_layer
 from . import artifacts, methods, models
 from .config import Config, NetworkSpec, import_plugins
 from .engine import DistContext, FitContext, evaluate, fit, load_state_strict, resolve_device, safe_load
+from .engine import tracking
 from .errors import SokdError
 
 
@@ -64,6 +65,8 @@ def train(cfg: Config) -> dict | None:
     cfg = _elastic_restart(cfg)
     dist = DistContext.from_env(cfg.train.device, cfg.distributed.backend)
     device = dist.device if dist.enabled else resolve_device(cfg.train.device)
+    if dist.is_main:  # a missing tracker package is refused before the data set is read
+        tracking.check(cfg.output, cfg.run_dir)
     bundle = data_layer.create(cfg.data, device=device, rank=dist.rank, world_size=dist.world_size,
                                seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)

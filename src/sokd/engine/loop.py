@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .. import artifacts
 from ..errors import SokdError
-from . import rundir
+from . import rundir, tracking
 from .checkpoint import atomic_save, non_finite_tensors, safe_load
 from .ddp import sync_frozen_buffers
 from .distributed import DistContext
@@ -19,7 +19,7 @@ from .evaluate import evaluate
 from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler, rebase_lr
 from .precision import autocast, grad_scaler, resolve_device, resolve_precision
-from .signals import Interrupted, StopRequest, position
+from .signals import ForcedStop, Interrupted, Stopped, StopRequest, position
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -132,6 +132,9 @@ def fit(method, data, ctx: FitContext) -> dict:
     # everything that can be checked is checked before the run directory is touched
     method.param_groups(cfg.optim.lr, cfg.optim.lr_per_role)
     _check_forward(method, data, device, ctx.precision)
+    if dist.is_main:
+        tracking.check(cfg.output, ctx.run_dir)
+    trackers = tracking.create(cfg.output, ctx.run_dir, cfg.name) if dist.is_main else []
 
     run_dir = rundir.RunDirectory(ctx.run_dir) if dist.is_main else None
     ckpt = run_dir.open(cfg.to_dict(), cfg.output.resume, cfg.output.overwrite) if run_dir else None
@@ -139,8 +142,10 @@ def fit(method, data, ctx: FitContext) -> dict:
         ckpt = dist.broadcast_object(ckpt)
         with StopRequest() as stop:
             try:
-                summary = _fit(method, data, ctx, device, ckpt, run_dir, stop)
-            except BaseException:
+                summary = _fit(method, data, ctx, device, ckpt, run_dir, stop, trackers)
+            except BaseException as err:
+                stopped = isinstance(err, (Interrupted, ForcedStop, Stopped, KeyboardInterrupt))
+                tracking.close_all(trackers, tracking.KILLED if stopped else tracking.FAILED)
                 if run_dir is not None:
                     run_dir.rollback()
                 raise
@@ -167,7 +172,7 @@ def _check_forward(method, data, device, precision: str) -> None:
         method.train(was_training)
 
 
-def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
+def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -> dict:
     cfg, dist = ctx.cfg, ctx.dist
     tr = cfg.train
     if run_dir is not None:
@@ -201,7 +206,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop) -> dict:
         if start_epoch >= tr.epochs:
             dist.print(f"run already finished {start_epoch} epochs; raise train.epochs to train more")
 
-    logger = RunLogger(ctx.run_dir, cfg.output.tensorboard, history if ckpt else None) if dist.is_main else None
+    logger = RunLogger(ctx.run_dir, trackers, cfg.to_dict(), history if ckpt else None) if dist.is_main else None
     if tr.compile:
         step_module = torch.compile(step_module)
 

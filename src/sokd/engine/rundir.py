@@ -31,6 +31,7 @@ import yaml
 from .. import artifacts
 from ..errors import SokdError
 from .checkpoint import atomic_write_text, safe_load
+from .tracking.stored import DIRNAMES as TRACKER_DIRS, is_tracker_dir
 
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "summary.json")
 LOCK_NAME = ".sokd.lock"
@@ -99,6 +100,8 @@ def is_sokd_entry(path: Path) -> bool:
         return path.is_dir()
     if name == TB_DIR:
         return _is_tb_dir(path)
+    if name in TRACKER_DIRS:
+        return is_tracker_dir(path)
     tmp = _TMP.match(name)
     if tmp:
         target = tmp.group("target")

@@ -6,6 +6,8 @@ traceback. An interrupted run exits 128+signal after saving a resumable checkpoi
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import traceback
 
@@ -34,11 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     with signals.process_guard(restore=not real_process):
-        code = _run(argv, debug)
+        try:
+            code = _run(argv, debug)
+            sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
+        except BrokenPipeError:
+            return _stdout_closed(real_process)
         late = signals.late_signal()
         if late is not None and code == 0:
             print(f"sokd: {signals.late_message(late)}", file=sys.stderr)
         return code
+
+
+def _stdout_closed(real_process: bool) -> int:
+    """The reader of our output went away (`sokd models | head -3`): stop quietly, as a process
+    killed by SIGPIPE would, with its exit status 128+SIGPIPE. Python ignores SIGPIPE and raises
+    BrokenPipeError instead; standard output is pointed at /dev/null so the interpreter's final
+    flush does not raise it again (the recipe in Python's `signal` documentation)."""
+    if real_process:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+    return 128 + signal.SIGPIPE
 
 
 def _run(argv: list[str], debug: bool) -> int:
@@ -52,6 +72,8 @@ def _run(argv: list[str], debug: bool) -> int:
             traceback.print_exc()
         print(f"sokd: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # handled once, in main
     except (Interrupted, ForcedStop, Stopped) as err:
         print(f"sokd: {err}", file=sys.stderr)
         return err.exit_code

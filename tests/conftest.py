@@ -1,6 +1,8 @@
 """Shared fixtures: tiny synthetic runs that train in seconds on a CPU."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import yaml
 from sokd import methods
 
 torch.set_num_threads(2)
+# decoded image folders (data.in_memory) are cached here, never in the user's ~/.cache
+os.environ.setdefault("SOKD_FOLDER_CACHE", tempfile.mkdtemp(prefix="sokd-test-folder-cache-"))
 
 
 def tiny_config(tmp_path: Path, method: str = "vanilla", **sections) -> dict:

@@ -167,7 +167,8 @@ def test_in_memory_source_yields_subset_positions_consistently():
         tail = _indexed_epoch(src, epoch, start=2)              # mid-epoch resume: the same tail
         assert torch.equal(torch.cat([i for _, _, i in tail]), torch.cat([i for _, _, i in batches[2:]]))
     assert not torch.equal(seen[0], seen[1])                    # shuffled per epoch
-    kept = sokd.data.arrays.first_per_class(full.train.labels, 10)[:30]
+    pool = sokd.data.arrays.first_per_class(full.train.labels, 10)
+    kept = pool[sokd.data.subsets.stratified_subset(full.train.labels[pool], 30, cfg.split_seed)]
     assert torch.equal(src.images, full.train.images[kept])     # positions in the subset, not the file
     shards = []
     for rank in (0, 1):                                         # rank-strided for DDP
@@ -181,7 +182,7 @@ def test_in_memory_source_yields_subset_positions_consistently():
 def test_image_folder_source_yields_subset_positions(tmp_path):
     root = write_folder(tmp_path / "imgs", n_train=4, n_val=1)
     cfg = DataConfig(name="imagefolder", root=str(root), image_size=16, batch_size=4, train_per_class=3,
-                     drop_last=False, num_workers=0)
+                     drop_last=False, num_workers=0, in_memory=False)
     bundle = data.create(cfg, seed=1)
     src = bundle.train
     assert bundle.train_size == 9 and len(src.dataset) == 9

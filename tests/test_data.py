@@ -137,8 +137,8 @@ def cfg(**kw) -> DataConfig:
 # ----------------------------------------------------------------------------------------- config
 
 def test_list_datasets():
-    assert data.list_datasets() == ["fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet",
-                                    "synthetic"]
+    assert data.list_datasets()[:7] == ["fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet",
+                                        "synthetic", "hf"]
 
 
 @pytest.mark.parametrize("kw, needle", [
@@ -651,7 +651,8 @@ def write_image_folder(root: Path, classes=("cat", "dog", "eel"), n_train=3, n_v
 
 def test_imagefolder_loader(tmp_path):
     root = write_image_folder(tmp_path / "imgs")
-    c = cfg(name="imagefolder", root=str(root), image_size=8, batch_size=4, eval_batch_size=4, num_workers=0)
+    c = cfg(name="imagefolder", root=str(root), image_size=8, batch_size=4, eval_batch_size=4, num_workers=0,
+            in_memory=False)
     b = data.create(c, seed=1)
     assert isinstance(b.train, LoaderBatches) and isinstance(b.test, LoaderBatches)
     assert (b.num_classes, b.class_names, b.shape) == (3, ["cat", "dog", "eel"], (3, 8, 8))
@@ -683,7 +684,7 @@ def test_imagefolder_val_uses_train_classes_and_errors(tmp_path):
     with pytest.raises(SokdError, match="zebra"):
         data.create(cfg(name="imagefolder", root=str(bad), num_workers=0))
     (tmp_path / "c" / "train").mkdir(parents=True)
-    with pytest.raises(SokdError, match="no val/ folder"):
+    with pytest.raises(SokdError, match=r"no test/, val/ or validation/ folder"):
         data.create(cfg(name="imagefolder", root=str(tmp_path / "c"), num_workers=0))
     with pytest.raises(SokdError, match="data.root is required"):
         data.create(cfg(name="imagefolder"))

@@ -45,7 +45,7 @@ def folder_config(tmp_path: Path, root: Path, workers: int, epochs: int = 1, **d
     return tiny_config(
         tmp_path, "vanilla",
         data={"name": "imagefolder", "root": str(root), "image_size": 16, "batch_size": 4,
-              "eval_batch_size": 8, "num_workers": workers, **data_extra},
+              "eval_batch_size": 8, "num_workers": workers, "in_memory": False, **data_extra},
         train={"epochs": epochs, "seed": 0, "threads": 1})
 
 
@@ -89,7 +89,7 @@ def test_skip_unreadable_is_deterministic(tmp_path):
     root = write_folder(tmp_path / "folder")
     truncate(root / "train" / "c" / "0.png")
     b = data.create(DataConfig(name="imagefolder", root=str(root), image_size=16, batch_size=4,
-                               num_workers=0, skip_unreadable=True), seed=3)
+                               num_workers=0, skip_unreadable=True, in_memory=False), seed=3)
     first, second = list(b.train), list(b.train)
     assert len(first) == 6 and all(x.shape[0] == 4 for x, _ in first)
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(first, second))
@@ -120,7 +120,7 @@ def test_folder_batches_mid_epoch_and_across_worker_counts(folder, one_thread):
     passes = {}
     for workers in (0, 2):
         b = data.create(DataConfig(name="imagefolder", root=str(folder), image_size=16, batch_size=4,
-                                   num_workers=workers), seed=5)
+                                   num_workers=workers, in_memory=False), seed=5)
         b.train.set_epoch(1)
         full = list(b.train)
         for k in (1, 4):

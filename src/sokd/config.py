@@ -166,6 +166,16 @@ class Config(Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins_first(cls, values: Any) -> Any:
+        """Modules under `imports:` run before the other sections are checked, so the names they
+        register (models, data sets) are valid in the same config."""
+        if isinstance(values, dict) and isinstance(values.get("imports"), list) \
+                and all(isinstance(v, str) for v in values["imports"]):
+            import_plugins(values["imports"])
+        return values
+
     @model_validator(mode="after")
     def _check_method(self):
         from . import methods

@@ -146,12 +146,18 @@ def table(groups: dict[str, list[dict]]) -> str:
             agree = "; ".join(f"{p.split('->')[0]}: {mean_std([m['agreement'] for m in ms])}" for p, ms in comp.items())
             kl = "; ".join(f"{p.split('->')[0]}: {mean_std([m['kl'] for m in ms])}" for p, ms in comp.items())
             init = [n["top1_initial"] for n in nets if n.get("top1_initial") is not None]
+            chosen = [n["top1_selected"] for n in nets if n.get("top1_selected") is not None]
             rows.append([name, runs[0]["summary"]["method"], role, nets[0]["arch"], len(nets),
                          mean_std([n["top1_final"] for n in nets]), mean_std([n["top1_best"] for n in nets]),
+                         mean_std(chosen) if chosen else "",
                          mean_std(init) if role in ("teacher", "kbm") else "", agree, kl])
-    return render(["run", "method", "role", "arch", "seeds", "top-1 final (last epoch)",
-                   "top-1 best epoch (optimistic)", "top-1 at start", "agreement % with", "KL(ref‖role)"],
-                  rows, align="lllllrrrll")
+    head = ["run", "method", "role", "arch", "seeds", "top-1 final (last epoch)", "top-1 best epoch (optimistic)",
+            "top-1 selected (validation)", "top-1 at start", "agreement % with", "KL(ref‖role)"]
+    align = "lllllrrrrll"
+    if not any(row[7] for row in rows):  # no run has a validation split: leave the column out
+        head, align = head[:7] + head[8:], align[:7] + align[8:]
+        rows = [row[:7] + row[8:] for row in rows]
+    return render(head, rows, align=align)
 
 
 #: roles plotted besides each run's primary one: SOKD's teacher branch is a result of its own (claim b)

@@ -7,22 +7,25 @@ labels) already on the device, deterministically for (seed, epoch, rank, world_s
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import SokdError
-from .arrays import first_per_class
+from .arrays import ArraySplits, first_per_class
 from .cifar import load_cifar
 from .config import DATASETS, DataConfig
 from .folders import find_image_folder, image_folders
 from .idx import load_fashion_mnist
+from .registry import register
 from .sources import BatchSource, LoaderBatches, TensorBatches, epoch_indices, shard_bounds
+from .subsets import stratified_subset, validation_split, warn_lost_classes
 from .synthetic import make_synthetic
 
 __all__ = ["DataBundle", "DataConfig", "BatchSource", "TensorBatches", "LoaderBatches", "create",
-           "list_datasets", "epoch_indices", "shard_bounds"]
+           "list_datasets", "epoch_indices", "shard_bounds", "register", "ArraySplits"]
 
 STATS = {  # (mean, std) per channel of the training images, in [0, 1] units
     "fashion_mnist": ((0.2860,), (0.3530,)),
@@ -45,10 +48,14 @@ class DataBundle:
     name: str
     train_size: int             # training images in the whole data set (after per-class/limits)
     test_size: int              # test images in the whole data set (after test_limit)
+    val: BatchSource | None = None   # validation batches (no augmentation), when the run has a split
+    val_size: int = 0
 
 
 def list_datasets() -> list[str]:
-    return list(DATASETS)
+    """Built-in data set names, then those added with `register`."""
+    from .registry import registered
+    return list(DATASETS) + [n for n in registered() if n not in DATASETS]
 
 
 def create(cfg: DataConfig, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
@@ -60,38 +67,101 @@ def create(cfg: DataConfig, device: torch.device | str = "cpu", rank: int = 0, w
     if cfg.name in ("imagefolder", "imagenet"):
         return _create_folder(cfg, device, rank, world_size, seed)
 
-    if cfg.name == "synthetic":
-        splits = make_synthetic(cfg.synthetic_size, cfg.synthetic_shape, cfg.synthetic_classes)
-    elif cfg.name == "fashion_mnist":
-        splits = load_fashion_mnist(cfg.root, cfg.download)
-    else:
-        splits = load_cifar(cfg.name, cfg.root, cfg.download)
+    return _create_in_memory(_read_arrays(cfg), cfg, device, rank, world_size, seed)
 
+
+def _read_arrays(cfg: DataConfig) -> ArraySplits:
+    """Both splits of an in-memory data set as uint8 tensors (validated by its reader)."""
+    if cfg.name == "synthetic":
+        return make_synthetic(cfg.synthetic_size, cfg.synthetic_shape, cfg.synthetic_classes)
+    if cfg.name == "fashion_mnist":
+        return load_fashion_mnist(cfg.root, cfg.download)
+    if cfg.name in ("cifar10", "cifar100"):
+        return load_cifar(cfg.name, cfg.root, cfg.download)
+    if cfg.name == "hf":
+        from .hf import load_hf
+        return load_hf(cfg)
+    from .plugin import load_registered
+    return load_registered(cfg)
+
+
+def _create_in_memory(splits: ArraySplits, cfg: DataConfig, device, rank: int, world_size: int,
+                      seed: int) -> DataBundle:
     x_train, y_train, x_test, y_test = splits.x_train, splits.y_train, splits.x_test, splits.y_test
     _check_nonempty(len(y_train), len(y_test), splits.source, None)
-    keep = _train_subset(y_train, cfg)
-    if keep is not None:
-        x_train, y_train = x_train[keep], y_train[keep]
-    if cfg.test_limit is not None:
-        x_test, y_test = x_test[: cfg.test_limit], y_test[: cfg.test_limit]
+    chosen = select(y_train, y_test, cfg, splits.num_classes, quiet=rank != 0)
+    if cfg.augment == "imagenet":
+        raise SokdError(f"data.augment=imagenet (random resized crops) applies to streamed image folders; "
+                        f"{cfg.name} is held in memory: use data.augment=cifar (pad-crop-flip) or none")
+    x_val, y_val = splits.x_val, splits.y_val     # a validation split the data set ships
+    if chosen.val is not None:
+        x_val, y_val = x_train[chosen.val], y_train[chosen.val]
+    if chosen.train is not None:
+        x_train, y_train = x_train[chosen.train], y_train[chosen.train]
+    if chosen.test is not None:
+        x_test, y_test = x_test[chosen.test], y_test[chosen.test]
     _check_nonempty(len(y_train), len(y_test), splits.source, cfg)
     if cfg.pad_to is not None:
         x_train, x_test = (pad_center(x, cfg.pad_to) for x in (x_train, x_test))
+        x_val = pad_center(x_val, cfg.pad_to) if x_val is not None else None
 
     c, h, w = (int(v) for v in x_train.shape[1:])
     mean, std = _stats(cfg, c)
-    if cfg.crop_padding and cfg.pad_mode == "reflect" and cfg.crop_padding >= min(h, w):
-        raise SokdError(f"data.crop_padding={cfg.crop_padding} must be smaller than the {h}x{w} images for "
+    crop = cfg.crop_padding if cfg.augment != "none" else 0
+    if crop and cfg.pad_mode == "reflect" and crop >= min(h, w):
+        raise SokdError(f"data.crop_padding={crop} must be smaller than the {h}x{w} images for "
                         f"reflect padding; lower it or set data.pad_mode=zeros")
     train = TensorBatches(x_train, y_train, cfg.batch_size, mean, std, device=device, mode="train",
-                          crop_padding=cfg.crop_padding, pad_mode=cfg.pad_mode, hflip=cfg.hflip,
+                          crop_padding=crop, pad_mode=cfg.pad_mode, hflip=cfg.hflip and cfg.augment != "none",
                           drop_last=cfg.drop_last, seed=seed, rank=rank, world_size=world_size)
     test = TensorBatches(x_test, y_test, cfg.eval_batch_size, mean, std, device=device, mode="shard",
                          rank=rank, world_size=world_size)
+    val = None
+    if x_val is not None:
+        val = TensorBatches(x_val, y_val, cfg.eval_batch_size, mean, std, device=device, mode="shard",
+                            rank=rank, world_size=world_size)
     _check_batches(train, cfg)
     return DataBundle(train=train, test=test, num_classes=splits.num_classes,
                       class_names=list(splits.class_names), shape=(c, h, w), mean=mean, std=std,
-                      name=cfg.name, train_size=len(y_train), test_size=len(y_test))
+                      name=cfg.name, train_size=len(y_train), test_size=len(y_test), val=val,
+                      val_size=0 if y_val is None else len(y_val))
+
+
+@dataclass
+class Selection:
+    """Indices a run keeps of a reader's splits (None: the whole split, in file order)."""
+
+    train: torch.Tensor | None
+    test: torch.Tensor | None
+    val: torch.Tensor | None = None     # held out of the training split for model selection
+
+
+def select(y_train: torch.Tensor, y_test: torch.Tensor, cfg: DataConfig, num_classes: int,
+           quiet: bool = False) -> Selection:
+    """Apply train_per_class (first N of each class, file order), then train_limit (stratified),
+    then val_split (stratified, out of what the limits kept), and test_limit (stratified).
+
+    Subsets are drawn with `data.split_seed`, so every training seed gets the same images. A
+    limit that leaves out classes gets one warning line on stderr (unless `quiet`).
+    """
+    y_train, y_test = y_train.to(torch.int64).cpu(), y_test.to(torch.int64).cpu()
+    train = None
+    if cfg.train_per_class is not None:
+        train = first_per_class(y_train, cfg.train_per_class)
+    if cfg.train_limit is not None:
+        pool = train if train is not None else torch.arange(len(y_train))
+        train = pool[stratified_subset(y_train[pool], cfg.train_limit, cfg.split_seed)]
+        warn_lost_classes(y_train[train], num_classes, "training", "data.train_limit", quiet)
+    val = None
+    if cfg.val_split is not None:
+        pool = train if train is not None else torch.arange(len(y_train))
+        keep, held = validation_split(y_train[pool], cfg.val_split, cfg.split_seed)
+        train, val = pool[keep], pool[held]
+    test = None
+    if cfg.test_limit is not None:
+        test = stratified_subset(y_test, cfg.test_limit, cfg.split_seed)
+        warn_lost_classes(y_test[test], num_classes, "test", "data.test_limit", quiet)
+    return Selection(train=train, test=test, val=val)
 
 
 def pad_center(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -102,16 +172,6 @@ def pad_center(x: torch.Tensor, size: int) -> torch.Tensor:
                         f"or remove pad_to")
     top, left = (size - h) // 2, (size - w) // 2
     return F.pad(x, (left, size - w - left, top, size - h - top)) if (size, size) != (h, w) else x
-
-
-def _train_subset(labels: torch.Tensor, cfg: DataConfig) -> torch.Tensor | slice | None:
-    """Indices kept by train_per_class (first N of each class, file order) then train_limit."""
-    keep = None
-    if cfg.train_per_class is not None:
-        keep = first_per_class(labels, cfg.train_per_class)
-    if cfg.train_limit is not None:
-        keep = keep[: cfg.train_limit] if keep is not None else slice(0, cfg.train_limit)
-    return keep
 
 
 def _check_nonempty(n_train: int, n_test: int, source: str, cfg: DataConfig | None) -> None:
@@ -151,34 +211,118 @@ def _check_batches(train, cfg: DataConfig) -> None:
 
 
 def _create_folder(cfg: DataConfig, device: torch.device, rank: int, world_size: int, seed: int) -> DataBundle:
+    """An image folder: decoded once into memory when small (see `folder_cache`), else streamed
+    through DataLoader workers as uint8 and normalised on the training device."""
     from torchvision import transforms as T
+
+    from . import folder_cache
 
     if cfg.pad_to is not None:
         raise SokdError(f"data.pad_to applies to in-memory data sets, not {cfg.name}; use data.image_size")
+    if cfg.decode_on_device and device.type != "cuda":
+        raise SokdError(f"data.decode_on_device=true decodes JPEGs on a CUDA GPU, but this run trains on "
+                        f"{device.type}; set data.decode_on_device=false")
     mean, std = _stats(cfg, 3)
-    root = find_image_folder(cfg.name, cfg.root)
-    norm = [T.ToTensor(), T.Normalize(mean, std)]
-    train_tf = T.Compose([T.RandomResizedCrop(cfg.image_size)]
-                         + ([T.RandomHorizontalFlip()] if cfg.hflip else []) + norm)
-    val_tf = T.Compose([T.Resize(round(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size)] + norm)
-    train_ds, val_ds = image_folders(root, train_tf, val_tf)
+    layout = find_image_folder(cfg.name, cfg.root, cfg.val)
+    train_ds, test_ds, val_ds = image_folders(layout, None, None)
     classes = list(train_ds.classes)
-    _check_nonempty(len(train_ds), len(val_ds), str(root), None)
+    native = folder_cache.image_size_of(train_ds.samples[0][0])
+    augment = cfg.augment if cfg.augment != "auto" else ("cifar" if max(native) <= 64 else "imagenet")
+    size = cfg.image_size or (224 if augment == "imagenet" else max(native))
+    if val_ds is not None and cfg.val_split is not None:
+        raise SokdError(f"'{layout.val}' is this data set's validation split, so data.val_split does not apply; "
+                        f"remove data.val_split (or the folder)")
+    if val_ds is not None and rank == 0:
+        print(f"note: model selection uses the validation folder {layout.val}; the test split is {layout.test}",
+              file=sys.stderr, flush=True)
+
+    if _in_memory(cfg, augment, size, [train_ds, test_ds, val_ds], layout.root):
+        parts = {}
+        for split, ds in (("train", train_ds), ("test", test_ds), ("val", val_ds)):
+            if ds is not None:
+                parts[split] = folder_cache.load_or_decode(ds, split, size, cfg.cache_dir, cfg.num_workers,
+                                                           cfg.skip_unreadable, progress=rank == 0)
+        val = parts.get("val", (None, None))
+        splits = ArraySplits(*parts["train"], *parts["test"], classes, str(layout.root), x_val=val[0], y_val=val[1])
+        return _create_in_memory(splits, cfg, device, rank, world_size, seed)
+
+    fixed = FixedSize(size)
+    if augment == "imagenet":
+        train_tf = [T.RandomResizedCrop(size)] + ([T.RandomHorizontalFlip()] if cfg.hflip else [])
+        eval_tf = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
+    else:
+        crop = cfg.crop_padding if augment == "cifar" else 0
+        mode = "reflect" if cfg.pad_mode == "reflect" else "constant"
+        train_tf = [fixed] + ([T.RandomCrop(size, padding=crop, padding_mode=mode)] if crop else []) \
+            + ([T.RandomHorizontalFlip()] if cfg.hflip and augment == "cifar" else [])
+        eval_tf = [fixed]
+    train_ds.transform = T.Compose(train_tf + [T.PILToTensor()])
+    for ds in (test_ds, val_ds):
+        if ds is not None:
+            ds.transform = T.Compose(eval_tf + [T.PILToTensor()])
     targets = torch.as_tensor(train_ds.targets, dtype=torch.int64)
-    keep = _train_subset(targets, cfg)
-    if keep is not None:
-        idx = torch.arange(len(targets))[keep].tolist()
-        train_ds = torch.utils.data.Subset(train_ds, idx)
-    if cfg.test_limit is not None:
-        val_ds = torch.utils.data.Subset(val_ds, range(min(cfg.test_limit, len(val_ds))))
-    _check_nonempty(len(train_ds), len(val_ds), str(root), cfg)
-    train = LoaderBatches(train_ds, cfg.batch_size, device=device, shuffle=True, drop_last=cfg.drop_last,
-                          num_workers=cfg.num_workers, seed=seed, rank=rank, world_size=world_size,
-                          skip_unreadable=cfg.skip_unreadable, split="train")
-    test = LoaderBatches(val_ds, cfg.eval_batch_size, device=device, shuffle=False, drop_last=False,
-                         num_workers=cfg.num_workers, seed=seed, rank=rank, world_size=world_size, shard=True,
-                         skip_unreadable=cfg.skip_unreadable, split="val")
+    _check_nonempty(len(train_ds), len(test_ds), str(layout.root), None)
+    chosen = select(targets, torch.as_tensor(test_ds.targets, dtype=torch.int64), cfg, len(classes),
+                    quiet=rank != 0)
+    if chosen.val is not None:  # held out of train/: evaluated without augmentation
+        val_ds = torch.utils.data.Subset(_with_transform(train_ds, test_ds.transform), chosen.val.tolist())
+    if chosen.train is not None:
+        train_ds = torch.utils.data.Subset(train_ds, chosen.train.tolist())
+    if chosen.test is not None:
+        test_ds = torch.utils.data.Subset(test_ds, chosen.test.tolist())
+    _check_nonempty(len(train_ds), len(test_ds), str(layout.root), cfg)
+
+    def source(ds, batch_size: int, train: bool, split: str) -> LoaderBatches:
+        return LoaderBatches(ds, batch_size, device=device, shuffle=train, drop_last=cfg.drop_last and train,
+                             num_workers=cfg.num_workers, seed=seed, rank=rank, world_size=world_size,
+                             shard=not train, skip_unreadable=cfg.skip_unreadable, split=split,
+                             mean=mean, std=std)
+
+    train = source(train_ds, cfg.batch_size, True, "train")
+    test = source(test_ds, cfg.eval_batch_size, False, layout.test.name)
+    val = source(val_ds, cfg.eval_batch_size, False, "validation") if val_ds is not None else None
     _check_batches(train, cfg)
     return DataBundle(train=train, test=test, num_classes=len(classes), class_names=classes,
-                      shape=(3, cfg.image_size, cfg.image_size), mean=mean, std=std, name=cfg.name,
-                      train_size=len(train_ds), test_size=len(val_ds))
+                      shape=(3, size, size), mean=mean, std=std, name=cfg.name,
+                      train_size=len(train_ds), test_size=len(test_ds), val=val,
+                      val_size=len(val_ds) if val_ds is not None else 0)
+
+
+class FixedSize:
+    """Resize a PIL image to size x size unless it already is (a no-op for uniform folders)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img):
+        from torchvision.transforms import functional as TF
+        return img if img.size == (self.size, self.size) else TF.resize(img, [self.size, self.size], antialias=True)
+
+    def __repr__(self) -> str:
+        return f"FixedSize({self.size})"
+
+
+def _with_transform(ds, transform):
+    """A shallow copy of an ImageFolder with another transform (validation images of train/)."""
+    import copy
+    out = copy.copy(ds)
+    out.transform = transform
+    return out
+
+
+def _in_memory(cfg: DataConfig, augment: str, size: int, splits, root) -> bool:
+    """Whether to decode the folder into memory: asked for, or (auto) when it fits the cap and the
+    augmentation is one the in-memory path runs (pad-crop-flip or none)."""
+    from .folder_cache import decoded_bytes
+
+    need = decoded_bytes(sum(len(s) for s in splits if s is not None), size)
+    cap = cfg.memory_cap_gb * 2**30
+    if cfg.in_memory is True:
+        if augment == "imagenet":
+            raise SokdError("data.in_memory=true keeps decoded images for pad-crop-flip augmentation; with "
+                            "data.augment=imagenet set data.in_memory=false (or data.augment=cifar)")
+        if need > cap:
+            raise SokdError(f"'{root}' decoded at {size}x{size} needs {need / 2**30:.1f} GiB, above "
+                            f"data.memory_cap_gb={cfg.memory_cap_gb:g}; raise the cap or set data.in_memory=false")
+        return True
+    return cfg.in_memory == "auto" and augment != "imagenet" and need <= cap

@@ -24,6 +24,8 @@ class ArraySplits:
     y_test: torch.Tensor
     class_names: list[str]
     source: str                 # where it was read from, for messages
+    x_val: torch.Tensor | None = None   # a validation split the data set ships (image folders)
+    y_val: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:

@@ -15,15 +15,48 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from ..errors import SokdError, suggest
 from ..validation import describe, invalid, validate
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet", "synthetic")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet", "synthetic", "hf")
+FOLDER_DATASETS = ("imagefolder", "imagenet")
 PAD_MODES = ("reflect", "zeros")
+AUGMENTS = ("auto", "cifar", "imagenet", "none")
 
 
 def _dataset(name: Any) -> Any:
-    if name not in DATASETS:
-        raise invalid(f"unknown data set data.name='{name}'{suggest(name, DATASETS)}; "
-                      f"valid: {', '.join(DATASETS)}")
+    from .registry import registered
+    known = list(DATASETS) + [n for n in registered() if n not in DATASETS]
+    if name not in known:
+        raise invalid(f"unknown data set data.name='{name}'{suggest(name, known)}; valid: {', '.join(known)} "
+                      f"(your own: @sokd.data.register in a module listed under imports:)")
     return name
+
+
+def _choice(choices: tuple) -> BeforeValidator:
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if value not in choices:
+            raise invalid(f"unknown data.{info.field_name} '{value}'{suggest(str(value), choices)}; "
+                          f"valid: {', '.join(choices)}")
+        return value
+    return BeforeValidator(check)
+
+
+def _fraction(value: Any) -> Any:
+    if value is None:
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+        raise invalid(f"data.val_split must be a fraction between 0 and 1 (e.g. 0.1) or null, got {value!r}")
+    return float(value)
+
+
+def _in_memory(value: Any) -> Any:
+    if value not in ("auto", True, False):
+        raise invalid(f"data.in_memory must be auto, true or false, got {value!r}")
+    return value
+
+
+def _positive(value: Any, info: ValidationInfo) -> Any:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise invalid(f"data.{info.field_name} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _pad_mode(mode: Any) -> Any:
@@ -81,6 +114,26 @@ Flag = Annotated[bool, BeforeValidator(_flag)]
 PerChannel = Annotated[list[float] | None, BeforeValidator(_per_channel)]
 
 
+def _column(value: Any, info: ValidationInfo) -> Any:
+    if not isinstance(value, str) or not value:
+        raise invalid(f"data.hf.{info.field_name} must be a non-empty string, got {value!r}")
+    return value
+
+
+Column = Annotated[str, BeforeValidator(_column)]
+
+
+class HFColumns(BaseModel):
+    """Where a Hugging Face data set saved with `save_to_disk` keeps images, labels and splits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Column = "image"
+    label: Column = "label"
+    train_split: Column = "train"
+    test_split: Column = "test"
+
+
 class DataConfig(BaseModel):
     # allow_inf_nan=False: an infinite or NaN mean/std is never a meaningful setting
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
@@ -93,8 +146,19 @@ class DataConfig(BaseModel):
     eval_batch_size: Annotated[int, _at_least(1)] = 128
     download: Flag = False
     train_per_class: Annotated[int | None, _at_least(1, optional=True)] = None
-    train_limit: Annotated[int | None, _at_least(1, optional=True)] = None
-    test_limit: Annotated[int | None, _at_least(1, optional=True)] = None
+    train_limit: Annotated[int | None, _at_least(1, optional=True)] = None   # class-stratified
+    test_limit: Annotated[int | None, _at_least(1, optional=True)] = None    # class-stratified
+    # the seed of every subset and of the validation split: the same images for every training seed
+    split_seed: Annotated[int, _at_least(0)] = 0
+    val_split: Annotated[float | None, BeforeValidator(_fraction)] = None    # held out of train
+    val: Annotated[str | None, BeforeValidator(_path_text)] = None           # a shipped validation folder
+    in_memory: Annotated[bool | str, BeforeValidator(_in_memory)] = "auto"   # image folders
+    augment: Annotated[str, _choice(AUGMENTS)] = "auto"
+    cache_dir: Annotated[str | None, BeforeValidator(_path_text)] = None     # decoded image folders
+    memory_cap_gb: Annotated[float, BeforeValidator(_positive)] = 4.0         # for in_memory folders
+    decode_on_device: Flag = False                                            # JPEG decoding on CUDA
+    options: dict[str, Any] = Field(default_factory=dict)                     # for registered readers
+    hf: HFColumns = Field(default_factory=HFColumns)
     pad_to: Annotated[int | None, _at_least(1, optional=True)] = None
     crop_padding: Annotated[int, _at_least(0)] = 4
     pad_mode: Annotated[str, BeforeValidator(_pad_mode)] = "reflect"
@@ -104,7 +168,8 @@ class DataConfig(BaseModel):
     drop_last: Flag = True
     num_workers: Annotated[int, _at_least(0)] = 4
     skip_unreadable: Flag = False   # image folders: skip (and count) images that cannot be decoded
-    image_size: Annotated[int, _at_least(8)] = 224
+    # image folders; null: 224 with imagenet augmentation, else the images' own size
+    image_size: Annotated[int | None, _at_least(8, optional=True)] = None
     synthetic_size: Annotated[int, _at_least(4)] = 512
     synthetic_shape: Annotated[list[int], BeforeValidator(_shape)] = Field(default_factory=lambda: [3, 32, 32])
     synthetic_classes: Annotated[int, _at_least(2)] = 10
@@ -120,6 +185,16 @@ class DataConfig(BaseModel):
     def from_dict(cls, values: dict) -> "DataConfig":
         """Build from a mapping; unknown keys and bad values are one-line SokdErrors."""
         return validate(cls, values, prefix="data.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataConfig":
+        if self.val is not None and self.val_split is not None:
+            raise invalid(f"data.val='{self.val}' and data.val_split={self.val_split} both choose a validation "
+                          f"set; keep one")
+        if self.val is not None and self.name not in FOLDER_DATASETS:
+            raise invalid(f"data.val (a validation folder) applies to image folders, not {self.name}; "
+                          f"use data.val_split=0.1 to hold out part of the training set")
+        return self
 
     @model_validator(mode="after")
     def _same_channel_count(self) -> "DataConfig":

@@ -1,10 +1,12 @@
-"""Image folders (`imagefolder`, `imagenet`): train/ and val/ trees read by torchvision's ImageFolder.
+"""Image folders (`imagefolder`, `imagenet`): train/ and test/ (or val/, validation/) trees read by
+torchvision's ImageFolder.
 
 Every image goes through `read_image`, so one that cannot be opened or decoded is an
 `UnreadableImage` naming its file (LoaderBatches stops the run with it, or skips the file).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SokdError
@@ -14,22 +16,54 @@ from .sources import UnreadableImage
 IMAGENET_DEFAULTS = ("data/imagenet", "~/.cache/sokd/imagenet", "/usr/share/datasets/imagenet")
 
 
-def find_image_folder(name: str, root: str | None) -> Path:
+TEST_NAMES = ("test", "val", "validation")     # the first one present is the test split
+VAL_NAMES = ("val", "validation")               # beside test/, a shipped validation split
+
+
+@dataclass
+class FolderLayout:
+    """Where an image-folder data set keeps its splits."""
+
+    root: Path
+    train: Path
+    test: Path
+    val: Path | None          # validation folder (model selection), when the data set has one
+
+
+def find_image_folder(name: str, root: str | None, val: str | None = None) -> FolderLayout:
+    """The data set's layout: train/ plus test/, val/ or validation/ (the first present is the
+    test split). With test/ present, a val/ or validation/ beside it, or `val` when given, is the
+    validation split."""
     if root is None and name == "imagefolder":
-        raise SokdError("data.root is required for imagefolder: a directory with train/ and val/ "
+        raise SokdError("data.root is required for imagefolder: a directory with train/ and test/ (or val/) "
                         "class sub-folders (torchvision ImageFolder layout)")
     for cand in search_roots(root, IMAGENET_DEFAULTS):
-        if (cand / "train").is_dir() and (cand / "val").is_dir():
-            return cand
+        test = next((cand / t for t in TEST_NAMES if (cand / t).is_dir()), None)
+        if (cand / "train").is_dir() and test is not None:
+            return FolderLayout(cand, cand / "train", test, _validation(cand, test, val))
     if root is None:
         raise SokdError(f"ImageNet not found (looked in {', '.join(IMAGENET_DEFAULTS)}); set data.root to a "
                         f"directory with train/ and val/ class sub-folders")
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise SokdError(f"data.root '{path}' is not a directory; point it at a folder with train/ and val/")
-    missing = [s for s in ("train", "val") if not (path / s).is_dir()]
-    raise SokdError(f"data.root '{path}' has no {' or '.join(m + '/' for m in missing)} folder; an image "
-                    f"folder data set needs train/ and val/, each with one sub-folder per class")
+        raise SokdError(f"data.root '{path}' is not a directory; point it at a folder with train/ and test/ (or val/)")
+    missing = "train/" if not (path / "train").is_dir() else "test/, val/ or validation/"
+    raise SokdError(f"data.root '{path}' has no {missing} folder; an image folder data set needs train/ and "
+                    f"test/ (or val/, validation/), each with one sub-folder per class")
+
+
+def _validation(root: Path, test: Path, val: str | None) -> Path | None:
+    if val is not None:
+        path = Path(val).expanduser()
+        path = path if path.is_absolute() or path.is_dir() else root / val
+        if not path.is_dir():
+            raise SokdError(f"data.val '{val}' is not a directory; give a folder with one sub-folder per class")
+        if path.resolve() == test.resolve():
+            raise SokdError(f"data.val '{val}' is the test split itself; selecting on it is selecting on the test set")
+        return path
+    if test.name != "test":
+        return None
+    return next((root / v for v in VAL_NAMES if (root / v).is_dir()), None)
 
 
 def read_image(path: str):
@@ -43,8 +77,9 @@ def read_image(path: str):
         raise UnreadableImage(path, " ".join(str(err).split()) or type(err).__name__) from err
 
 
-def image_folders(root: Path, train_transform, val_transform):
-    """(train, val) torchvision ImageFolders; val's labels use train's class -> index mapping."""
+def image_folders(layout: FolderLayout, train_transform, eval_transform):
+    """(train, test, val or None) torchvision ImageFolders; test's and val's labels use train's
+    class -> index mapping."""
     from torchvision.datasets import ImageFolder
 
     def build(path: Path, transform, allow_empty: bool):
@@ -53,17 +88,23 @@ def image_folders(root: Path, train_transform, val_transform):
         except FileNotFoundError as err:
             raise SokdError(f"'{path}': {err}; put images (.png, .jpg, ...) in one sub-folder per class") from None
 
-    train = build(root / "train", train_transform, False)
-    val = build(root / "val", val_transform, True)
-    extra = [c for c in val.classes if c not in train.class_to_idx]
+    train = build(layout.train, train_transform, False)
+    held = [_aligned(build(path, eval_transform, True), train, path) if path is not None else None
+            for path in (layout.test, layout.val)]
+    return train, held[0], held[1]
+
+
+def _aligned(split, train, path: Path):
+    """`split` relabelled with train's class indices (it may lack some classes, never add one)."""
+    extra = [c for c in split.classes if c not in train.class_to_idx]
     if extra:
-        raise SokdError(f"'{root / 'val'}' has class folders not in train/: {', '.join(extra[:5])}; "
-                        f"train/ and val/ need the same class names")
-    if len(val) == 0:
-        raise SokdError(f"'{root / 'val'}' holds no images; put images in one sub-folder per class")
-    remap = [train.class_to_idx[c] for c in val.classes]   # val may lack some classes
-    val.samples = [(p, remap[t]) for p, t in val.samples]
-    val.imgs = val.samples
-    val.targets = [t for _, t in val.samples]
-    val.classes, val.class_to_idx = list(train.classes), dict(train.class_to_idx)
-    return train, val
+        raise SokdError(f"'{path}' has class folders not in train/: {', '.join(extra[:5])}; "
+                        f"train/ and {path.name}/ need the same class names")
+    if len(split) == 0:
+        raise SokdError(f"'{path}' holds no images; put images in one sub-folder per class")
+    remap = [train.class_to_idx[c] for c in split.classes]
+    split.samples = [(p, remap[t]) for p, t in split.samples]
+    split.imgs = split.samples
+    split.targets = [t for _, t in split.samples]
+    split.classes, split.class_to_idx = list(train.classes), dict(train.class_to_idx)
+    return split

@@ -346,8 +346,13 @@ def _collate(samples: list) -> tuple:
 
 
 class LoaderBatches:
-    """A torch DataLoader over a map-style dataset of (float CHW normalised tensor, int label),
-    with batches moved to `device` (non_blocking; pinned memory when the device is CUDA).
+    """A torch DataLoader over a map-style dataset of (CHW image tensor, int label), with batches
+    moved to `device` (non_blocking; pinned memory when the device is CUDA).
+
+    With `mean`/`std` the dataset yields uint8 images: batches cross worker shared memory and the
+    host-to-device copy at a quarter of float32's size, and conversion, normalisation and the
+    memory format change happen on the device in one step. Without them the dataset's tensors are
+    passed through as they are (already normalised floats).
 
     Sample order follows `EpochSampler` (deterministic per (seed, epoch), rank-strided like
     TensorBatches), and each sample's random augmentation is seeded by (seed, epoch, index)
@@ -364,9 +369,11 @@ class LoaderBatches:
     def __init__(self, dataset: Dataset, batch_size: int, *, device: torch.device | str = "cpu",
                  shuffle: bool = True, drop_last: bool = True, num_workers: int = 0, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shard: bool = False, channels_last: bool = False,
-                 skip_unreadable: bool = False, split: str = "train"):
+                 skip_unreadable: bool = False, split: str = "train", mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, prefetch_factor: int | None = None):
         self.dataset = dataset
         self.device = torch.device(device)
+        self._norm = augment.normalize_params(mean, std, self.device) if mean is not None else None
         self.batch_size = int(batch_size)
         self.drop_last = bool(drop_last) and not shard
         self.channels_last = channels_last
@@ -381,7 +388,8 @@ class LoaderBatches:
             SeededSamples(dataset, replace=self.replace), batch_size=self.batch_size,
             sampler=self.sampler, drop_last=self.drop_last, collate_fn=_collate,
             num_workers=num_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=num_workers > 0, generator=gen)
+            persistent_workers=num_workers > 0, generator=gen,
+            prefetch_factor=(prefetch_factor or 4) if num_workers > 0 else None)
 
     def __repr__(self) -> str:
         return (f"LoaderBatches(n={len(self.dataset)}, batch_size={self.batch_size}, batches={len(self)}, "
@@ -421,7 +429,12 @@ class LoaderBatches:
                     skipped += [p for p, _ in problems]
                 if not labels.numel():
                     continue
-                images = images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+                images = images.to(self.device, non_blocking=True)
+                if self._norm is not None:
+                    with _one_thread(self.device.type == "cpu"):
+                        images = augment._affine(images, *self._norm, fmt)
+                else:
+                    images = images.contiguous(memory_format=fmt)
                 labels = labels.to(self.device, torch.int64, non_blocking=True)
                 if self.with_index:
                     yield images, labels, indices.to(self.device, torch.int64, non_blocking=True)

@@ -124,8 +124,9 @@ def fit(method, data, ctx: FitContext) -> dict:
         torch.set_num_threads(tr.threads)
     memory_format = torch.channels_last if tr.channels_last else torch.contiguous_format
     method.to(device=device, memory_format=memory_format)
-    for source in (data.train, data.test):
-        source.channels_last = tr.channels_last
+    for source in (data.train, data.test, data.val):
+        if source is not None:
+            source.channels_last = tr.channels_last
     data.train.with_index = method.needs_index  # training batches then carry each sample's index
 
     ctx.precision = resolve_precision(tr.precision, device)
@@ -230,10 +231,16 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
     def run_eval() -> dict:
         return evaluate(method, data.test, device, ctx.precision, reduce=dist.all_reduce_sum)
 
+    def run_val() -> dict:
+        """{"val": per-role accuracy on the validation split} when the run has one, else {}."""
+        if getattr(data, "val", None) is None:
+            return {}
+        return {"val": evaluate(method, data.val, device, ctx.precision, reduce=dist.all_reduce_sum)["roles"]}
+
     wall0 = time.perf_counter()
     if ckpt is None:
         initial = run_eval()
-        row = {"epoch": 0, "test": initial["roles"], "compare": initial["compare"]}
+        row = {"epoch": 0, "test": initial["roles"], **run_val(), "compare": initial["compare"]}
         history.append(row)
         if logger:
             logger.log(row)
@@ -290,7 +297,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
         result = run_eval()
         train_stats = accum.reduced(dist).result()
         row = {"epoch": epoch + 1, "wall_time_s": time.perf_counter() - wall0 + prior_wall, "lr": lrs,
-               "train": train_stats, "test": result["roles"], "compare": result["compare"]}
+               "train": train_stats, "test": result["roles"], **run_val(), "compare": result["compare"]}
         history.append(row)
         state = save(epoch + 1, 0, None)
         if logger:
@@ -316,9 +323,16 @@ def _saved_note(epoch: int, step: int) -> str:
     return f"last.pt holds the run at {position(epoch, step)} (its last finite state)"
 
 
+def selection_split(history: list[dict]) -> str:
+    """The split that picks the best epoch: "val" when the run evaluates one, else "test"."""
+    return "val" if any("val" in r for r in history) else "test"
+
+
 def _best_epoch(history: list[dict], primary: str) -> int | None:
-    """The epoch best.pt should hold: the latest epoch with the best primary test top-1."""
-    scored = [(r["test"][primary]["top1"], r["epoch"]) for r in history[1:] if primary in r.get("test", {})]
+    """The epoch best.pt should hold: the latest epoch with the best primary top-1 on the
+    validation split when there is one, else on the test split."""
+    split = selection_split(history)
+    scored = [(r[split][primary]["top1"], r["epoch"]) for r in history[1:] if primary in r.get(split, {})]
     return max(scored)[1] if scored else None
 
 
@@ -341,8 +355,9 @@ def _repair_best(run_dir: Path, ckpt: dict, history: list[dict], primary: str) -
 
 def _epoch_line(row: dict) -> str:
     tests = "  ".join(f"{r} {m['top1']:.2f}" for r, m in row["test"].items())
+    vals = "  ".join(f"{r} {m['top1']:.2f}" for r, m in row.get("val", {}).items())
     return (f"epoch {row['epoch']:>3}  loss {row['train']['loss']:.4f}  "
-            f"{row['train']['images_per_s']:.0f} img/s  test top-1: {tests}")
+            f"{row['train']['images_per_s']:.0f} img/s  test top-1: {tests}" + (f"  val top-1: {vals}" if vals else ""))
 
 
 def _save_standalone(method, data, ctx: FitContext) -> None:
@@ -368,6 +383,7 @@ def _summary(cfg, method, data, history, ctx, device) -> dict:
             "top1_best": best["top1"], "best_epoch": best_epoch,
             "top1_initial": curve[0][1]["top1"] if curve[0][0] == 0 else None,
         }
+        nets[role].update(_selected(history, role))
     return {
         "method": cfg.method.name, "name": cfg.name, "dataset": data.name,
         "epochs": history[-1]["epoch"] if history else 0, "seed": cfg.train.seed,
@@ -377,5 +393,19 @@ def _summary(cfg, method, data, history, ctx, device) -> dict:
         "train_images_per_s": samples / seconds if seconds else None,
         "primary_role": method.primary, "networks": nets, "term_weights": method.term_weights,
         "compare": history[-1].get("compare", {}) if history else {},
-        "note": "top1_final = last epoch; top1_best = best epoch (selected on the test set, optimistic)",
+        "val_size": getattr(data, "val_size", 0),
+        "note": ("top1_final = last epoch; top1_best = best epoch on the test set (optimistic); "
+                 + ("top1_selected = test top-1 at the epoch with the best validation top-1 (selected_epoch), "
+                    "the honest pick" if selection_split(history) == "val"
+                    else "no validation split (data.val_split) for an honest selected epoch")),
     }
+
+
+def _selected(history: list[dict], role: str) -> dict:
+    """Test top-1 at the epoch the validation split picks (latest among ties), when there is one."""
+    rows = [r for r in history if r["epoch"] > 0 and role in r.get("val", {}) and role in r.get("test", {})]
+    if not rows:
+        return {}
+    pick = max(rows, key=lambda r: (r["val"][role]["top1"], r["epoch"]))
+    return {"top1_val_best": pick["val"][role]["top1"], "selected_epoch": pick["epoch"],
+            "top1_selected": pick["test"][role]["top1"]}

@@ -179,3 +179,13 @@ def test_hf_columns_and_bad_directories(tmp_path):
         data.create(DataConfig(name="hf"))
     with pytest.raises(SokdError, match="unknown config key 'data.hf.colour'; valid keys here: image, label"):
         DataConfig(name="hf", hf={"colour": "x"})
+
+
+def test_the_own_data_example_builds(monkeypatch):
+    from sokd import config
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)   # the example's imports: path is relative to the repository
+    cfg = config.load(root / "examples" / "own_data.yaml")
+    b = data.create(cfg.data)
+    assert (b.num_classes, b.shape, b.train_size + b.val_size, b.test_size) == (8, (1, 20, 20), 2000, 500)
+    assert b.val is not None and 150 <= b.val_size <= 250

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sokd-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test test-slow study bench clean
+.PHONY: setup demo test test-slow wheel-check study bench clean
 
 setup: $(STAMP) fmnist-data
 
@@ -30,6 +30,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# Build the wheel from a copy of the tree, install it into a fresh virtualenv and run sokd from it
+# (demo --help, models, one epoch of a packaged preset).
+wheel-check: setup
+	$(PY) -m pytest -q -m slow tests/test_wheel.py
 
 # The reproduction study (hours on a CPU; resumable: rerun to continue) and the speed figures.
 study: setup

@@ -142,9 +142,11 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(make_config, monk
     cpu = torch.device("cpu")
     monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     assert precision.resolve_precision("auto", cpu) == "fp32"
+    assert "bf16 is emulated here" in precision.emulation_note("bf16", cpu)
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     assert precision.resolve_precision("auto", cpu) == "bf16"
     assert precision.resolve_precision("fp16", cpu) == "fp16"
+    assert precision.emulation_note("bf16", cpu) is None and precision.emulation_note("auto", cpu) is None
     monkeypatch.undo()
     summary = runner.train(config.build(make_config("vanilla", train={"epochs": 1, "precision": "auto"})))
     assert summary["precision"] == ("bf16" if precision.native_bf16(cpu) else "fp32")

@@ -18,7 +18,7 @@ from .distributed import DistContext
 from .evaluate import evaluate
 from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler, rebase_lr
-from .precision import autocast, grad_scaler, resolve_device, resolve_precision
+from .precision import autocast, emulation_note, grad_scaler, resolve_device, resolve_precision
 from .signals import ForcedStop, Interrupted, Stopped, StopRequest, position
 
 if TYPE_CHECKING:
@@ -130,6 +130,9 @@ def fit(method, data, ctx: FitContext) -> dict:
     data.train.with_index = method.needs_index  # training batches then carry each sample's index
 
     ctx.precision = resolve_precision(tr.precision, device)
+    note = emulation_note(tr.precision, device)
+    if note:
+        dist.print(note)
     # everything that can be checked is checked before the run directory is touched
     method.param_groups(cfg.optim.lr, cfg.optim.lr_per_role)
     _check_forward(method, data, device, ctx.precision)

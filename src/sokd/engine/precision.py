@@ -44,6 +44,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def emulation_note(name: str, device: torch.device) -> str | None:
+    """A one-line note when bf16 is asked for by name on a CPU that emulates it (there a WRN step
+    runs about 10x slower than in fp32), else None. The run goes on: the numbers stay valid."""
+    if name == "bf16" and device.type == "cpu" and not native_bf16(device):
+        return ("note: train.precision=bf16 on a CPU without AMX or AVX-512 BF16: bf16 is emulated here and "
+                "much slower than fp32; train.precision=auto picks fp32 on this machine")
+    return None
+
+
 def autocast(device: torch.device, precision: str):
     """Autocast context for bf16/fp16; a no-op for fp32."""
     if precision == "fp32":

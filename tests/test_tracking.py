@@ -18,7 +18,7 @@ from sokd.cli import main
 from sokd.engine import rundir
 from sokd.engine.tracking import tensorboard_tracker
 
-from .conftest import tiny_config, write_config
+from .conftest import stop_after_checks, tiny_config, write_config
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 
@@ -249,3 +249,35 @@ def test_a_run_failing_before_its_first_checkpoint_removes_the_tracker_folders(t
     assert run_cli("train", write_config(tmp_path, cfg)) == 1
     assert "boom" in capsys.readouterr().err
     assert not Path(cfg["output"]["dir"]).exists(), "the directory this run created is gone, wandb/ too"
+
+
+def wandb_epochs(run_dir: Path) -> tuple[str, list[int]]:
+    run_id = json.loads((run_dir / "wandb" / ".sokd-tracker").read_text())["id"]
+    _, history, _ = wandb_logged(run_dir, run_id)
+    return run_id, [int(h["epoch"]) for h in history if "epoch" in h]
+
+
+def test_a_killed_run_resumes_its_tracker_run_without_gaps_or_repeats(tmp_path):
+    pytest.importorskip("wandb")
+    cfg = tracked_config(tmp_path, wandb=True)
+    path = write_config(tmp_path, cfg)
+    run_dir = Path(cfg["output"]["dir"])
+    with pytest.MonkeyPatch.context() as mp:
+        stop_after_checks(mp, 6)  # 4 steps an epoch: SIGTERM in epoch 2, after epoch 1 was logged
+        assert run_cli("train", path) == 143
+    first_id, epochs = wandb_epochs(run_dir)
+    assert epochs == [0, 1]
+    assert run_cli("train", path, "output.resume=true") == 0
+    run_id, epochs = wandb_epochs(run_dir)
+    assert run_id == first_id and epochs == [0, 1, 2]
+
+
+def test_a_tracker_turned_on_at_resume_receives_the_whole_history(tmp_path):
+    pytest.importorskip("wandb")
+    cfg = tracked_config(tmp_path)
+    path = write_config(tmp_path, cfg)
+    run_dir = Path(cfg["output"]["dir"])
+    assert run_cli("train", path) == 0 and not (run_dir / "wandb").exists()
+    assert run_cli("train", path, "train.epochs=3", "output.resume=true", "output.wandb=true") == 0
+    _, epochs = wandb_epochs(run_dir)
+    assert epochs == [0, 1, 2, 3]

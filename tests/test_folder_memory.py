@@ -96,7 +96,7 @@ def test_augment_choice_and_image_size(tmp_path):
 
 def test_memory_cap(tmp_path):
     root = write_folder(tmp_path / "f")
-    with pytest.raises(SokdError, match=r"needs 0\.0 GiB, above data.memory_cap_gb=1e-07; raise the cap or set "
+    with pytest.raises(SokdError, match=r"needs 0\.0 MiB, above data.memory_cap_gb=1e-07; raise the cap or set "
                                          r"data.in_memory=false"):
         data.create(folder_cfg(root, tmp_path, in_memory=True, memory_cap_gb=1e-7))
     auto = data.create(folder_cfg(root, tmp_path, memory_cap_gb=1e-7))      # auto: streams instead

@@ -164,6 +164,35 @@ def bad_inputs(tmp_path_factory, teacher_file):
     raising.write_text("raise RuntimeError('plugin is broken')\n")
     broken = d / "syntax_plugin.py"
     broken.write_text("def f(:\n")
+    one_image_class = d / "one_image_class.npz"
+    np.savez(one_image_class, x_train=np.zeros((9, 8, 8, 3), np.uint8), y_train=np.array([0] * 8 + [1]),
+             x_test=np.zeros((4, 8, 8, 3), np.uint8), y_test=np.array([0, 1, 0, 1]))
+    folder = d / "folder"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (folder / split / c).mkdir(parents=True)
+            for i in range(2):
+                from PIL import Image
+                Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / split / c / f"{i}.png")
+    readers = d / "bad_readers.py"
+    readers.write_text(
+        "import numpy as np\nimport sokd\n"
+        "x = np.zeros((40, 8, 8, 3), np.uint8)\n"
+        "@sokd.data.register('labels_off')\n"
+        "def labels_off(root=None):\n"
+        "    return {'train': (x, np.full(40, 9)), 'test': (x[:4], np.zeros(4, int)), 'classes': ['a', 'b']}\n"
+        "@sokd.data.register('float_images')\n"
+        "def float_images(root=None):\n"
+        "    return (x.astype('float32'), np.zeros(40, int)), (x[:4], np.zeros(4, int))\n")
+    not_hf = d / "not_hf"
+    not_hf.mkdir()
+    hf_dir = d / "hf"
+    try:
+        import datasets
+        split = datasets.Dataset.from_dict({"image": [np.zeros((8, 8, 3), np.uint8)] * 2, "label": [0, 1]})
+        datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(hf_dir))
+    except ImportError:
+        pass
     teacher = f"teacher.checkpoint={good_teacher}"
     return [
         ("unknown config key", ["vanilla", "train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'epochs'?)"),
@@ -208,7 +237,20 @@ def bad_inputs(tmp_path_factory, teacher_file):
         ("metrics.jsonl is a directory", ["vanilla", f"output.dir={metrics_dir}", "output.resume=true"], "is not a regular file"),
         ("images too small for the network", ["vanilla", "model.arch=vgg8", "data.synthetic_shape=[3, 2, 2]",
                                               "data.crop_padding=0"], "cannot take this data"),
-    ]
+        ("val_split outside (0, 1)", ["vanilla", "data.val_split=1.5"], "data.val_split must be a fraction between 0 and 1"),
+        ("val_split leaving a class empty", ["vanilla", "data.name=cifar10", f"data.root={one_image_class}",
+                                             "data.val_split=0.5"], "leaves class 1 (1 training image(s)) without"),
+        ("in-memory folder above the memory cap", ["vanilla", "data.name=imagefolder", f"data.root={folder}",
+                                                   "data.in_memory=true", "data.memory_cap_gb=0.0000001"],
+         "above data.memory_cap_gb=1e-07; raise the cap or set data.in_memory=false"),
+        ("registered data set with bad labels", ["vanilla", f"imports=[{readers}]", "data.name=labels_off"],
+         "train label 9 is outside 0..1"),
+        ("registered data set with float images", ["vanilla", f"imports=[{readers}]", "data.name=float_images"],
+         "must be a uint8 image array, got dtype float32"),
+        ("hf directory that is not a saved data set", ["vanilla", "data.name=hf", f"data.root={not_hf}"],
+         "is not a saved Hugging Face data set"),
+    ] + ([("hf data set without the named column", ["vanilla", "data.name=hf", f"data.root={hf_dir}", "data.hf.image=img"],
+           "but not img; set data.hf.image")] if hf_dir.exists() else [])
 
 
 def test_bad_inputs_give_one_line_errors_and_write_nothing(bad_inputs, tmp_path, capsys):

@@ -322,7 +322,8 @@ def _in_memory(cfg: DataConfig, augment: str, size: int, splits, root) -> bool:
             raise SokdError("data.in_memory=true keeps decoded images for pad-crop-flip augmentation; with "
                             "data.augment=imagenet set data.in_memory=false (or data.augment=cifar)")
         if need > cap:
-            raise SokdError(f"'{root}' decoded at {size}x{size} needs {need / 2**30:.1f} GiB, above "
+            amount = f"{need / 2**30:.1f} GiB" if need >= 2**30 else f"{need / 2**20:.1f} MiB"
+            raise SokdError(f"'{root}' decoded at {size}x{size} needs {amount}, above "
                             f"data.memory_cap_gb={cfg.memory_cap_gb:g}; raise the cap or set data.in_memory=false")
         return True
     return cfg.in_memory == "auto" and augment != "imagenet" and need <= cap

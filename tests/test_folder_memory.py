@@ -144,13 +144,6 @@ def test_uint8_stream_normalises_on_the_device_like_the_float_path(tmp_path):
     assert sample.dtype == torch.uint8                 # what workers send: a quarter of float32
 
 
-def test_decode_on_device_is_refused_on_cpu(tmp_path):
-    root = write_folder(tmp_path / "f")
-    with pytest.raises(SokdError, match="data.decode_on_device=true decodes JPEGs on a CUDA GPU, but this run "
-                                        "trains on cpu; set data.decode_on_device=false"):
-        data.create(folder_cfg(root, tmp_path, decode_on_device=True))
-
-
 def test_fingerprint_depends_on_files_and_size(tmp_path):
     from torchvision.datasets import ImageFolder
     root = write_folder(tmp_path / "f")

@@ -219,9 +219,6 @@ def _create_folder(cfg: DataConfig, device: torch.device, rank: int, world_size:
 
     if cfg.pad_to is not None:
         raise SokdError(f"data.pad_to applies to in-memory data sets, not {cfg.name}; use data.image_size")
-    if cfg.decode_on_device and device.type != "cuda":
-        raise SokdError(f"data.decode_on_device=true decodes JPEGs on a CUDA GPU, but this run trains on "
-                        f"{device.type}; set data.decode_on_device=false")
     mean, std = _stats(cfg, 3)
     layout = find_image_folder(cfg.name, cfg.root, cfg.val)
     train_ds, test_ds, val_ds = image_folders(layout, None, None)

@@ -156,7 +156,6 @@ class DataConfig(BaseModel):
     augment: Annotated[str, _choice(AUGMENTS)] = "auto"
     cache_dir: Annotated[str | None, BeforeValidator(_path_text)] = None     # decoded image folders
     memory_cap_gb: Annotated[float, BeforeValidator(_positive)] = 4.0         # for in_memory folders
-    decode_on_device: Flag = False                                            # JPEG decoding on CUDA
     options: dict[str, Any] = Field(default_factory=dict)                     # for registered readers
     hf: HFColumns = Field(default_factory=HFColumns)
     pad_to: Annotated[int | None, _at_least(1, optional=True)] = None

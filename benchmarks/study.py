@@ -16,6 +16,7 @@ with --commit they are committed right away (only those paths).
 from __future__ import annotations
 
 import argparse
+import json
 import functools
 import os
 import shutil
@@ -256,8 +257,32 @@ def run_one(args, name: str, seed: int) -> int:
         print(f"FAILED   {name} seed {seed} (exit {proc.returncode}); rerun to resume", flush=True)
         return proc.returncode
     print(f"finished {name} seed {seed} in {time.time() - t0:.0f} s", flush=True)
+    differs = differs_from_published(args.study, name, seed)
+    if differs:
+        print(f"STOP     {name} seed {seed} does not reproduce its published run ({differs}); runs paired with "
+              f"the published one would not be paired with this one. Not published: compare the machines "
+              f"and the recipe's precision, or start the study afresh", flush=True)
+        return 3
     publish(args.study, name, seed, args.commit)
     return 0
+
+
+def differs_from_published(study: str, name: str, seed: int) -> str | None:
+    """How a run retrained here differs from the published run of the same name and seed (its
+    per-epoch test top-1), or None when it matches or nothing is published. A retrained teacher
+    must match: the published students learned from the published one."""
+    theirs = published_dir(study, name, seed) / "metrics.jsonl"
+    ours = run_dir(study, name, seed) / "metrics.jsonl"
+    if not theirs.exists():
+        return None
+
+    def curve(path: Path) -> list:
+        return [(r["epoch"], r["test"]) for r in map(json.loads, path.read_text().splitlines())]
+    a, b = curve(ours), curve(theirs)
+    for (epoch, mine), (_, published_test) in zip(a, b):
+        if mine != published_test:
+            return f"epoch {epoch}: test {mine} here, {published_test} published"
+    return None if len(a) == len(b) else f"{len(a)} epochs here, {len(b)} published"
 
 
 if __name__ == "__main__":

@@ -89,3 +89,21 @@ def test_a_run_gets_its_seeds_teacher_when_its_configs_method_needs_a_trained_on
     assert set(lines) == names
     for name, line in lines.items():
         assert ("teacher.checkpoint=" in line) == study.needs_teacher("fmnist", name), line
+
+
+def test_a_retrained_teacher_must_reproduce_its_published_run(study):
+    import json
+
+    def write(path, tops):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": e, "wall_time_s": 10.0 * e, "test": {"model": {"top1": t}}}) + "\n"
+            for e, t in enumerate(tops)))
+
+    ours, theirs = study.run_dir("fmnist", "teacher", 0), study.published_dir("fmnist", "teacher", 0)
+    write(ours, [10.0, 65.46, 70.1])
+    assert study.differs_from_published("fmnist", "teacher", 0) is None      # nothing published
+    write(theirs, [10.0, 65.46, 70.1])
+    assert study.differs_from_published("fmnist", "teacher", 0) is None      # wall times may differ
+    write(theirs, [10.0, 65.47, 70.1])
+    assert study.differs_from_published("fmnist", "teacher", 0).startswith("epoch 1: test")

@@ -144,3 +144,16 @@ def test_paired_test_matches_scipy_and_the_t_table():
     assert round(lo, 3) == round(4 / 3 - 4.303 * (1 / 3 ** 0.5) / 3 ** 0.5, 3) and hi > lo
     t, p, ci, _ = paired_test([0.5, 0.5])
     assert t == float("inf") and p == 0.0 and ci == (0.5, 0.5)
+
+
+def test_bench_compile_times_each_variant_compiled_beside_eager(monkeypatch):
+    from sokd.engine import compiled
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")  # graph capture without code generation
+    res = bench.run("resnet14", "resnet8", batch=4, precision="fp32", num_classes=10, shape=(3, 8, 8),
+                    variants=["vanilla", "kd"], warmup=1, reps=1, steps_per_rep=1, plain=False,
+                    memory=False, log=lambda *_: None, compile=True)
+    by = {r["name"]: r for r in res["results"]}
+    assert list(by) == ["vanilla", "vanilla compiled", "kd", "kd compiled"]
+    assert by["kd compiled"]["compile_s"] >= 0 and by["kd"]["compile_s"] is None
+    assert by["kd compiled"]["gflop_per_step"] == by["kd"]["gflop_per_step"]  # counted on the eager step
+    assert set(res["ratios"]) >= {"vanilla_compiled_speedup", "kd_compiled_speedup"}

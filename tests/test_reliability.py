@@ -197,6 +197,9 @@ def bad_inputs(tmp_path_factory, teacher_file):
     return [
         ("unknown config key", ["vanilla", "train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'epochs'?)"),
         ("wrong value type", ["vanilla", "train.epochs=many"], "bad value for 'train.epochs'"),
+        ("unknown compile mode", ["vanilla", "train.compile=fast"],
+         "bad value for 'train.compile': use false, true, max-autotune or reduce-overhead (got 'fast')"),
+        ("zero sync_every", ["vanilla", "train.sync_every=0"], "bad value for 'train.sync_every'"),
         ("unknown model", ["vanilla", "model.arch=resnet9"], "unknown model 'resnet9'"),
         ("unknown method", ["vanilla", "method.name=sokdd"], "unknown method 'sokdd'"),
         ("unknown data set", ["vanilla", "data.name=fmnist"], "unknown data set data.name='fmnist' (did you mean 'fashion_mnist'?)"),

@@ -5,6 +5,9 @@ is reported with FLOPs per step (counted by torch.utils.flop_counter), achieved 
 fraction of a matmul peak measured on the same device and precision, and peak memory.
 `plain_sokd_step` is the straightforward way to write an SOKD step (fp32, NCHW, teacher run in
 full and the trunk recomputed for the KBM) so our speed-up is a ratio measured in the same run.
+With `compile`, each variant is also timed with its forward compiled as `train.compile` compiles
+it (`engine.compiled.compile_step`); its compile time is the first compiled step's wall time less
+one compiled step, and the gain is compiled over eager images/s, both measured in the same run.
 """
 from __future__ import annotations
 
@@ -17,10 +20,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import methods, models
+from .engine.compiled import compile_step
 from .engine.precision import autocast
 from .errors import SokdError
 
@@ -63,6 +68,7 @@ class StepResult:
     peak_mem_mb: float | None
     precision: str
     channels_last: bool
+    compile_s: float | None = None   # compiled variants: seconds the first step spent compiling
 
     def row(self) -> dict:
         return dict(self.__dict__)
@@ -169,13 +175,15 @@ def time_step(step, images: int, device, warmup: int, reps: int, steps_per_rep: 
     return med, 1000.0 * images / med
 
 
-def make_train_step(method, optimizer, x, y, device, precision):
+def make_train_step(method, optimizer, x, y, device, precision, forward=None):
+    """One training step of `method`; `forward`: what to call instead of the method (compiled)."""
     # a method that needs each sample's training-set index (CRD) gets the batch's positions
     extra = {"index": torch.arange(len(y), device=y.device)} if method.needs_index else {}
+    forward = method if forward is None else forward
 
     def step():
         with autocast(device, precision):
-            out = method(x, y, **extra)
+            out = forward(x, y, **extra)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
@@ -245,7 +253,7 @@ def check_args(teacher_arch: str, student_arch: str, batch, device: str, precisi
 def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "cpu",
         precision: str = "bf16", channels_last: bool = True, num_classes: int = 100,
         shape=(3, 32, 32), variants=None, warmup: int = 3, reps: int = 5, steps_per_rep: int = 3,
-        plain: bool = True, memory: bool = True, fp32_too=(), log=print) -> dict:
+        plain: bool = True, memory: bool = True, fp32_too=(), log=print, compile=False) -> dict:
     dev = check_args(teacher_arch, student_arch, batch, device, precision, num_classes, shape, variants,
                      warmup, reps, steps_per_rep, fp32_too)
     torch.manual_seed(0)
@@ -256,18 +264,28 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
     log(f"matmul peak: {peak:.0f} GFLOP/s ({precision}), {peak_fp32:.0f} GFLOP/s (fp32)")
     results = []
 
-    def measure(name, step, prec, cl, flops_step=None):
+    def measure(name, step, prec, cl, flops_step=None, compiled=False):
+        first = None
+        if compiled:  # the first call compiles; time it on its own
+            sync(dev)
+            t0 = time.perf_counter()
+            step()
+            sync(dev)
+            first = time.perf_counter() - t0
         flops = count_flops(flops_step or step)
         ips, ms = time_step(step, batch, dev, warmup, reps, steps_per_rep)
         gflops = flops / 1e9 * ips / batch
         ref_peak = peak if prec == precision else peak_fp32
-        mem = peak_memory_mb(step, dev) if memory else None
-        r = StepResult(name, ips, ms, flops / 1e9, gflops, gflops / ref_peak, mem, prec, cl)
+        mem = peak_memory_mb(step, dev) if memory and not compiled else None
+        compile_s = max(first - ms / 1000.0, 0.0) if compiled else None
+        r = StepResult(name, ips, ms, flops / 1e9, gflops, gflops / ref_peak, mem, prec, cl, compile_s)
         results.append(r)
         log(f"{name:>14}: {ips:8.1f} img/s  {ms:7.1f} ms/step  {flops / 1e9:7.2f} GFLOP/step  "
             f"{gflops:6.0f} GFLOP/s ({100 * r.peak_fraction:.0f}% of matmul peak)"
-            + (f"  peak mem {mem:.0f} MB" if mem is not None else ""))
+            + (f"  peak mem {mem:.0f} MB" if mem is not None else "")
+            + (f"  compiled in {compile_s:.0f} s" if compiled else ""))
 
+    ratios = {}
     if variants and list(variants) == ["all"]:
         variants = list(VARIANTS)
     runs = [(name, precision, channels_last) for name in variants or DEFAULT_VARIANTS]
@@ -280,12 +298,21 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
         given = {"model": student, "student": student, "teacher": teacher, "peers": [teacher]}
         nets = {role: given[role] for role in methods.config_roles(method_name)}
         layout = torch.channels_last if cl else torch.contiguous_format
-        method = methods.create(method_name, input_shape=shape, **nets, **opts).to(dev, memory_format=layout)
+        # num_samples: a CIFAR-sized training set for the terms that keep per-sample state (CRD)
+        method = methods.create(method_name, input_shape=shape, num_samples=50_000, **nets, **opts).to(dev, memory_format=layout)
         opt = torch.optim.SGD(method.param_groups(lr=0.01), momentum=0.9, weight_decay=5e-4)
         xs = x.contiguous(memory_format=layout)
         method.train()
         label = name if (prec, cl) == (precision, channels_last) else f"{name} ({prec})"
-        measure(label, make_train_step(method, opt, xs, y, dev, prec), prec, cl)
+        eager = make_train_step(method, opt, xs, y, dev, prec)
+        measure(label, eager, prec, cl)
+        if compile:
+            torch._dynamo.reset()  # each variant compiles from scratch: no reuse, no recompile limit
+            forward = compile_step(method, compile, dev, log)
+            measure(f"{label} compiled", make_train_step(method, opt, xs, y, dev, prec, forward), prec, cl,
+                    flops_step=eager, compiled=True)
+            ratios[f"{label}_compiled_speedup"] = results[-1].images_per_s / results[-2].images_per_s
+            del forward
         del method, opt
     if plain:
         teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0]).to(dev)
@@ -297,7 +324,6 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
         measure("plain sokd", lambda: plain_step(x, y), "fp32", False)
 
     by = {r.name: r for r in results}
-    ratios = {}
     if "sokd" in by and "plain sokd" in by:
         ratios["sokd_vs_plain_speedup"] = by["sokd"].images_per_s / by["plain sokd"].images_per_s
     if "sokd" in by and "kd" in by:

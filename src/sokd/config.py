@@ -82,9 +82,22 @@ class TrainSpec(Strict):
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
         "fp32", description="auto: bf16 where the hardware computes it natively, else fp32")
     channels_last: bool = False
-    compile: bool = False
+    compile: Literal[False, True, "max-autotune", "reduce-overhead"] = Field(
+        False, description="torch.compile the method's forward and losses (engine/compiled.py): "
+                           "false | true | max-autotune | reduce-overhead")
+    sync_every: int | None = Field(
+        None, ge=1, description="steps between host reads of the loss health, statistics and stop "
+                                "flag (default per device: SYNC_EVERY in engine/stepstats.py)")
     steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value in ("max-autotune", "reduce-overhead"):
+            return value
+        raise invalid(f"bad value for 'train.compile': use false, true, max-autotune or reduce-overhead "
+                      f"(got {value!r})")
 
 
 PLACEHOLDERS = ("name", "method", "seed")

@@ -24,6 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--fp32-too", nargs="*", default=[], metavar="VARIANT",
                    help="also time these variants in fp32 NCHW in the same run (e.g. vanilla)")
+    p.add_argument("--compile", nargs="?", const="true", default=None,
+                   choices=["true", "max-autotune", "reduce-overhead"],
+                   help="also time every variant with its forward compiled as train.compile=MODE compiles it "
+                        "(default mode: true); reports compile time and the gain over eager")
     p.add_argument("--json", default=None, help="write the results here (default: print only)")
     p.set_defaults(run=run)
 
@@ -41,15 +45,17 @@ def run(args) -> int:
     res = bench.run(args.teacher, args.student, args.batch, args.device, args.precision,
                     not args.no_channels_last, args.classes, shape, args.methods, args.warmup,
                     args.reps, args.steps_per_rep, plain=not args.no_plain, memory=not args.no_memory,
-                    fp32_too=args.fp32_too)
+                    fp32_too=args.fp32_too,
+                    compile={None: False, "true": True}.get(args.compile, args.compile))
     rows = [[r["name"], r["precision"] + ("+CL" if r["channels_last"] else ""), f"{r['images_per_s']:.1f}",
              f"{r['step_ms']:.1f}", f"{r['gflop_per_step']:.2f}", f"{r['gflop_per_s']:.0f}",
              f"{100 * r['peak_fraction']:.0f}%",
-             "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"] for r in res["results"]]
+             "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}",
+             "" if r.get("compile_s") is None else f"{r['compile_s']:.0f}"] for r in res["results"]]
     print(f"\n{args.teacher} -> {args.student}, batch {args.batch}, {res['device']}, "
           f"{res['threads']} threads; matmul peak {res['matmul_peak_gflops']:.0f} GFLOP/s ({args.precision})")
     print(render(["variant", "precision", "img/s", "ms/step", "GFLOP/step", "GFLOP/s", "of peak",
-                  "peak MB"], rows))
+                  "peak MB", "compile s"], rows))
     for k, v in res["ratios"].items():
         print(f"  {k}: {v:.2f}")
     if args.json:

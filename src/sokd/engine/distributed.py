@@ -54,7 +54,16 @@ class DistContext:
         tdist.all_reduce(t)
         return t
 
+    def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return t
+        t = t.clone()
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return t
+
     def any_flag(self, flag: bool) -> bool:
+        """Whether `flag` is set on any process (an all-reduce and a host read: call it only
+        where every process calls it, at the same point of the run)."""
         if not self.enabled:
             return flag
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)

@@ -20,6 +20,8 @@ from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler, rebase_lr
 from .precision import autocast, emulation_note, grad_scaler, resolve_device, resolve_precision
 from .signals import ForcedStop, Interrupted, Stopped, StopRequest, position
+from .stepstats import EpochAccumulator, EpochClock, default_sync_every
+from .compiled import compile_step
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -39,57 +41,6 @@ def _recovery(saved: str, lr: float) -> str:
         return (f"{saved}; continue from it with a lower learning rate: the same command plus "
                 f"output.resume=true optim.lr={lr / 10:g}")
     return f"{saved}; start again with a lower learning rate (e.g. optim.lr={lr / 10:g})"
-
-
-@dataclass
-class EpochAccumulator:
-    """Running sums of one epoch's training statistics (saved in mid-epoch checkpoints)."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    samples: int = 0
-    seconds: float = 0.0
-
-    def add(self, out: dict, labels: torch.Tensor) -> None:
-        n = labels.numel()
-        self.samples += n
-        values = {"loss": out["loss"].detach().float() * n}
-        for name, t in out["terms"].items():
-            values[f"terms/{name}"] = t.detach().float() * n
-        for role, z in out["logits"].items():
-            values[f"top1/{role}"] = z.detach().argmax(1).eq(labels).sum().float()
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-
-    def result(self) -> dict:
-        n = max(self.samples, 1)
-        out: dict = {"loss": self.sums.get("loss", 0.0) / n, "terms": {}, "top1": {}}
-        for k, v in self.sums.items():
-            if "/" in k:
-                group, name = k.split("/", 1)
-                out[group][name] = v / n * (100.0 if group == "top1" else 1.0)
-        out["images_per_s"] = self.samples / self.seconds if self.seconds > 0 else 0.0
-        out["samples"], out["seconds"] = self.samples, self.seconds
-        return out
-
-    def state(self) -> dict:
-        return {"sums": dict(self.sums), "samples": self.samples, "seconds": self.seconds}
-
-    def reduced(self, dist: DistContext) -> "EpochAccumulator":
-        """Sums over every rank (each rank saw its own shard of the epoch)."""
-        if not dist.enabled:
-            return self
-        keys = sorted(self.sums)
-        packed = torch.tensor([self.sums[k] for k in keys] + [float(self.samples)],
-                              dtype=torch.float64, device=dist.device)
-        packed = dist.all_reduce_sum(packed).tolist()
-        return EpochAccumulator(dict(zip(keys, packed[:-1])), int(packed[-1]), self.seconds)
-
-
-def _first_bad_term(out: dict) -> str:
-    for name, t in out["terms"].items():
-        if not torch.isfinite(t.detach()).all():
-            return name
-    return "loss"
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -211,8 +162,8 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
             dist.print(f"run already finished {start_epoch} epochs; raise train.epochs to train more")
 
     logger = RunLogger(ctx.run_dir, trackers, cfg.to_dict(), history if ckpt else None) if dist.is_main else None
-    if tr.compile:
-        step_module = torch.compile(step_module)
+    step_module = compile_step(step_module, tr.compile, device, dist.print)
+    every = tr.sync_every or default_sync_every(device)
 
     def save(epoch: int, step: int, accum: EpochAccumulator | None, path: str = "last.pt") -> dict:
         bad = non_finite_tensors(method.state_dict())
@@ -255,7 +206,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
             torch.manual_seed(tr.seed * 100_003 + epoch)
         # a mid-epoch checkpoint holds the epoch's sums so far, already reduced over ranks
         keep = start_step and accum_state and dist.is_main
-        accum = EpochAccumulator(**accum_state) if keep else EpochAccumulator()
+        accum = EpochAccumulator(**accum_state, step=start_step) if keep else EpochAccumulator(step=start_step)
         step = start_step
         start_step, accum_state = 0, None
         total = len(data.train) if tr.steps_per_epoch is None else min(len(data.train), tr.steps_per_epoch)
@@ -263,37 +214,14 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
                    leave=False, dynamic_ncols=True,
                    disable=None if cfg.output.progress and dist.is_main else True)  # None: off when not a TTY
         method.train()
-        t0 = time.perf_counter()
-        for batch in data.train.iter_from(step):
-            if step >= total:
-                break
-            images, labels = batch[0], batch[1]
-            extra = {"index": batch[2]} if data.train.with_index else {}
-            with autocast(device, ctx.precision):
-                out = step_module(images, labels, **extra)
-            loss = out["loss"].detach()
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"non-finite loss in term '{_first_bad_term(out)}' at epoch {epoch + 1} step {step}; "
-                    f"{_recovery(stop.saved, cfg.optim.lr)} (or use fp32/bf16 instead of fp16)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            accum.add(out, labels)
-            step += 1
-            bar.update(1)
-            if step % 10 == 0 or step == total:
-                elapsed = accum.seconds + time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss.item():.3f}",
-                                img_s=f"{accum.samples * dist.world_size / max(elapsed, 1e-9):.0f}")
-            if dist.any_flag(stop.requested):
-                accum.seconds += time.perf_counter() - t0
-                save(epoch, step, accum.reduced(dist))
-                bar.close()
-                raise Interrupted(stop.signum or 15, epoch, step, ctx.run_dir)
-        accum.seconds += time.perf_counter() - t0
-        bar.close()
+        try:
+            stopped = _run_epoch(step_module, data, optimizer, scaler, accum, step, total, bar, stop,
+                                 every, ctx, device, epoch)
+        finally:
+            bar.close()
+        if stopped is not None:
+            save(epoch, stopped, accum.reduced(dist))
+            raise Interrupted(stop.signum or 15, epoch, stopped, ctx.run_dir)
         sync_frozen_buffers(method, dist)
         lrs = {g["role"]: g["lr"] for g in optimizer.param_groups}
         scheduler.step()
@@ -320,6 +248,59 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
         logger.summary(summary)
         logger.close()
     return summary
+
+
+def _run_epoch(step_module, data, optimizer, scaler, accum: EpochAccumulator, step: int, total: int,
+               bar, stop, every: int, ctx: FitContext, device, epoch: int) -> int | None:
+    """The steps of one epoch from `step` to `total`; the step a stop was requested at, else None.
+
+    The step itself never reads a device tensor on the host: statistics and the non-finite record
+    stay on the device (`EpochAccumulator`) and are read every `every` steps, at the last step and
+    when a stop is requested (so always before a checkpoint). A single process looks at its stop
+    flag every step (a Python flag); a distributed run exchanges it in the same read, so every
+    process stops at the same step. `accum.seconds` gains the epoch's training time.
+    """
+    cfg, dist = ctx.cfg, ctx.dist
+    clock = EpochClock(device)
+    done = step
+    try:
+        for batch in data.train.iter_from(step):
+            if step >= total:
+                break
+            images, labels = batch[0], batch[1]
+            extra = {"index": batch[2]} if data.train.with_index else {}
+            with autocast(device, ctx.precision):
+                out = step_module(images, labels, **extra)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            accum.add(out, labels)
+            del out
+            step += 1
+            due = step % every == 0 or step == total
+            if not (due or not dist.enabled):
+                continue
+            requested = stop.requested      # read once per step (one process) or per poll (DDP)
+            if not (due or requested):
+                bar.update(step - done)
+                done = step
+                continue
+            seen = accum.poll(dist, requested)
+            if seen.bad_step is not None:
+                raise NonFiniteLoss(
+                    f"non-finite loss in term '{seen.bad_term}' at epoch {epoch + 1} step {seen.bad_step}; "
+                    f"{_recovery(stop.saved, cfg.optim.lr)} (or use fp32/bf16 instead of fp16)")
+            bar.update(step - done)
+            done = step
+            elapsed = accum.seconds + clock.peek()
+            bar.set_postfix(loss=f"{seen.loss:.3f}",
+                            img_s=f"{accum.samples * dist.world_size / max(elapsed, 1e-9):.0f}")
+            if seen.stop:
+                return step
+        return None
+    finally:
+        accum.seconds += clock.seconds()
 
 
 def _saved_note(epoch: int, step: int) -> str:

@@ -39,7 +39,7 @@ ASIDE_NAME = ".sokd-replaced"
 TB_DIR = "tb"
 #: config entries a resumption may change; `optim.lr` / `optim.lr_per_role` re-base the schedule
 RESUMABLE_CHANGES = ("output", "train.epochs", "train.device", "train.threads", "train.compile",
-                     "data.eval_batch_size", "optim.lr", "optim.lr_per_role")
+                     "train.sync_every", "data.eval_batch_size", "optim.lr", "optim.lr_per_role")
 _TMP = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")  # atomic_write's temporary files
 
 

@@ -114,7 +114,10 @@ class Method(nn.Module):
         self.options = options
         self._check_weights()
         self._weights = {t: float(options.weights.get(t, 1.0)) for t in self.term_names}
-        self._ramp = 1.0  # warm-up factor of the distillation terms (set_epoch)
+        # warm-up factor of the distillation terms (set_epoch): a tensor, so a compiled forward
+        # reads it as an input instead of recompiling for each new value; not saved (set_epoch
+        # derives it from the epoch)
+        self.register_buffer("ramp", torch.ones(()), persistent=False)
         for role, net in self.nets.items():  # the method decides what learns, whatever came before
             net.requires_grad_(role not in self.frozen)
         self.features: FeatureTerms | None = None
@@ -169,11 +172,15 @@ class Method(nn.Module):
         """The engine tells the method how far training is (epochs done, fractions allowed), so
         term weights can warm up: the distillation terms are scaled by min(1, (epoch + 1) / W)."""
         w = self.options.warmup_epochs
-        self._ramp = 1.0 if not w else min(1.0, (float(epoch) + 1.0) / w)
+        self.ramp.fill_(1.0 if not w else min(1.0, (float(epoch) + 1.0) / w))
 
-    def weight(self, term: str) -> float:
+    def weight(self, term: str) -> float | torch.Tensor:
+        """The term's weight in the loss: a number, or (distillation terms while
+        method.warmup_epochs is set) that number times the warm-up tensor."""
         w = self._weights[term]
-        return w if self.is_label_term(term) else w * self._ramp
+        if self.is_label_term(term) or not self.options.warmup_epochs:
+            return w
+        return w * self.ramp
 
     @property
     def needs_index(self) -> bool:

@@ -96,12 +96,13 @@ def dkd_parts(target_logits: torch.Tensor, logits: torch.Tensor, labels: torch.T
     """
     t = target_logits.detach().float() / T
     s = logits.float() / T
-    onehot = F.one_hot(labels, t.shape[1]).bool()
+    # a comparison, not F.one_hot: one_hot checks the labels' range by reading them on the host
+    onehot = labels[:, None] == torch.arange(t.shape[1], device=labels.device)
     log_pt, log_ps = F.log_softmax(t, dim=1), F.log_softmax(s, dim=1)
     # binary probabilities in log space: log p_y and log(1 - p_y) = logsumexp over the others
     other = ~onehot
-    lt_y = log_pt[onehot]
-    ls_y = log_ps[onehot]
+    lt_y = log_pt.gather(1, labels[:, None]).squeeze(1)   # gather, not a boolean mask: the
+    ls_y = log_ps.gather(1, labels[:, None]).squeeze(1)   # mask's nonzero would read the device
     lt_rest = torch.logsumexp(log_pt.masked_fill(onehot, -float("inf")), dim=1)
     ls_rest = torch.logsumexp(log_ps.masked_fill(onehot, -float("inf")), dim=1)
     tckd = _kl_rows(torch.stack([lt_y, lt_rest], 1), torch.stack([ls_y, ls_rest], 1))

@@ -1,0 +1,48 @@
+"""`train.compile`: the method's forward, losses included, compiled as one graph.
+
+What is compiled: the module whose forward the loop calls (the method, or its DDP wrapper), so
+one graph holds every network the step runs (a frozen teacher's no-grad pass, the learners, a
+KBM, feature regressors) and every loss term, and AOTAutograd derives the backward of that same
+graph, so the backward is compiled too. This is the unit that knows nothing of the loop: the
+same compiled forward serves every method without the engine knowing which, the losses fuse
+with the logits they read (softmax, log-softmax, KL and CE become a few kernels), and the
+parameters stay ordinary leaves, so the optimizer, gradient scaling and DDP's gradient
+all-reduce work unchanged. Left eager: the optimizer step (foreach SGD is already a handful of
+multi-tensor kernels; compiling it adds compile time for little) and the loop's statistics (a
+dozen tiny ops, `stepstats`). Evaluation runs the eager method (`method.predict`): it runs once
+an epoch, and compiling a second, no-grad graph would double the compile time.
+
+Under DDP the wrapper is compiled (`torch.compile(DDP(method))`), which is what PyTorch's
+DDPOptimizer expects: dynamo splits the graph at DDP's gradient-bucket boundaries so that each
+bucket's all-reduce overlaps the rest of the backward. Those splits are the only graph breaks
+of the built-in methods (`torch._dynamo.explain` finds none in a single process).
+
+Steady state never recompiles: every input of the graph is a tensor of the same shape each step
+(`data.drop_last` is on by default; with it off, the smaller last batch compiles once more, in
+the first epoch, as a dynamic-batch graph that later epochs reuse), and what changes between
+epochs (the distillation warm-up factor) is a tensor buffer of the method, not a Python number
+dynamo would guard on.
+"""
+from __future__ import annotations
+
+import torch
+
+#: the torch.compile backend; tests use "aot_eager" to check graph capture and guards without
+#: generating code
+BACKEND = "inductor"
+#: train.compile -> torch.compile mode (false: not compiled)
+MODES = {True: "default", "max-autotune": "max-autotune", "reduce-overhead": "reduce-overhead"}
+
+
+def compile_step(module, setting, device: torch.device, note=print):
+    """`module` compiled per `train.compile` (`setting`), or `module` itself when it is false."""
+    if setting is False or setting is None:
+        return module
+    mode = MODES[setting]
+    if mode == "reduce-overhead" and device.type != "cuda":
+        note("note: train.compile=reduce-overhead adds CUDA graphs, which need a GPU; on this "
+             f"{device.type} device it compiles as train.compile=true")
+        mode = "default"
+    if BACKEND != "inductor":
+        return torch.compile(module, backend=BACKEND)
+    return torch.compile(module, backend=BACKEND, mode=mode)

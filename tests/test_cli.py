@@ -72,13 +72,35 @@ def test_cli_error_is_one_line_with_nonzero_exit(tmp_path):
 
 @pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").exists(),
                     reason="Fashion-MNIST (dataset-fashion-mnist) not installed")
-def test_demo_runs_teacher_then_students_and_ends_with_sokd(tmp_path, capsys):
+def test_demo_uses_the_packaged_teacher_then_students_and_says_what_one_seed_means(tmp_path, capsys):
+    from sokd.commands import demo
+    assert demo.PACKAGED_TEACHER.is_file()      # package data: the demo's teacher is not trained on the spot
     overrides = ["train.epochs=1", "data.train_per_class=16", "data.test_limit=64", "data.batch_size=32",
                  "output.progress=false", "output.tensorboard=false"]
     assert run_cli("demo", "--out", tmp_path / "demo", *overrides) == 0
     out = capsys.readouterr().out
     table = out[out.index("Fashion-MNIST demo"):].splitlines()
-    assert table[-1].startswith("| sokd") and any(l.startswith("| kd ") for l in table)
-    for name in ("teacher", "vanilla", "kd", "sokd"):
+    assert table[3].startswith("| teacher") and any(line.startswith("| sokd") for line in table)
+    assert not (tmp_path / "demo" / "teacher").exists()
+    for name in ("vanilla", "kd", "sokd"):
         assert (tmp_path / "demo" / name / "summary.json").exists()
+    verdicts = [line for line in table if " = " in line and "points" in line]
+    assert len(verdicts) == 3 and all("one seed orders nothing" in line for line in verdicts)  # recipe changed
+    assert "Where the evidence is: docs/results/README.md" in out
     assert run_cli("demo", "--out", tmp_path / "demo", *overrides) == 0  # re-run reuses finished runs
+
+
+def test_demo_comparison_lines_follow_the_measured_spread():
+    from sokd.commands.demo import comparison_lines
+    spread = {"diffs": {"kd-vanilla": {"values": [1.0, 1.2, 0.8], "mean": 1.0, "std": 0.2},
+                        "sokd-vanilla": {"values": [0.1, -0.3, 0.2], "mean": 0.0, "std": 0.26},
+                        "sokd-kd": {"values": [0.2, -0.1, 0.3], "mean": 0.13, "std": 0.21}}}
+    lines = comparison_lines({"vanilla": 80.0, "kd": 81.1, "sokd": 80.3}, spread, [])
+    assert lines[0] == ("KD − vanilla = +1.10 points; over 3 seeds of this recipe the difference is +1.00 ± 0.20: "
+                        "larger than the seed spread, and the seeds agree on its sign.")
+    assert lines[1].endswith("within the seed spread: not a conclusion from one seed.")
+    assert lines[2].startswith("SOKD − KD = -0.80 points") and "do not agree on it: not a conclusion" in lines[2]
+    assert all("seed spread is unknown" in line for line in comparison_lines({"kd": 1, "vanilla": 0}, None, []))
+    changed = comparison_lines({"kd": 1.0, "vanilla": 0.0}, spread, ["train.epochs=1"])
+    assert changed == ["KD − vanilla = +1.00 points; this run changes the recipe (train.epochs=1), so the seed "
+                       "spread is unknown: one seed orders nothing."]

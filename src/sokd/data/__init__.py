@@ -1,9 +1,12 @@
-"""Data layer: `create(cfg)` -> DataBundle with train/test batch sources on the target device.
+"""Data layer: `create(cfg)` -> DataBundle with train/test (and validation) batch sources on the
+target device.
 
-Fashion-MNIST, CIFAR-10/100 and the synthetic set are held in memory as uint8 tensors on the
-device and augmented there in batches (`TensorBatches`); image folders (and ImageNet) stream
-through a torch DataLoader (`LoaderBatches`). Both yield (float32 NCHW normalised images, int64
-labels) already on the device, deterministically for (seed, epoch, rank, world_size).
+Fashion-MNIST, CIFAR-10/100, the synthetic set, saved Hugging Face sets, registered readers and
+small image folders (decoded once, `folder_cache`) are held in memory as uint8 tensors on the
+device and augmented there in batches (`TensorBatches`); larger image folders (and ImageNet)
+stream uint8 through a torch DataLoader (`LoaderBatches`). Both yield (float32 NCHW normalised
+images, int64 labels) on the device, deterministically for (seed, epoch, rank, world_size).
+Which samples a run uses (stratified limits, the validation split) is decided once, by `select`.
 """
 from __future__ import annotations
 

@@ -98,7 +98,7 @@ def test_demo_comparison_lines_follow_the_measured_spread():
     lines = comparison_lines({"vanilla": 80.0, "kd": 81.1, "sokd": 80.3}, spread, [])
     assert lines[0] == ("KD − vanilla = +1.10 points; over 3 seeds of this recipe the difference is +1.00 ± 0.20: "
                         "larger than the seed spread, and the seeds agree on its sign.")
-    assert lines[1].endswith("within the seed spread: not a conclusion from one seed.")
+    assert lines[1].endswith("within the seed spread, so not a conclusion from one seed.")
     assert lines[2].startswith("SOKD − KD = -0.80 points") and "do not agree on it: not a conclusion" in lines[2]
     assert all("seed spread is unknown" in line for line in comparison_lines({"kd": 1, "vanilla": 0}, None, []))
     changed = comparison_lines({"kd": 1.0, "vanilla": 0.0}, spread, ["train.epochs=1"])

@@ -135,7 +135,7 @@ def comparison_lines(finals: dict[str, float], spread: dict | None, changed: lis
         std, mean, n = known["std"], known["mean"], len(known["values"])
         context = f"over {n} seeds of this recipe the difference is {mean:+.2f} ± {std:.2f}"
         if abs(d) <= 2 * std:
-            verdict = "within the seed spread: not a conclusion from one seed"
+            verdict = "within the seed spread, so not a conclusion from one seed"
         elif (d > 0) == (mean > 0) and abs(mean) > 2 * std / n ** 0.5:
             verdict = "larger than the seed spread, and the seeds agree on its sign"
         else:

@@ -8,13 +8,13 @@ column), and only CIFAR-100 runs are matched: the numbers are for that data set.
 """
 from __future__ import annotations
 
-import statistics
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
 from ..errors import SokdError
+from ..report import mean_std
 
 TABLE = Path(__file__).with_name("cifar100.yaml")
 METHOD_COLUMNS = ("kd", "fitnet", "at", "crd", "dkd", "reviewkd")
@@ -74,14 +74,6 @@ def _config_archs(run_dir: Path) -> dict | None:
             "teacher": arch("teacher"), "student": arch("student"), "model": arch("model")}
 
 
-def _mean(values: list[float]) -> str:
-    if not values:
-        return ""
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def compare(groups: dict[str, list[dict]]) -> str:
     """Markdown: each run group's student (or vanilla model) top-1 beside the published numbers of
     its pair. `groups` is `report.group(...)`'s {name: [loaded run, ...]}."""
@@ -98,7 +90,7 @@ def compare(groups: dict[str, list[dict]]) -> str:
             continue
         role = summary["primary_role"]
         nets = [r["summary"]["networks"][role] for r in runs if role in r["summary"]["networks"]]
-        final = _mean([n["top1_final"] for n in nets])
+        final = mean_std([n["top1_final"] for n in nets])
         epochs = ", ".join(sorted({str(r["summary"].get("epochs")) for r in runs}))
         matches = []
         if archs["teacher"] and archs["student"]:

@@ -57,9 +57,8 @@ def test_bad_compile_values_are_one_line_and_exit_2(tmp_path, capsys):
         config.build(tiny_config(tmp_path, train={"compile": None}))
 
 
-def test_a_compiled_fit_compiles_in_its_first_steps_only(tmp_path, teacher_file, one_thread, monkeypatch,
-                                                         fresh_dynamo):
-    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+def _graphs_per_epoch(tmp_path, teacher_file, monkeypatch) -> list[int]:
+    """Graphs dynamo compiled during each epoch of a compiled kd fit."""
     per_epoch = []
     run_epoch = loop_mod._run_epoch
 
@@ -70,6 +69,13 @@ def test_a_compiled_fit_compiles_in_its_first_steps_only(tmp_path, teacher_file,
         return out
     monkeypatch.setattr(loop_mod, "_run_epoch", watched)
     runner.train(config.build(_kd(tmp_path, teacher_file)))
+    return per_epoch
+
+
+def test_a_compiled_fit_compiles_in_its_first_steps_only(tmp_path, teacher_file, one_thread, monkeypatch,
+                                                         fresh_dynamo):
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    per_epoch = _graphs_per_epoch(tmp_path, teacher_file, monkeypatch)
     assert per_epoch[0] >= 1 and per_epoch[1:] == [0, 0], per_epoch   # 8 steps an epoch, 3 epochs
     assert counters["stats"]["unique_graphs"] == per_epoch[0]
     assert not counters["recompiles"], dict(counters["recompiles"])
@@ -108,15 +114,6 @@ def test_an_inductor_compiled_run_resumes_bit_identically(tmp_path, teacher_file
 @pytest.mark.slow
 def test_an_inductor_compiled_fit_compiles_in_its_first_steps_only(tmp_path, teacher_file, one_thread,
                                                                    monkeypatch, fresh_dynamo):
-    per_epoch = []
-    run_epoch = loop_mod._run_epoch
-
-    def watched(*a, **k):
-        before = _graphs()
-        out = run_epoch(*a, **k)
-        per_epoch.append(_graphs() - before)
-        return out
-    monkeypatch.setattr(loop_mod, "_run_epoch", watched)
-    runner.train(config.build(_kd(tmp_path, teacher_file)))
+    per_epoch = _graphs_per_epoch(tmp_path, teacher_file, monkeypatch)
     assert per_epoch[0] >= 1 and per_epoch[1:] == [0, 0], per_epoch
     assert not counters["recompiles"], dict(counters["recompiles"])

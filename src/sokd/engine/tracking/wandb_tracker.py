@@ -71,5 +71,7 @@ class WandbTracker(StoredTracker):
             return
         self.run.finish(exit_code=0 if status == FINISHED else 1)
         if status == FINISHED and self.spec.mode == "offline":
+            # one folder per start or resume, named by start time and id, plus "-1" when a resume
+            # starts within the same second as the previous start
             print(f"wandb: offline run {self.run.id} in {self.dir} (upload with `wandb sync "
-                  f"{self.dir}/offline-run-*-{self.run.id}`)", flush=True)
+                  f"{self.dir}/offline-run-*-{self.run.id}*`)", flush=True)

@@ -50,6 +50,9 @@ class OptimSpec(Strict):
     weight_decay: float = Field(5e-4, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     lr_per_role: dict[str, float] = Field(default_factory=dict, description="e.g. {teacher: 0.01}")
+    impl: Literal["auto", "fused", "foreach", "loop"] = Field(
+        "auto", description="optimizer kernels: auto = fused on CUDA, PyTorch's default (a loop) "
+                            "on CPU, which keeps CPU results reproducible; fused is faster on both")
 
     @field_validator("lr_per_role")
     @classmethod
@@ -90,6 +93,10 @@ class TrainSpec(Strict):
                                 "flag (default per device: SYNC_EVERY in engine/stepstats.py)")
     steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    eval_every: int = Field(1, ge=1, description="epochs between evaluations (the last epoch is "
+                                                 "always evaluated; best.pt is picked among evaluated ones)")
+    tf32: bool = Field(True, description="CUDA: TF32 tensor cores for fp32 matmuls and convolutions")
+    cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN time its algorithms once per shape")
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -154,6 +161,8 @@ class OutputSpec(Strict):
     mlflow: MlflowSpec | None = Field(None, description="MLflow tracking (true, or uri/experiment)")
     wandb: WandbSpec | None = Field(None, description="Weights & Biases tracking (true, or project/entity/mode)")
     progress: bool = True
+    save_every: int = Field(1, ge=1, description="epochs between last.pt writes (also written at the "
+                                                 "first and last epoch and whenever a run stops)")
 
     _trackers_on_off = field_validator("mlflow", "wandb", mode="before")(_tracker_switch)
 
@@ -161,6 +170,8 @@ class OutputSpec(Strict):
 class DistributedSpec(Strict):
     sync_bn: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    static_graph: bool = Field(True, description="DDP static_graph: the step's autograd graph is "
+                                                 "the same every step (true for every built-in method)")
 
 
 class Config(Strict):
@@ -202,6 +213,36 @@ class Config(Strict):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+    @staticmethod
+    def schema_default(path: tuple[str, ...]):
+        return schema_default(path)
+
+
+#: what `schema_default` returns for an entry without a default
+NO_DEFAULT = object()
+
+
+def schema_default(path: tuple[str, ...]):
+    """The JSON value a config entry (e.g. ("train", "eval_every")) has when nobody sets it, or
+    NO_DEFAULT. A run saved by an older sokd lacks the entries added since; resuming it is
+    the same run when each of them is at this default."""
+    import typing
+    from pydantic_core import to_jsonable_python
+    model = Config
+    for i, key in enumerate(path):
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return NO_DEFAULT
+        if i == len(path) - 1:
+            if field.is_required():
+                return NO_DEFAULT
+            return to_jsonable_python(field.get_default(call_default_factory=True))
+        model = next((a for a in (field.annotation, *typing.get_args(field.annotation))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return NO_DEFAULT
+    return NO_DEFAULT
 
 
 def import_plugins(names: list[str]) -> None:

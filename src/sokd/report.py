@@ -86,9 +86,11 @@ def _row_problem(row, primary: str) -> str | None:
     if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
         return "not an object with an integer 'epoch'"
     test = row.get("test")
-    if not isinstance(test, dict) or not all(isinstance(m, dict) and _number(m.get("top1")) for m in test.values()):
+    if test is None and row["epoch"] > 0 and isinstance(row.get("train"), dict):
+        test = {}  # an epoch trained but not evaluated (train.eval_every)
+    elif not isinstance(test, dict) or not all(isinstance(m, dict) and _number(m.get("top1")) for m in test.values()):
         return "'test' is not a mapping of roles to a numeric top1"
-    if row["epoch"] > 0 and primary not in test:
+    if row["epoch"] > 0 and "test" in row and primary not in test:
         return f"'test' has no '{primary}' (the run's primary role)"
     train = row.get("train")
     if train is not None and not (isinstance(train, dict) and isinstance(train.get("terms"), dict)
@@ -169,11 +171,12 @@ def _curves(groups: dict[str, list[dict]]):
     branch where it has one: the test top-1 per epoch, mean and std over seeds."""
     for name, runs in groups.items():
         primary = runs[0]["summary"]["primary_role"]
-        epochs = [r["epoch"] for r in runs[0]["metrics"] if r["epoch"] > 0]
+        evaluated = [[r for r in run["metrics"] if r["epoch"] > 0 and "test" in r] for run in runs]
+        epochs = [r["epoch"] for r in evaluated[0]]
         for role in (primary, *EXTRA_PLOTTED_ROLES):
-            if role != primary and not all(role in r["test"] for run in runs for r in run["metrics"]):
+            if role != primary and not all(role in r["test"] for rows in evaluated for r in rows):
                 continue
-            per_seed = [[r["test"][role]["top1"] for r in run["metrics"] if r["epoch"] > 0] for run in runs]
+            per_seed = [[r["test"][role]["top1"] for r in rows] for rows in evaluated]
             n = min(len(c) for c in per_seed)
             if n == 0:
                 continue

@@ -57,7 +57,7 @@ def run(args) -> int:
     print(render(["variant", "precision", "img/s", "ms/step", "GFLOP/step", "GFLOP/s", "of peak",
                   "peak MB", "compile s"], rows))
     for k, v in res["ratios"].items():
-        print(f"  {k}: {v:.2f}")
+        print(f"  {k}: {v:.2f}" if isinstance(v, (int, float)) else f"  {k}: {v}")
     if args.json:
         from ..engine.checkpoint import atomic_write_text, default_file_mode
         path = Path(args.json)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..errors import SokdError
 from .arrays import ArraySplits, first_per_class
 from .cifar import load_cifar
-from .config import DATASETS, DataConfig
+from .config import DATASETS, DataConfig, eval_batch_for
 from .folders import find_image_folder, image_folders
 from .idx import load_fashion_mnist
 from .registry import register
@@ -117,11 +117,11 @@ def _create_in_memory(splits: ArraySplits, cfg: DataConfig, device, rank: int, w
     train = TensorBatches(x_train, y_train, cfg.batch_size, mean, std, device=device, mode="train",
                           crop_padding=crop, pad_mode=cfg.pad_mode, hflip=cfg.hflip and cfg.augment != "none",
                           drop_last=cfg.drop_last, seed=seed, rank=rank, world_size=world_size)
-    test = TensorBatches(x_test, y_test, cfg.eval_batch_size, mean, std, device=device, mode="shard",
+    test = TensorBatches(x_test, y_test, eval_batch_for(cfg, device), mean, std, device=device, mode="shard",
                          rank=rank, world_size=world_size)
     val = None
     if x_val is not None:
-        val = TensorBatches(x_val, y_val, cfg.eval_batch_size, mean, std, device=device, mode="shard",
+        val = TensorBatches(x_val, y_val, eval_batch_for(cfg, device), mean, std, device=device, mode="shard",
                             rank=rank, world_size=world_size)
     _check_batches(train, cfg)
     return DataBundle(train=train, test=test, num_classes=splits.num_classes,
@@ -279,8 +279,8 @@ def _create_folder(cfg: DataConfig, device: torch.device, rank: int, world_size:
                              mean=mean, std=std)
 
     train = source(train_ds, cfg.batch_size, True, "train")
-    test = source(test_ds, cfg.eval_batch_size, False, layout.test.name)
-    val = source(val_ds, cfg.eval_batch_size, False, "validation") if val_ds is not None else None
+    test = source(test_ds, eval_batch_for(cfg, device), False, layout.test.name)
+    val = source(val_ds, eval_batch_for(cfg, device), False, "validation") if val_ds is not None else None
     _check_batches(train, cfg)
     return DataBundle(train=train, test=test, num_classes=len(classes), class_names=classes,
                       shape=(3, size, size), mean=mean, std=std, name=cfg.name,

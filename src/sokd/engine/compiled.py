@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import SokdError
+
 #: the torch.compile backend; tests use "aot_eager" to check graph capture and guards without
 #: generating code
 BACKEND = "inductor"
@@ -34,15 +36,20 @@ BACKEND = "inductor"
 MODES = {True: "default", "max-autotune": "max-autotune", "reduce-overhead": "reduce-overhead"}
 
 
+def check_setting(setting, device: torch.device, key: str = "train.compile") -> None:
+    """SokdError for a compile setting this device cannot run: reduce-overhead captures the
+    step as CUDA graphs (replayed with one launch; the shapes are static), which exist on CUDA only."""
+    if setting == "reduce-overhead" and device.type != "cuda":
+        raise SokdError(f"{key}=reduce-overhead captures CUDA graphs, which need a GPU; on "
+                        f"{device.type} use {key}=true (or max-autotune)")
+
+
 def compile_step(module, setting, device: torch.device, note=print):
     """`module` compiled per `train.compile` (`setting`), or `module` itself when it is false."""
     if setting is False or setting is None:
         return module
+    check_setting(setting, device)
     mode = MODES[setting]
-    if mode == "reduce-overhead" and device.type != "cuda":
-        note("note: train.compile=reduce-overhead adds CUDA graphs, which need a GPU; on this "
-             f"{device.type} device it compiles as train.compile=true")
-        mode = "default"
     if BACKEND != "inductor":
         return torch.compile(module, backend=BACKEND)
     return torch.compile(module, backend=BACKEND, mode=mode)

@@ -12,16 +12,17 @@ from tqdm import tqdm
 from .. import artifacts
 from ..errors import SokdError
 from . import rundir, tracking
-from .checkpoint import atomic_save, non_finite_tensors, safe_load
-from .ddp import sync_frozen_buffers
+from .checkpoint import atomic_save, atomic_write_bytes, non_finite_tensors, safe_load
+from .ddp import sync_buffers
 from .distributed import DistContext
 from .evaluate import evaluate
 from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler, rebase_lr
-from .precision import autocast, emulation_note, grad_scaler, resolve_device, resolve_precision
+from .precision import (autocast, configure_cuda, emulation_note, grad_scaler, resolve_device,
+                        resolve_precision)
 from .signals import ForcedStop, Interrupted, Stopped, StopRequest, position
 from .stepstats import EpochAccumulator, EpochClock, default_sync_every
-from .compiled import compile_step
+from .compiled import check_setting, compile_step
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -85,13 +86,15 @@ def fit(method, data, ctx: FitContext) -> dict:
     if note:
         dist.print(note)
     # everything that can be checked is checked before the run directory is touched
+    check_setting(tr.compile, device)
+    configure_cuda(device, tr.tf32, tr.cudnn_benchmark)
     method.param_groups(cfg.optim.lr, cfg.optim.lr_per_role)
     _check_forward(method, data, device, ctx.precision)
     if dist.is_main:
         tracking.check(cfg.output, ctx.run_dir)
     trackers = tracking.create(cfg.output, ctx.run_dir, cfg.name) if dist.is_main else []
 
-    run_dir = rundir.RunDirectory(ctx.run_dir) if dist.is_main else None
+    run_dir = rundir.RunDirectory(ctx.run_dir, cfg.schema_default) if dist.is_main else None
     ckpt = run_dir.open(cfg.to_dict(), cfg.output.resume, cfg.output.overwrite) if run_dir else None
     try:
         ckpt = dist.broadcast_object(ckpt)
@@ -136,8 +139,8 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
     start_epoch, start_step, history, accum_state, prior_wall = 0, 0, [], None, 0.0
     if ckpt is not None:  # weights first, so every rank's DDP wrapper starts from them
         method.load_state_dict(ckpt["method"])
-    step_module = dist.wrap(method, sync_bn=cfg.distributed.sync_bn)
-    optimizer = build_optimizer(method, cfg.optim)
+    step_module = dist.wrap(method, sync_bn=cfg.distributed.sync_bn, static_graph=cfg.distributed.static_graph)
+    optimizer = build_optimizer(method, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, tr.epochs)
     scaler = grad_scaler(device, ctx.precision)
     if ckpt is not None:
@@ -176,6 +179,8 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
             wall_time_s=prior_wall + time.perf_counter() - wall0, rng=_rng_state(device), history=history,
             accum=accum.state() if accum else None)
+        if path is None:  # the state only (best.pt of an epoch whose last.pt is not written)
+            return state
         if dist.is_main:
             atomic_save(state, ctx.run_dir / path)
             run_dir.commit()
@@ -219,23 +224,25 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
                                  every, ctx, device, epoch)
         finally:
             bar.close()
+        sync_buffers(method, dist)  # every rank's BatchNorm statistics, before any read or save
         if stopped is not None:
             save(epoch, stopped, accum.reduced(dist))
             raise Interrupted(stop.signum or 15, epoch, stopped, ctx.run_dir)
-        sync_frozen_buffers(method, dist)
         lrs = {g["role"]: g["lr"] for g in optimizer.param_groups}
         scheduler.step()
-        result = run_eval()
-        train_stats = accum.reduced(dist).result()
-        row = {"epoch": epoch + 1, "wall_time_s": time.perf_counter() - wall0 + prior_wall, "lr": lrs,
-               "train": train_stats, "test": result["roles"], **run_val(), "compare": result["compare"]}
+        done = epoch + 1
+        row = {"epoch": done, "wall_time_s": time.perf_counter() - wall0 + prior_wall, "lr": lrs,
+               "train": accum.reduced(dist).result()}
+        if evaluated_at(done, tr.eval_every, tr.epochs):
+            result = run_eval()
+            row.update(test=result["roles"], **run_val(), compare=result["compare"])
         history.append(row)
-        state = save(epoch + 1, 0, None)
+        saved = saved_at(done, cfg.output.save_every, tr.epochs, first=epoch == start_epoch)
+        state = save(done, 0, None) if saved else None
         if logger:
             logger.log(row)
-        primary = method.primary
-        if dist.is_main and _best_epoch(history, primary) == epoch + 1:
-            atomic_save(state, ctx.run_dir / "best.pt")
+        if dist.is_main and "test" in row and _best_epoch(history, method.primary) == done:
+            write_best(ctx.run_dir, state if saved else save(done, 0, None, path=None), copy_last=saved)
         dist.print(_epoch_line(row))
         if epoch + 1 < tr.epochs and dist.any_flag(stop.requested):
             raise Interrupted(stop.signum or 15, epoch + 1, 0, ctx.run_dir)
@@ -303,6 +310,28 @@ def _run_epoch(step_module, data, optimizer, scaler, accum: EpochAccumulator, st
         accum.seconds += clock.seconds()
 
 
+def evaluated_at(epoch: int, every: int, epochs: int) -> bool:
+    """Whether the end of (1-based) `epoch` is evaluated: every `every` epochs and the last."""
+    return epoch % every == 0 or epoch == epochs
+
+
+def saved_at(epoch: int, every: int, epochs: int, first: bool) -> bool:
+    """Whether last.pt is written at the end of `epoch`: every `every` epochs, the last epoch,
+    and the first epoch this process trains (so a run directory holds a checkpoint, and a
+    resumed run a fresh one, as soon as possible)."""
+    return first or epoch % every == 0 or epoch == epochs
+
+
+def write_best(run_dir: Path, state: dict, copy_last: bool) -> None:
+    """best.pt holding `state`. With `copy_last` (last.pt was just written from `state`), a byte
+    copy of last.pt, atomic like every checkpoint write: no second serialisation of the same
+    tensors. Otherwise `state` is serialised."""
+    if copy_last:
+        atomic_write_bytes(run_dir / "best.pt", (run_dir / "last.pt").read_bytes())
+    else:
+        atomic_save(state, run_dir / "best.pt")
+
+
 def _saved_note(epoch: int, step: int) -> str:
     return f"last.pt holds the run at {position(epoch, step)} (its last finite state)"
 
@@ -338,7 +367,7 @@ def _repair_best(run_dir: Path, ckpt: dict, history: list[dict], primary: str) -
 
 
 def _epoch_line(row: dict) -> str:
-    tests = "  ".join(f"{r} {m['top1']:.2f}" for r, m in row["test"].items())
+    tests = "  ".join(f"{r} {m['top1']:.2f}" for r, m in row.get("test", {}).items()) or "not evaluated"
     vals = "  ".join(f"{r} {m['top1']:.2f}" for r, m in row.get("val", {}).items())
     return (f"epoch {row['epoch']:>3}  loss {row['train']['loss']:.4f}  "
             f"{row['train']['images_per_s']:.0f} img/s  test top-1: {tests}" + (f"  val top-1: {vals}" if vals else ""))
@@ -356,10 +385,12 @@ def _summary(cfg, method, data, history, ctx, device) -> dict:
     samples = sum(r["train"]["samples"] for r in trained_rows)
     seconds = sum(r["train"]["seconds"] for r in trained_rows)
     nets = {}
-    for role in history[-1]["test"] if history else []:
+    evaluated = [r for r in history if "test" in r]
+    for role in evaluated[-1]["test"] if evaluated else []:
         curve = [(r["epoch"], r["test"][role]) for r in history if role in r.get("test", {})]
         trained = [(e, m) for e, m in curve if e > 0] or curve
-        best_epoch, best = max(trained, key=lambda em: em[1]["top1"])
+        # the latest among ties, as best.pt holds (`_best_epoch`)
+        best_epoch, best = max(trained, key=lambda em: (em[1]["top1"], em[0]))
         info = artifacts.network_info(method.nets[role]) if role in method.nets else {}
         nets[role] = {
             "arch": info.get("arch"), "params": info.get("params"),
@@ -376,7 +407,7 @@ def _summary(cfg, method, data, history, ctx, device) -> dict:
         "wall_time_s": history[-1].get("wall_time_s", 0.0) if history else 0.0,
         "train_images_per_s": samples / seconds if seconds else None,
         "primary_role": method.primary, "networks": nets, "term_weights": method.term_weights,
-        "compare": history[-1].get("compare", {}) if history else {},
+        "compare": evaluated[-1].get("compare", {}) if evaluated else {},
         "val_size": getattr(data, "val_size", 0),
         "note": ("top1_final = last epoch; top1_best = best epoch on the test set (optimistic); "
                  + ("top1_selected = test top-1 at the epoch with the best validation top-1 (selected_epoch), "

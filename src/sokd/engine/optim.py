@@ -8,12 +8,28 @@ import torch
 from ..config import OptimSpec, ScheduleSpec
 
 
-def build_optimizer(method, spec: OptimSpec) -> torch.optim.Optimizer:
+def kernel_options(impl: str, device: torch.device) -> dict:
+    """torch.optim keyword arguments for `optim.impl` on `device`.
+
+    auto: fused on CUDA (one kernel for every parameter instead of a few per tensor); on a CPU,
+    PyTorch's default per-tensor loop, so CPU runs keep the numerics of earlier results (the
+    fused CPU kernel is ~7x faster on wrn_40_1's 115 tensors, 0.56 vs 3.8 ms a step, about 1% of
+    a bf16 SOKD step there: docs/training-step.md).
+    """
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "loop"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[impl]
+
+
+def build_optimizer(method, spec: OptimSpec, device: torch.device | None = None) -> torch.optim.Optimizer:
     groups = method.param_groups(spec.lr, spec.lr_per_role)
+    if device is None:
+        device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
+    kernels = kernel_options(spec.impl, device)
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
-                               weight_decay=spec.weight_decay)
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+                               weight_decay=spec.weight_decay, **kernels)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, **kernels)
 
 
 def lr_factor(spec: ScheduleSpec, epochs: int, epoch: float) -> float:

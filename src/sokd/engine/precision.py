@@ -63,3 +63,16 @@ def autocast(device: torch.device, precision: str):
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """A loss scaler for fp16 (disabled otherwise; bf16 has fp32's exponent range)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def configure_cuda(device: torch.device, tf32: bool, cudnn_benchmark: bool) -> None:
+    """The process-wide CUDA switches of `train.tf32` and `train.cudnn_benchmark`; nothing on
+    other devices. TF32 runs fp32 matmuls and convolutions on tensor cores with a 10-bit
+    mantissa (bf16/fp16 autocast regions are unaffected). cuDNN benchmarking times the
+    convolution algorithms for each new input shape once and keeps the fastest: the training
+    shapes are fixed (`data.drop_last`), so only the first steps and the first evaluation pay."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark

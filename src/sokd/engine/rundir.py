@@ -225,8 +225,10 @@ class RunLock:
 class RunDirectory:
     """Lock, checks, first writes and rollback of one run's output directory (see module doc)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, default_of=None):
+        """`default_of(entry path)`: a config entry's default (see `with_added_defaults`)."""
         self.path = Path(path)
+        self.default_of = default_of
         self.lock = RunLock(self.path)
         self.created_dir = False
         self.committed = False
@@ -279,6 +281,7 @@ class RunDirectory:
             old = ckpt.get("config")
             if not isinstance(old, dict):
                 raise SokdError(f"'{last}' has no config; it is not a sokd run checkpoint")
+            old = with_added_defaults(old, cfg, self.default_of)
             if _strip(old) != _strip(cfg):
                 diff = _first_difference(_strip(old), _strip(cfg))
                 raise SokdError(f"cannot resume '{path}': config differs at '{diff}'; only "
@@ -357,6 +360,20 @@ class RunDirectory:
 
 def _remove(entry: Path) -> None:
     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def with_added_defaults(old: dict, new: dict, default_of, path: tuple = ()) -> dict:
+    """`old` plus each entry only `new` has whose value is its default (`default_of(path)`):
+    entries a newer sokd added, which an older run used implicitly. Any other difference stays."""
+    filled = dict(old)
+    for key, value in new.items():
+        here = (*path, key)
+        if key not in old:
+            if default_of is not None and default_of(here) == value:
+                filled[key] = value
+        elif isinstance(value, dict) and isinstance(old[key], dict):
+            filled[key] = with_added_defaults(old[key], value, default_of, here)
+    return filled
 
 
 def _first_difference(a, b, prefix="") -> str:

@@ -57,8 +57,17 @@ def test_two_process_run_completes_with_one_set_of_outputs(tmp_path, teacher_fil
     cfg = tiny_config(tmp_path, method, train={"epochs": 2, "threads": 1})
     cfg["teacher"]["checkpoint"] = str(teacher_file)
     cfg["data"]["batch_size"] = 16
+    (tmp_path / "rank_state.py").write_text(RANK_PARAMS.format(out=str(tmp_path)))
+    cfg["imports"] = [str(tmp_path / "rank_state.py")]
     proc = torchrun(2, write_config(tmp_path, cfg))
     assert proc.returncode == 0, failure(proc.stderr)
+    # buffers are not broadcast per step; BatchNorm statistics are reconciled once an epoch, so
+    # at the end both ranks hold the same state, the one last.pt saved
+    saved = safe_load(Path(cfg["output"]["dir"]) / "last.pt")["method"]
+    ranks = [safe_load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert any("running_mean" in k for k in ranks[0])
+    for k, v in ranks[0].items():
+        assert torch.equal(v, ranks[1][k]) and torch.equal(v, saved[k]), k
     run_dir = Path(cfg["output"]["dir"])
     assert [r["epoch"] for r in rows(run_dir)] == [0, 1, 2]  # one writer: no duplicated lines
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -89,7 +98,8 @@ EQUIVALENCE = {
 }
 
 RANK_PARAMS = '''
-"""At exit, each rank writes the parameters of the module it wrapped in DistributedDataParallel."""
+"""At exit, each rank writes the state (parameters and buffers) of the module it wrapped in
+DistributedDataParallel."""
 import atexit, os
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -100,7 +110,7 @@ _init = DistributedDataParallel.__init__
 def _recording_init(self, module, *args, **kwargs):
     _init(self, module, *args, **kwargs)
     path = os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"])
-    atexit.register(lambda: torch.save({{k: p.detach().clone() for k, p in module.named_parameters()}}, path))
+    atexit.register(lambda: torch.save({{k: t.detach().clone() for k, t in module.state_dict().items()}}, path))
 
 
 DistributedDataParallel.__init__ = _recording_init
@@ -136,7 +146,11 @@ def nobn_teacher(tmp_path_factory) -> tuple[Path, Path]:
     return root, Path(teacher["output"]["dir"]) / "model.pt"
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[] if c == "sokd" else [pytest.mark.slow])
+#: the cases of the default suite: a student under a frozen teacher, peers, student + KBM
+DEFAULT_CASES = ("sokd", "kd", "dml")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[] if c in DEFAULT_CASES else [pytest.mark.slow])
                                   for c in EQUIVALENCE])
 def test_two_procs_of_64_follow_one_proc_of_128(tmp_path, nobn_teacher, case):
     """Without BatchNorm or augmentation randomness, DDP's gradient mean over 2 x 64 equals the

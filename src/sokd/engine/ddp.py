@@ -8,11 +8,18 @@ gradient each step (the SOKD KBM is fed a detached trunk output, an ordinary lea
 `find_unused_parameters` stays off. The method itself is never changed, so its state_dict keys
 are those of a single-process run (checkpoints are interchangeable).
 
-Buffers: DDP broadcasts every buffer from rank 0 before each forward, so the learners' BatchNorm
-statistics follow rank 0's. A frozen teacher in BatchNorm train mode updates its running
-statistics from each rank's own batch during the step (they are written, never read, in train
-mode); `sync_frozen_buffers` makes rank 0's the truth at the end of every epoch, before
-evaluation and checkpoints.
+Buffers are not broadcast per step (`broadcast_buffers=False`): a BatchNorm layer in train mode
+normalises with its batch's statistics and only writes its running statistics, so letting each
+rank keep its own during an epoch changes no gradient, and saves a broadcast of every buffer
+before every forward. `sync_buffers` reconciles them once, wherever a run's state is read or
+saved (the end of every epoch, before evaluation, and before a stop's checkpoint): every
+BatchNorm running mean and variance becomes the mean over ranks (each rank saw different
+images, so the mean estimates the statistics of all of them), every other buffer rank 0's.
+
+Gradients: `gradient_as_bucket_view` makes each parameter's .grad a view into DDP's all-reduce
+bucket, so no copy between the two; `static_graph` (distributed.static_graph, default on) tells
+DDP that the same parameters receive gradients every step, which lets it skip its per-step
+search for unused parameters and overlap all-reduces with the backward from the second step on.
 
 A submodule that updates per-sample state in forward (CRD's memory banks) names those buffers in
 `replicated_buffers` and has a `gather` attribute: the wrapper sets `gather` to an all-gather
@@ -31,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..errors import SokdError
 
 
-def wrap_method(method: nn.Module, ctx, sync_bn: bool = False) -> DDP:
+def wrap_method(method: nn.Module, ctx, sync_bn: bool = False, static_graph: bool = True) -> DDP:
     """The DDP module whose forward the loop calls. With `sync_bn`, the BatchNorm layers of what
     learns become SyncBatchNorm (frozen networks keep their own)."""
     if sync_bn and ctx.device.type != "cuda":
@@ -52,8 +59,10 @@ def wrap_method(method: nn.Module, ctx, sync_bn: bool = False) -> DDP:
             replicated.append(f"{prefix}.{name}" if prefix else name)
     if replicated:
         DDP._set_params_and_buffers_to_ignore_for_model(method, replicated)
+    method.replicated_buffer_names = tuple(replicated)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DDP(method, device_ids=device_ids)
+    return DDP(method, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True,
+               static_graph=static_graph)
 
 
 def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
@@ -64,10 +73,22 @@ def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def sync_frozen_buffers(method, ctx) -> None:
-    """Frozen nets in BN train mode update running stats per rank: make rank 0's the truth."""
+def sync_buffers(method: nn.Module, ctx) -> None:
+    """Make every rank's buffers equal: BatchNorm running means and variances averaged over
+    ranks, every other buffer (step counters, a method's own state) rank 0's; the buffers that
+    replicate themselves (see `replicated_buffers`) are already equal and left alone. One
+    collective per buffer, called at the same point by every rank."""
     if not ctx.enabled:
         return
-    for role in method.frozen:
-        for buf in method.nets[role].buffers():
-            tdist.broadcast(buf.data, src=0)
+    skip = set(getattr(method, "replicated_buffer_names", ()))
+    world = tdist.get_world_size()
+    for prefix, module in method.named_modules():
+        averaged = ("running_mean", "running_var") if isinstance(module, nn.modules.batchnorm._BatchNorm) else ()
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is None or (f"{prefix}.{name}" if prefix else name) in skip:
+                continue
+            if name in averaged and buf.is_floating_point():
+                tdist.all_reduce(buf.data)
+                buf.data.div_(world)
+            else:
+                tdist.broadcast(buf.data, src=0)

@@ -38,14 +38,14 @@ class DistContext:
             tdist.init_process_group(backend=("nccl" if use_cuda else "gloo") if backend == "auto" else backend)
         return cls(tdist.get_rank(), tdist.get_world_size(), local, dev)
 
-    def wrap(self, method, sync_bn: bool = False):
+    def wrap(self, method, sync_bn: bool = False, static_graph: bool = True):
         """The module whose forward the loop calls: the method itself, or its DDP wrapper.
 
         Only the loop calls the wrapper; evaluation, checkpoints and the optimizer use `method`."""
         if not self.enabled:
             return method
         from .ddp import wrap_method
-        return wrap_method(method, self, sync_bn)
+        return wrap_method(method, self, sync_bn, static_graph)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -248,6 +248,8 @@ def main(argv=None) -> int:
     sz = sizes(args.smoke)
     rep = Report(args.out)
     modes = ("eager", "compiled", "reduce-overhead") if not args.smoke else ("eager", "reduce-overhead")
+    rep.section("versions", lambda: versions(rep, device))
+    rep.section("matmul_peak", lambda: matmul_peak(rep, device, args.smoke))
     if args.smoke:
         rep.line("step", mode="compiled", skipped="--smoke leaves inductor out: compiling takes minutes on a CPU")
 
@@ -257,8 +259,6 @@ def main(argv=None) -> int:
             x = torch.randn(sz["batch"], *sz["shape"], device=device).contiguous(memory_format=torch.channels_last)
             rep.line("graph_breaks", variant="sokd", **graph_breaks(method, x, torch.randint(0, sz["classes"], (sz["batch"],))))
         rep.section("graph_breaks", breaks)
-    rep.section("versions", lambda: versions(rep, device))
-    rep.section("matmul_peak", lambda: matmul_peak(rep, device, args.smoke))
     lines_before = []
     original = rep.line
 

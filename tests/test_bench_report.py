@@ -188,3 +188,12 @@ def test_bench_command_prints_the_table_and_every_ratio_and_writes_its_json(tmp_
     assert saved["ratios"]["best_sokd_step"] == "sokd"
     for key in saved["ratios"]:
         assert f"  {key}: " in printed
+
+
+def test_variants_are_timed_in_rounds_so_host_drift_reaches_every_ratio_alike():
+    calls = []
+    steps = [lambda n=n: calls.append(n) for n in ("a", "b", "c")]
+    rates = bench.time_interleaved(steps, images=8, device=torch.device("cpu"), warmup=1, reps=3, steps_per_rep=2)
+    assert len(rates) == 3 and all(r > 0 for r in rates)
+    assert calls[:3] == ["a", "b", "c"]                                  # warm-up, one each
+    assert calls[3:] == ["a", "a", "b", "b", "c", "c"] * 3               # then rounds: each variant in turn

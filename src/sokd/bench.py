@@ -161,18 +161,32 @@ def peak_memory_mb(step, device: torch.device) -> float | None:
 
 
 def time_step(step, images: int, device, warmup: int, reps: int, steps_per_rep: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        step()
-    sync(device)
-    rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(steps_per_rep):
+    """(images/s, ms/step) of one step: the median over `reps` timed groups of `steps_per_rep`."""
+    (rate,) = time_interleaved([step], images, device, warmup, reps, steps_per_rep)
+    return rate, 1000.0 * images / rate
+
+
+def time_interleaved(steps, images: int, device, warmup: int, reps: int, steps_per_rep: int) -> list[float]:
+    """Median images/s of each step, timed in rounds: every round times each step once, in turn.
+
+    A shared or throttled host changes speed over minutes (a 2x swing of the matmul peak within
+    one session has been measured here). Timing variant after variant would fold that drift into
+    their ratios; rounds give every variant the same mix of fast and slow moments, so the ratios
+    a bench run prints compare like with like.
+    """
+    for step in steps:
+        for _ in range(warmup):
             step()
-        sync(device)
-        rates.append(images * steps_per_rep / (time.perf_counter() - t0))
-    med = statistics.median(rates)
-    return med, 1000.0 * images / med
+    sync(device)
+    rates: list[list[float]] = [[] for _ in steps]
+    for _ in range(reps):
+        for i, step in enumerate(steps):
+            t0 = time.perf_counter()
+            for _ in range(steps_per_rep):
+                step()
+            sync(device)
+            rates[i].append(images * steps_per_rep / (time.perf_counter() - t0))
+    return [statistics.median(r) for r in rates]
 
 
 def make_train_step(method, optimizer, x, y, device, precision, forward=None):
@@ -267,66 +281,78 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
     peak = matmul_peak_gflops(dev, precision)
     peak_fp32 = matmul_peak_gflops(dev, "fp32") if precision != "fp32" else peak
     log(f"matmul peak: {peak:.0f} GFLOP/s ({precision}), {peak_fp32:.0f} GFLOP/s (fp32)")
-    results = []
+    timed = []  # (name, step, precision, channels_last, flops, compile_s); timed together below
 
-    def measure(name, step, prec, cl, flops_step=None, compiled=False):
-        first = None
+    def prepare(name, step, prec, cl, flops_step=None, compiled=False):
+        compile_s = None
         if compiled:  # the first call compiles; time it on its own
             sync(dev)
             t0 = time.perf_counter()
             step()
             sync(dev)
-            first = time.perf_counter() - t0
-        flops = count_flops(flops_step or step)
-        ips, ms = time_step(step, batch, dev, warmup, reps, steps_per_rep)
-        gflops = flops / 1e9 * ips / batch
-        ref_peak = peak if prec == precision else peak_fp32
-        mem = peak_memory_mb(step, dev) if memory and not compiled else None
-        compile_s = max(first - ms / 1000.0, 0.0) if compiled else None
-        r = StepResult(name, ips, ms, flops / 1e9, gflops, gflops / ref_peak, mem, prec, cl, compile_s)
-        results.append(r)
-        log(f"{name:>14}: {ips:8.1f} img/s  {ms:7.1f} ms/step  {flops / 1e9:7.2f} GFLOP/step  "
-            f"{gflops:6.0f} GFLOP/s ({100 * r.peak_fraction:.0f}% of matmul peak)"
-            + (f"  peak mem {mem:.0f} MB" if mem is not None else "")
-            + (f"  compiled in {compile_s:.0f} s" if compiled else ""))
+            compile_s = time.perf_counter() - t0
+            log(f"{name:>16}: compiled in {compile_s:.0f} s")
+        timed.append((name, step, prec, cl, count_flops(flops_step or step), compile_s))
 
     ratios = {}
     if variants and list(variants) == ["all"]:
         variants = list(VARIANTS)
     runs = [(name, precision, channels_last) for name in variants or DEFAULT_VARIANTS]
     runs += [(name, "fp32", False) for name in fp32_too]
-    for name, prec, cl in runs:
-        method_name, opts = VARIANTS[name]
-        teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0])
-        student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0])
-        # the student architecture learns in every role; the wider one is the teacher or the peer
-        given = {"model": student, "student": student, "teacher": teacher, "peers": [teacher]}
-        nets = {role: given[role] for role in methods.config_roles(method_name)}
-        layout = torch.channels_last if cl else torch.contiguous_format
-        # num_samples: a CIFAR-sized training set for the terms that keep per-sample state (CRD)
-        method = methods.create(method_name, input_shape=shape, num_samples=50_000, **nets, **opts).to(dev, memory_format=layout)
-        opt = torch.optim.SGD(method.param_groups(lr=0.01), momentum=0.9, weight_decay=5e-4)
-        xs = x.contiguous(memory_format=layout)
-        method.train()
-        label = name if (prec, cl) == (precision, channels_last) else f"{name} ({prec})"
-        eager = make_train_step(method, opt, xs, y, dev, prec)
-        measure(label, eager, prec, cl)
-        if compile:
-            torch._dynamo.reset()  # each variant compiles from scratch: no reuse, no recompile limit
-            forward = compile_step(method, compile, dev, log)
-            measure(f"{label} compiled", make_train_step(method, opt, xs, y, dev, prec, forward), prec, cl,
-                    flops_step=eager, compiled=True)
-            ratios[f"{label}_compiled_speedup"] = results[-1].images_per_s / results[-2].images_per_s
-            del forward
-        del method, opt
-    if plain:
-        teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0]).to(dev)
-        student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0]).to(dev)
-        teacher.requires_grad_(False)
-        teacher.train()
-        student.train()
-        plain_step = plain_sokd_step(teacher, student, 1)
-        measure("plain sokd", lambda: plain_step(x, y), "fp32", False)
+    # every variant's learning networks stay alive until the rounds end; raise dynamo's per-code
+    # recompile limit so variants sharing a method class each keep their own compiled graph
+    limits = torch._dynamo.config.patch(recompile_limit=max(64, 4 * len(runs)),
+                                        accumulated_recompile_limit=max(256, 16 * len(runs)))
+    if compile:
+        torch._dynamo.reset()
+    with limits:
+        for name, prec, cl in runs:
+            method_name, opts = VARIANTS[name]
+            teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0])
+            student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0])
+            # the student architecture learns in every role; the wider one is the teacher or the peer
+            given = {"model": student, "student": student, "teacher": teacher, "peers": [teacher]}
+            nets = {role: given[role] for role in methods.config_roles(method_name)}
+            layout = torch.channels_last if cl else torch.contiguous_format
+            # num_samples: a CIFAR-sized training set for the terms that keep per-sample state (CRD)
+            method = methods.create(method_name, input_shape=shape, num_samples=50_000, **nets, **opts).to(dev, memory_format=layout)
+            opt = torch.optim.SGD(method.param_groups(lr=0.01), momentum=0.9, weight_decay=5e-4)
+            xs = x.contiguous(memory_format=layout)
+            method.train()
+            label = name if (prec, cl) == (precision, channels_last) else f"{name} ({prec})"
+            eager = make_train_step(method, opt, xs, y, dev, prec)
+            prepare(label, eager, prec, cl)
+            if compile:
+                forward = compile_step(method, compile, dev, log)
+                prepare(f"{label} compiled", make_train_step(method, opt, xs, y, dev, prec, forward), prec, cl,
+                        flops_step=eager, compiled=True)
+        if plain:
+            teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0]).to(dev)
+            student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0]).to(dev)
+            teacher.requires_grad_(False)
+            teacher.train()
+            student.train()
+            plain_step = plain_sokd_step(teacher, student, 1)
+            prepare("plain sokd", lambda: plain_step(x, y), "fp32", False)
+        rates = time_interleaved([t[1] for t in timed], batch, dev, warmup, reps, steps_per_rep)
+
+    results = []
+    for (name, step, prec, cl, flops, compile_s), ips in zip(timed, rates):
+        ms = 1000.0 * batch / ips
+        gflops = flops / 1e9 * ips / batch
+        ref_peak = peak if prec == precision else peak_fp32
+        mem = peak_memory_mb(step, dev) if memory and compile_s is None else None
+        compile_s = max(compile_s - ms / 1000.0, 0.0) if compile_s is not None else None
+        r = StepResult(name, ips, ms, flops / 1e9, gflops, gflops / ref_peak, mem, prec, cl, compile_s)
+        results.append(r)
+        log(f"{name:>16}: {ips:8.1f} img/s  {ms:7.1f} ms/step  {flops / 1e9:7.2f} GFLOP/step  "
+            f"{gflops:6.0f} GFLOP/s ({100 * r.peak_fraction:.0f}% of matmul peak)"
+            + (f"  peak mem {mem:.0f} MB" if mem is not None else "")
+            + (f"  compiled in {compile_s:.0f} s" if compile_s is not None else ""))
+    del timed
+    for r_eager, r_comp in zip(results, results[1:]):
+        if r_comp.name == f"{r_eager.name} compiled":
+            ratios[f"{r_eager.name}_compiled_speedup"] = r_comp.images_per_s / r_eager.images_per_s
 
     by = {r.name: r for r in results}
     if "sokd" in by and "plain sokd" in by:

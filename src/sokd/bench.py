@@ -160,12 +160,6 @@ def peak_memory_mb(step, device: torch.device) -> float | None:
     return peak / 2 ** 20
 
 
-def time_step(step, images: int, device, warmup: int, reps: int, steps_per_rep: int) -> tuple[float, float]:
-    """(images/s, ms/step) of one step: the median over `reps` timed groups of `steps_per_rep`."""
-    (rate,) = time_interleaved([step], images, device, warmup, reps, steps_per_rep)
-    return rate, 1000.0 * images / rate
-
-
 def time_interleaved(steps, images: int, device, warmup: int, reps: int, steps_per_rep: int) -> list[float]:
     """Median images/s of each step, timed in rounds: every round times each step once, in turn.
 

@@ -79,40 +79,53 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_gflops(device: torch.device, precision: str, n: int = 2048, reps: int = 10,
-                       budget_s: float = 0.25) -> float:
-    """Measured dense matmul throughput (GFLOP/s) at this precision: the practical ceiling.
+def matmul_step(device: torch.device, precision: str, n: int = 2048, budget_s: float = 0.25):
+    """(step, flop per call): a dense square matmul at this precision, sized and repeated so one
+    call takes about `budget_s` — the practical ceiling the training steps are compared with.
 
-    The size grows from 256 up to `n` while one product takes under `budget_s`, so a precision
-    the CPU only emulates (bf16 without AVX-512/AMX: tens of times slower than fp32) is measured in seconds, not
-    in the minutes a 2048-sized product would take.
+    The size grows from 256 up to `n` while one product takes under `budget_s` / 8, so a
+    precision the CPU only emulates (bf16 without AVX-512/AMX: tens of times slower than fp32)
+    is measured in seconds, not in the minutes a 2048-sized product would take.
     """
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
-    def timed(size: int) -> float:
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
+    def operands(size: int):
+        return (torch.randn(size, size, device=device, dtype=dtype),
+                torch.randn(size, size, device=device, dtype=dtype))
+
+    def seconds(a, b, count: int = 1) -> float:
         sync(device)
         t0 = time.perf_counter()
-        a @ b
+        for _ in range(count):
+            a @ b
         sync(device)
         return time.perf_counter() - t0
 
     size = 256
-    while size < n and timed(size) * 8 < budget_s:
+    while size < n and seconds(*operands(size)) * 8 < budget_s:
         size *= 2
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
+    a, b = operands(size)
+    seconds(a, b, 3)  # warm-up
+    repeats = max(1, min(64, round(budget_s / max(seconds(a, b), 1e-6))))
+
+    def step():
+        for _ in range(repeats):
+            a @ b
+    return step, 2.0 * size ** 3 * repeats
+
+
+def matmul_peak_gflops(device: torch.device, precision: str, n: int = 2048, reps: int = 10,
+                       budget_s: float = 0.25) -> float:
+    """Measured dense matmul throughput (GFLOP/s) at this precision: the best of `reps` calls."""
+    step, flop = matmul_step(device, precision, n, budget_s)
     best = float("inf")
     for _ in range(reps):
+        sync(device)
         t0 = time.perf_counter()
-        a @ b
+        step()
         sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best / 1e9
+    return flop / best / 1e9
 
 
 def count_flops(step) -> float:
@@ -163,8 +176,8 @@ def peak_memory_mb(step, device: torch.device) -> float | None:
 def time_interleaved(steps, images: int, device, warmup: int, reps: int, steps_per_rep: int) -> list[float]:
     """Median images/s of each step, timed in rounds: every round times each step once, in turn.
 
-    A shared or throttled host changes speed over minutes (a 2x swing of the matmul peak within
-    one session has been measured here). Timing variant after variant would fold that drift into
+    A shared or throttled host changes speed over minutes (the matmul peak of a shared 2-core VM
+    has been seen to swing 2-3x within half an hour). Timing variant after variant would fold that drift into
     their ratios; rounds give every variant the same mix of fast and slow moments, so the ratios
     a bench run prints compare like with like.
     """
@@ -272,9 +285,9 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
     torch.manual_seed(0)
     x = torch.randn(batch, *shape, device=dev)
     y = torch.randint(0, num_classes, (batch,), device=dev)
-    peak = matmul_peak_gflops(dev, precision)
-    peak_fp32 = matmul_peak_gflops(dev, "fp32") if precision != "fp32" else peak
-    log(f"matmul peak: {peak:.0f} GFLOP/s ({precision}), {peak_fp32:.0f} GFLOP/s (fp32)")
+    # the ceilings join the timing rounds: on a host whose speed drifts, a peak measured once
+    # at the start would not be the peak the steps met
+    peaks = {p: matmul_step(dev, p) for p in dict.fromkeys((precision, "fp32"))}
     timed = []  # (name, step, precision, channels_last, flops, compile_s); timed together below
 
     def prepare(name, step, prec, cl, flops_step=None, compiled=False):
@@ -328,7 +341,12 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
             student.train()
             plain_step = plain_sokd_step(teacher, student, 1)
             prepare("plain sokd", lambda: plain_step(x, y), "fp32", False)
-        rates = time_interleaved([t[1] for t in timed], batch, dev, warmup, reps, steps_per_rep)
+        calls = time_interleaved([t[1] for t in timed] + [step for step, _ in peaks.values()], 1, dev, warmup,
+                                 reps, steps_per_rep)
+    rates = [batch * c for c in calls[:len(timed)]]
+    gflops_of = {p: flop * c / 1e9 for (p, (_, flop)), c in zip(peaks.items(), calls[len(timed):])}
+    peak, peak_fp32 = gflops_of[precision], gflops_of["fp32"]
+    log(f"matmul peak (median over the same rounds): {peak:.0f} GFLOP/s ({precision}), {peak_fp32:.0f} GFLOP/s (fp32)")
 
     results = []
     for (name, step, prec, cl, flops, compile_s), ips in zip(timed, rates):

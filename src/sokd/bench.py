@@ -174,12 +174,13 @@ def peak_memory_mb(step, device: torch.device) -> float | None:
 
 
 def time_interleaved(steps, images: int, device, warmup: int, reps: int, steps_per_rep: int) -> list[float]:
-    """Median images/s of each step, timed in rounds: every round times each step once, in turn.
+    """Median rate (`images` per call / s) of each step, timed in rounds: every round times each
+    step once, in turn.
 
-    A shared or throttled host changes speed over minutes (the matmul peak of a shared 2-core VM
-    has been seen to swing 2-3x within half an hour). Timing variant after variant would fold that drift into
-    their ratios; rounds give every variant the same mix of fast and slow moments, so the ratios
-    a bench run prints compare like with like.
+    A shared or throttled host changes speed over minutes (the matmul peak of a shared 2-core
+    VM has been seen to swing 2-3x within half an hour). Timing variant after variant would fold
+    that drift into their ratios; rounds give every variant the same mix of fast and slow
+    moments, so the ratios a bench run prints compare like with like.
     """
     for step in steps:
         for _ in range(warmup):

@@ -122,14 +122,18 @@ def test_sokd_param_groups_hold_only_learners():
     assert not teacher_ids & {id(p) for g in groups for p in g["params"]}
 
 
-def test_kbm_init_teacher_reproduces_teacher_logits_at_step_0():
-    teacher, student = nets()
+def assert_kbm_init_teacher_copies_the_teacher(teacher, student, x):
+    """With kbm_init=teacher, the teacher branch (frozen trunk + KBM) is the teacher at step 0."""
     method = sokd.methods.create("sokd", teacher=teacher, student=student, kbm_init="teacher")
     method.eval()
-    x, _ = batch()
     out = method.predict(x)
     assert torch.equal(out["kbm"], out["teacher"])
     assert torch.equal(out["teacher"], teacher(x))
+
+
+def test_kbm_init_teacher_reproduces_teacher_logits_at_step_0():
+    teacher, student = nets()
+    assert_kbm_init_teacher_copies_the_teacher(teacher, student, batch()[0])
 
 
 def test_kbm_init_random_differs_from_teacher():

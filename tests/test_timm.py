@@ -15,6 +15,8 @@ import sokd
 from sokd.cli import main
 from sokd.models import torchvision_adapter as tva
 
+from .test_methods import assert_kbm_init_teacher_copies_the_teacher
+
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 
 # (timm name, family): one model per family, the smallest timm has
@@ -73,12 +75,7 @@ def test_kbm_init_teacher_reproduces_timm_teacher_logits_at_step_0(name):
     timm_or_skip()
     teacher = sokd.models.create(f"timm.{name}", num_classes=10)
     student = sokd.models.create("resnet8", num_classes=10)
-    method = sokd.methods.create("sokd", teacher=teacher, student=student, kbm_init="teacher")
-    method.eval()
-    x, _ = batch()
-    out = method.predict(x)
-    assert torch.equal(out["kbm"], out["teacher"])
-    assert torch.equal(out["teacher"], teacher(x))
+    assert_kbm_init_teacher_copies_the_teacher(teacher, student, batch()[0])
 
 
 def test_local_timm_weights_are_loaded(tmp_path):

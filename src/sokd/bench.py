@@ -362,7 +362,6 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
             f"{gflops:6.0f} GFLOP/s ({100 * r.peak_fraction:.0f}% of matmul peak)"
             + (f"  peak mem {mem:.0f} MB" if mem is not None else "")
             + (f"  compiled in {compile_s:.0f} s" if compile_s is not None else ""))
-    del timed
     for r_eager, r_comp in zip(results, results[1:]):
         if r_comp.name == f"{r_eager.name} compiled":
             ratios[f"{r_eager.name}_compiled_speedup"] = r_comp.images_per_s / r_eager.images_per_s

@@ -7,6 +7,7 @@ device and augmented there in batches (`TensorBatches`); larger image folders (a
 stream uint8 through a torch DataLoader (`LoaderBatches`). Both yield (float32 NCHW normalised
 images, int64 labels) on the device, deterministically for (seed, epoch, rank, world_size).
 Which samples a run uses (stratified limits, the validation split) is decided once, by `select`.
+`fingerprint(bundle)` names the training and validation data, so a run is not resumed on others.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from ..errors import SokdError
 from .arrays import ArraySplits, first_per_class
 from .cifar import load_cifar
-from .config import DATASETS, DataConfig, eval_batch_for
+from .config import DATASETS, DataConfig, eval_batch_for, workers_for
 from .folders import find_image_folder, image_folders
 from .idx import load_fashion_mnist
 from .registry import register
@@ -28,7 +29,7 @@ from .subsets import stratified_subset, validation_split, warn_lost_classes
 from .synthetic import make_synthetic
 
 __all__ = ["DataBundle", "DataConfig", "BatchSource", "TensorBatches", "LoaderBatches", "create",
-           "list_datasets", "epoch_indices", "shard_bounds", "register", "ArraySplits"]
+           "list_datasets", "epoch_indices", "shard_bounds", "register", "ArraySplits", "fingerprint"]
 
 STATS = {  # (mean, std) per channel of the training images, in [0, 1] units
     "fashion_mnist": ((0.2860,), (0.3530,)),
@@ -53,6 +54,25 @@ class DataBundle:
     test_size: int              # test images in the whole data set (after test_limit)
     val: BatchSource | None = None   # validation batches (no augmentation), when the run has a split
     val_size: int = 0
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits naming the training and validation data (see `sokd.data.fingerprint`)."""
+        return fingerprint(self)
+
+
+def fingerprint(bundle: DataBundle) -> str:
+    """16 hex digits naming the bundle's training split and validation split (if any): their
+    samples' content (in-memory images and labels, or each streamed file's relative path, label,
+    size and modification time) in the split's order, independent of seed and epoch order. A
+    changed pixel, label or file changes it; creating the bundle again from the same data does
+    not. Computed on first use (about 0.1 s per 150 MB of in-memory images; one stat per file of
+    a streamed folder) and kept on the bundle, so a run can refuse to resume on data that changed."""
+    cached = bundle.__dict__.get("_fingerprint")
+    if cached is None:
+        from .digest import bundle_fingerprint
+        cached = bundle.__dict__["_fingerprint"] = bundle_fingerprint(bundle)
+    return cached
 
 
 def list_datasets() -> list[str]:
@@ -240,7 +260,7 @@ def _create_folder(cfg: DataConfig, device: torch.device, rank: int, world_size:
         parts = {}
         for split, ds in (("train", train_ds), ("test", test_ds), ("val", val_ds)):
             if ds is not None:
-                parts[split] = folder_cache.load_or_decode(ds, split, size, cfg.cache_dir, cfg.num_workers,
+                parts[split] = folder_cache.load_or_decode(ds, split, size, cfg.cache_dir, workers_for(cfg),
                                                            cfg.skip_unreadable, progress=rank == 0)
         val = parts.get("val", (None, None))
         splits = ArraySplits(*parts["train"], *parts["test"], classes, str(layout.root), x_val=val[0], y_val=val[1])
@@ -274,7 +294,7 @@ def _create_folder(cfg: DataConfig, device: torch.device, rank: int, world_size:
 
     def source(ds, batch_size: int, train: bool, split: str) -> LoaderBatches:
         return LoaderBatches(ds, batch_size, device=device, shuffle=train, drop_last=cfg.drop_last and train,
-                             num_workers=cfg.num_workers, seed=seed, rank=rank, world_size=world_size,
+                             num_workers=workers_for(cfg), seed=seed, rank=rank, world_size=world_size,
                              shard=not train, skip_unreadable=cfg.skip_unreadable, split=split,
                              mean=mean, std=std)
 

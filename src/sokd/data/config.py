@@ -7,6 +7,7 @@ allowed. `Config` embeds this model; constructing it directly (`DataConfig(name=
 """
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, \
@@ -88,6 +89,36 @@ def _at_least(low: int, optional: bool = False) -> BeforeValidator:
     return BeforeValidator(check)
 
 
+def _workers(value: Any) -> Any:
+    """An integer >= 0, or null / "auto" (both kept as None: the machine decides, `workers_for`)."""
+    if value is None or value == "auto":
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise invalid(f"data.num_workers must be auto (or null) or an integer >= 0, got {value!r}")
+    return value
+
+
+#: the most DataLoader workers `data.num_workers: auto` starts
+AUTO_WORKERS = 4
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as torch's DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def workers_for(cfg: "DataConfig") -> int:
+    """DataLoader worker processes for an image folder: `data.num_workers` when given, else
+    min(AUTO_WORKERS, usable CPUs). The automatic number never exceeds the CPUs, so torch never
+    warns about too many workers for a number sokd chose; an explicit number is the user's."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return min(AUTO_WORKERS, usable_cpus())
+
+
 def _shape(shape: Any) -> Any:
     if (not isinstance(shape, (list, tuple)) or len(shape) != 3
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)):
@@ -164,7 +195,9 @@ class DataConfig(BaseModel):
     mean: PerChannel = None
     std: PerChannel = None
     drop_last: Flag = True
-    num_workers: Annotated[int, _at_least(0)] = 4
+    num_workers: Annotated[int | None, BeforeValidator(_workers)] = Field(
+        default=None, description="DataLoader worker processes for image folders; null or auto: "
+                                  "min(4, the CPUs this process may use); data sets held in memory use none")
     skip_unreadable: Flag = False   # image folders: skip (and count) images that cannot be decoded
     # image folders; null: 224 with imagenet augmentation, else the images' own size
     image_size: Annotated[int | None, _at_least(8, optional=True)] = None

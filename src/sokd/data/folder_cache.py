@@ -3,24 +3,37 @@
 A CIFAR-sized folder re-decoded by PIL workers every epoch spends most of the epoch in JPEG/PNG
 decoding; decoded once it is 150 MB for 50,000 32x32 images and takes the same fast path as the
 built-in in-memory data sets. The cache file records a fingerprint of the folder (every file's
-relative path, size and modification time, the class list and the decoded size): a folder that
-changed, a file from another folder or a file that cannot be read is rebuilt, never trusted.
-Files are written atomically (temporary file, then rename).
+relative path, size and modification time, the class list, the decoded size and whether
+unreadable files were skipped) and a SHA-256 checksum of its own image and label bytes: a folder
+that changed, a file from another folder, a file that cannot be read or whose bytes do not match
+their checksum is rebuilt, never trusted. Files are written atomically (temporary file, then
+rename); a cache directory that cannot be written (read-only, full) only costs the cache: the run
+trains from the decoded tensors, with a one-line warning, and no temporary file is left behind.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
+import io
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from ..errors import SokdError
+from .digest import tensor_digest, update_folder_samples
 from .paths import CACHE
 from .sources import UnreadableImage
 
-FORMAT = 1
+#: 2: files carry a checksum of their images and labels; older files are rebuilt
+FORMAT = 2
+#: a temporary file of a writer that is gone is removed once it is this old (seconds)
+STALE_TEMP_AGE = 600
+#: folders with fewer images are decoded in this process: starting workers costs more than it saves
+DECODE_WORKERS_FROM = 2048
 
 
 def default_dir() -> Path:
@@ -45,13 +58,11 @@ def decoded_bytes(count: int, size: int, channels: int = 3) -> int:
     return count * channels * size * size
 
 
-def fingerprint(dataset, size: int) -> str:
-    """Hash of what the decoded tensors depend on: files (path, size, mtime), classes, size."""
-    h = hashlib.sha256(f"sokd-folder-cache {FORMAT} {size} {dataset.classes}".encode())
-    root = Path(dataset.root)
-    for path, label in dataset.samples:
-        st = os.stat(path)
-        h.update(f"{os.path.relpath(path, root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+def fingerprint(dataset, size: int, skip_unreadable: bool = False) -> str:
+    """Hash of what the decoded tensors depend on: files (path, size, mtime), classes, size, and
+    `skip_unreadable` (a cache that left files out must not serve a run that stops on them)."""
+    h = hashlib.sha256(f"sokd-folder-cache {FORMAT} {size} skip_unreadable={bool(skip_unreadable)}\n".encode())
+    update_folder_samples(h, dataset)
     return h.hexdigest()
 
 
@@ -66,17 +77,19 @@ def load_or_decode(dataset, split: str, size: int, cache_dir: Path | None, worke
     """(uint8 (N,3,size,size) images, int64 labels) of an ImageFolder, from the cache when valid."""
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_dir()
     path = cache_path(cache_dir, dataset, split, size)
-    key = fingerprint(dataset, size)
-    cached = _read(path, key)
+    key = fingerprint(dataset, size, skip_unreadable)
+    cached = _read(path, key, len(dataset.classes), skip_unreadable)
     if cached is not None:
         return cached
     images, labels = _decode(dataset, size, workers, skip_unreadable, progress, split)
     _write(path, {"format": FORMAT, "fingerprint": key, "root": str(Path(dataset.root).resolve()),
-                  "images": images, "labels": labels})
+                  "skip_unreadable": bool(skip_unreadable), "checksum": tensor_digest(images, labels), "images": images, "labels": labels})
     return images, labels
 
 
-def _read(path: Path, key: str):
+def _read(path: Path, key: str, num_classes: int, skip_unreadable: bool):
+    """The cached (images, labels) when the file is whole and this folder's, else None (with a
+    one-line note saying why it is rebuilt)."""
     if not path.exists():
         return None
     why = None
@@ -89,25 +102,104 @@ def _read(path: Path, key: str):
               and isinstance(blob.get("images"), torch.Tensor) and isinstance(blob.get("labels"), torch.Tensor)
               and blob["images"].dtype == torch.uint8 and blob["images"].dim() == 4
               and blob["labels"].shape == blob["images"].shape[:1])
-        if not ok:
+        if isinstance(blob, dict) and isinstance(blob.get("format"), int) and blob["format"] != FORMAT:
+            why = f"written by another sokd version (format {blob['format']}, this one reads {FORMAT})"
+        elif not ok:
             why = "not a sokd folder cache"
+        elif blob.get("fingerprint") != key and blob.get("skip_unreadable", skip_unreadable) != skip_unreadable:
+            why = f"built with data.skip_unreadable={str(blob['skip_unreadable']).lower()}"
         elif blob.get("fingerprint") != key:
             why = "the folder changed since it was written" if blob.get("root") else "from another folder"
+        elif blob.get("checksum") != tensor_digest(blob["images"], blob["labels"]):
+            why = "corrupt: its images or labels do not match their checksum"
         else:
-            return blob["images"], blob["labels"].to(torch.int64)
+            labels = blob["labels"].to(torch.int64)
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+                why = "corrupt: a label is outside the folder's classes"
+            else:
+                return blob["images"], labels
     print(f"note: rebuilding the decoded-image cache {path} ({why})", file=sys.stderr, flush=True)
     return None
 
 
+class _FdWriter(io.RawIOBase):
+    """A file object over a descriptor for torch.save, keeping the first OSError it met (torch
+    reports a failed write as a RuntimeError; the OSError says why: full disk, quota, ...)."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd, self.error = fd, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self.fd, view[done:])
+        except OSError as err:
+            self.error = self.error or err
+            raise
+        return done
+
+
 def _write(path: Path, blob: dict) -> None:
+    """Write the cache file atomically. A directory that cannot take it (read-only, full, no
+    permission) only costs the cache: one warning line, and the temporary file is removed."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(blob, tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            out = _FdWriter(fd)
+            try:
+                torch.save(blob, out)
+            except RuntimeError:
+                if out.error is not None:
+                    raise out.error from None
+                raise
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        tmp = None
     except OSError as err:
-        print(f"note: could not cache decoded images at {path} ({err.strerror or err}); set data.cache_dir "
-              f"to a writable directory to skip decoding next time", file=sys.stderr, flush=True)
+        reason = err.strerror or str(err) or errno.errorcode.get(err.errno, type(err).__name__)
+        print(f"warning: cannot write the decoded-image cache in {path.parent} ({reason}); training from the "
+              f"decoded images without caching them; set data.cache_dir=DIR to a writable directory with "
+              f"free space to skip decoding next time", file=sys.stderr, flush=True)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temporary files of killed writers of `path`: their pid is gone from this host and
+    they have not changed for STALE_TEMP_AGE seconds (a writer on another host keeps writing)."""
+    for tmp in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
+        pid = os.path.basename(tmp)[len(path.name) + 2:-4]
+        try:
+            if pid.isdigit() and not _alive(int(pid)) and time.time() - os.stat(tmp).st_mtime > STALE_TEMP_AGE:
+                os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -144,6 +236,7 @@ def _decode(dataset, size: int, workers: int, skip_unreadable: bool, progress: b
     n = len(dataset.samples)
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.int64)
+    workers = workers if n >= DECODE_WORKERS_FROM else 0
     loader = torch.utils.data.DataLoader(_Decode(dataset, size), batch_size=256, num_workers=workers,
                                          collate_fn=_collate)
     kept, skipped = 0, []

@@ -6,6 +6,7 @@ Every image goes through `read_image`, so one that cannot be opened or decoded i
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,10 +89,63 @@ def image_folders(layout: FolderLayout, train_transform, eval_transform):
         except FileNotFoundError as err:
             raise SokdError(f"'{path}': {err}; put images (.png, .jpg, ...) in one sub-folder per class") from None
 
+    check_separate_folders(layout)
     train = build(layout.train, train_transform, False)
     held = [_aligned(build(path, eval_transform, True), train, path) if path is not None else None
             for path in (layout.test, layout.val)]
+    check_separate_files([(layout.train, train), (layout.test, held[0]), (layout.val, held[1])])
     return train, held[0], held[1]
+
+
+#: up to this many images in all splits, shared files are found by (device, inode) of every file
+#: (symbolic and hard links); above it, by resolved class folder and file name (no per-file stat)
+PER_FILE_CHECK_LIMIT = 300_000
+
+
+def check_separate_folders(layout: FolderLayout) -> None:
+    """Refuse splits that are one folder (a symbolic link, data.val=PATH at train/ or test/):
+    accuracy on them would not be held-out accuracy."""
+    splits = [(role, p) for role, p in (("training", layout.train), ("test", layout.test),
+                                        ("validation", layout.val)) if p is not None]
+    for i, (role_a, a) in enumerate(splits):
+        for role_b, b in splits[i + 1:]:
+            if a.resolve() == b.resolve():
+                raise SokdError(f"the {role_a} folder '{a}' and the {role_b} folder '{b}' are the same folder "
+                                f"({a.resolve()}); give each split its own images (for model selection, "
+                                f"data.val_split=0.1 holds out part of train/)")
+
+
+def check_separate_files(splits) -> None:
+    """Refuse two splits that share image files (links to one file, or class folders resolving to
+    one place); `splits` holds (folder, ImageFolder or None) pairs: training, test, validation."""
+    roles = ("training", "test", "validation")
+    present = [(role, path, ds) for role, (path, ds) in zip(roles, splits) if ds is not None]
+    per_file = sum(len(ds.samples) for _, _, ds in present) <= PER_FILE_CHECK_LIMIT
+    resolved_dirs: dict[str, str] = {}
+
+    def identity(file: str):
+        if per_file:
+            try:
+                st = os.stat(file)
+            except OSError:  # gone or unreadable: the reader reports it, naming the file
+                return "unreadable", file
+            return st.st_dev, st.st_ino
+        parent, name = os.path.split(file)
+        if parent not in resolved_dirs:
+            resolved_dirs[parent] = os.path.realpath(parent)
+        return resolved_dirs[parent], name
+
+    seen: list[tuple[str, Path, dict]] = []
+    for role, path, ds in present:
+        ids = {identity(f): f for f, _ in ds.samples}
+        for other_role, other_path, other_ids in seen:
+            shared = ids.keys() & other_ids.keys()
+            if shared:
+                one = min(shared, key=lambda i: ids[i])
+                raise SokdError(f"the {other_role} folder '{other_path}' and the {role} folder '{path}' share "
+                                f"{len(shared)} image file(s) (e.g. '{ids[one]}' is '{other_ids[one]}'); give "
+                                f"each split its own images")
+        seen.append((role, path, ids))
 
 
 def _aligned(split, train, path: Path):

@@ -2,9 +2,12 @@
 
 Readers may hand back arrays or torch Datasets; both end as uint8 (N,C,H,W) tensors so that a
 user's data set gets the same fast path and the same one-line errors as CIFAR or Fashion-MNIST.
+An exception raised by the user's reader or Dataset is theirs, not sokd's: it becomes a one-line
+SokdError naming the data set and the exception, so the CLI reports it as a user error (exit 2).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -14,17 +17,33 @@ from ..errors import SokdError
 from .arrays import ArraySplits, check_splits, to_labels, to_nchw
 from .registry import reader
 
+#: labels of a data set that names no classes make this many classes at most (each class gets a
+#: name and a logit: a stray huge label must be refused, not allocated)
+MAX_CLASSES = 100_000
+
+
+def raised(err: BaseException) -> str:
+    """`ExceptionType: first line of its message` (at most 200 characters of it)."""
+    text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
 
 def load_registered(cfg) -> ArraySplits:
     name = cfg.name
     fn = reader(name)
     try:
-        result = fn(root=cfg.root, **cfg.options)
-    except SokdError:
-        raise
+        inspect.signature(fn).bind(root=cfg.root, **cfg.options)
     except TypeError as err:
         raise SokdError(f"data set '{name}': its reader does not accept root=... and data.options "
                         f"{sorted(cfg.options)} ({err}); give it a `root` argument and those keywords") from None
+    except ValueError:  # no signature to check (a builtin): the call below tells
+        pass
+    try:
+        result = fn(root=cfg.root, **cfg.options)
+    except SokdError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the user's function raises is reported as theirs
+        raise SokdError(f"data set '{name}': your reader raised {raised(err)}; fix that function") from err
     return splits_from(result, f"data set '{name}'")
 
 
@@ -43,8 +62,16 @@ def splits_from(result: Any, what: str) -> ArraySplits:
         raise SokdError(f"{what}: its reader returned {type(result).__name__}; return "
                         f"{{'train': ..., 'test': ...}} or (train, test)")
     (x_train, y_train), (x_test, y_test) = (_arrays(p, f"{what} {s}") for p, s in zip(parts, ("train", "test")))
-    labels = torch.cat([y_train, y_test])
+    for split, y in (("train", y_train), ("test", y_test)):
+        if y.numel() and int(y.min()) < 0:
+            raise SokdError(f"{what}: {split} label {int(y.min())} is negative; labels are class indices "
+                            f"0..K-1: fix the labels")
+        if y.numel() and classes is None and int(y.max()) >= MAX_CLASSES:
+            raise SokdError(f"{what}: {split} label {int(y.max())} would make {int(y.max()) + 1} classes (at most "
+                            f"{MAX_CLASSES}); labels are class indices 0..K-1: fix the labels, or return "
+                            f"'classes' with one name per class")
     if classes is None:
+        labels = torch.cat([y_train, y_test])
         count = int(labels.max()) + 1 if labels.numel() else 0
         classes = [str(i) for i in range(count)]
     elif not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
@@ -95,12 +122,20 @@ def _image(x: Any, what: str, i: int) -> np.ndarray:
 
 
 def _materialise(ds, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    n = len(ds)
+    try:
+        n = len(ds)
+    except Exception as err:  # noqa: BLE001 - the user's Dataset: report its error as theirs
+        raise SokdError(f"{what}: your Dataset's len() raised {raised(err)}; fix its __len__") from err
     if n == 0:
         return torch.zeros(0, 1, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
     images, labels = [], []
     for i in range(n):
-        sample = ds[i]
+        try:
+            sample = ds[i]
+        except SokdError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's Dataset: report its error as theirs
+            raise SokdError(f"{what} sample {i}: your Dataset raised {raised(err)}; fix its __getitem__") from err
         if not isinstance(sample, (tuple, list)) or len(sample) < 2:
             raise SokdError(f"{what} sample {i} is {type(sample).__name__}; a Dataset must give (image, label)")
         img = _image(sample[0], what, i)
@@ -110,7 +145,7 @@ def _materialise(ds, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         label = sample[1]
         if isinstance(label, (torch.Tensor, np.ndarray)) and np.prod(label.shape) == 1:
             label = label.item()
-        if not isinstance(label, (int, np.integer)) or isinstance(label, bool):
+        if not isinstance(label, (int, np.integer)) or isinstance(label, bool) or not -2**63 <= label < 2**63:
             raise SokdError(f"{what} sample {i}: label {label!r} is not an integer class index")
         images.append(img)
         labels.append(int(label))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sokd.engine import safe_load
-from sokd.engine.checkpoint import atomic_save
+from sokd.engine.checkpoint import atomic_save, make_temp
 from sokd.engine.rundir import RunLock
 
 from .conftest import tiny_config, write_config
@@ -152,9 +152,9 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
 
 
 # -- never save a non-finite state; say what is on disk --------------------------------------------
-def test_exploding_lr_never_writes_non_finite_weights_and_says_what_is_on_disk(tmp_path):
+def test_a_blow_up_never_writes_non_finite_weights_and_says_what_is_on_disk(tmp_path):
     cfg, run_dir = gated_config(tmp_path, "boom", epochs=8)
-    proc = sokd_cli("train", cfg, "optim.lr=1e6", "train.steps_per_epoch=1")
+    proc = sokd_cli("train", cfg, "train.steps_per_epoch=1", env={"SOKD_TEST_GATE": "nan:3"})
     msg = proc.stderr.strip()
     assert proc.returncode == 2 and len(msg.splitlines()) == 1, msg
     assert "non-finite" in msg and "optim.lr=" in msg
@@ -254,13 +254,18 @@ def test_resume_repairs_a_stale_best_and_removes_temp_files(tmp_path):
             row["test"]["model"]["top1"] = 100.0
     atomic_save(last, run_dir / "last.pt")
     (run_dir / "best.pt").write_bytes(stale_best)
-    (run_dir / ".last.pt.k3j_9x.tmp").write_bytes(b"half a checkpoint")
+    fd, killed_write = make_temp(run_dir / "last.pt")   # a write killed before its rename
+    os.write(fd, b"half a checkpoint")
+    os.close(fd)
+    killed_write = Path(killed_write)
+    look_alike = run_dir / ".last.pt.0123456789ab01234567.sokd.tmp"   # named like one, not sokd's
+    look_alike.write_text("not sokd's")
     (run_dir / ".mine.tmp").write_text("not sokd's")
     proc = sokd_cli("train", cfg, "output.resume=true", "train.epochs=2")
     assert proc.returncode == 0, proc.stderr
     assert "best.pt repaired: it now holds epoch 2 (was epoch 1)" in proc.stdout
     assert safe_load(run_dir / "best.pt")["epoch"] == 2
-    assert not (run_dir / ".last.pt.k3j_9x.tmp").exists() and (run_dir / ".mine.tmp").exists()
+    assert not killed_write.exists() and (run_dir / ".mine.tmp").exists() and look_alike.exists()
 
 
 # -- every signal path: a true line and its exit code ----------------------------------------------

@@ -96,6 +96,37 @@ def network_state(ckpt: dict, path: str, role: str | None = None) -> dict:
         if role not in roles:
             raise SokdError(f"checkpoint '{path}' has no role '{role}'; it holds: {', '.join(roles)} "
                             f"(set checkpoint_role)")
+        # A role is a whole network when the file records its spec and no role of the same spec
+        # holds more tensors: SOKD's KBM and ONE's branches record the spec of the network whose
+        # last stage(s) and head they are (ONE's gate records none). Loading such a part as a
+        # network would only say "does not fit", so the message names the whole networks instead.
+        specs = ckpt.get("networks") if isinstance(ckpt.get("networks"), dict) else {}
+        sizes = {r: sum(k.startswith(f"nets.{r}.") for k in ckpt["method"]) for r in roles}
+
+        def spec(r):
+            s = specs.get(r)
+            return (s.get("arch"), s.get("num_classes"), s.get("in_channels"), s.get("kwargs")) \
+                if isinstance(s, dict) and s.get("arch") else None
+        whole = [r for r in roles if spec(r) and not any(spec(o) == spec(r) and sizes[o] > sizes[r] for o in roles)]
+        if whole and role not in whole:
+            owner = next((o for o in whole if spec(o) is not None and spec(o) == spec(role)), None)
+            section = (ckpt.get("config") or {}).get("method") if isinstance(ckpt.get("config"), dict) else None
+            method = str(section.get("name", "")).upper() if isinstance(section, dict) else ""
+            beside = os.path.dirname(str(path))
+            if role == "kbm" and owner == "teacher":
+                what = "SOKD's knowledge bridge: the teacher's last stage(s) and head"
+                hint = (f"; for the teacher branch (trunk + KBM) use its model file "
+                        f"{os.path.join(beside, 'teacher_branch.pt')}")
+            elif owner is not None:
+                branch = f"{method}'s branch: " if method else ""
+                what = f"{branch}the {owner}'s last stage(s) and head"
+                hint = (f"; for this branch on the {owner}'s trunk use its model file "
+                        f"{os.path.join(beside, role + '.pt')}")
+            else:
+                what = "a part of the method, no classifier of images on its own"
+                hint = ""
+            raise SokdError(f"role '{role}' of checkpoint '{path}' is not a whole network ({what}); whole "
+                            f"networks in it: {', '.join(whole)} (set checkpoint_role to one of them){hint}")
         prefix = f"nets.{role}."
         return {k[len(prefix):]: v for k, v in ckpt["method"].items() if k.startswith(prefix)}
     if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -160,10 +191,11 @@ def check_layout(ckpt: dict, path: str | os.PathLike) -> None:
         return
     problem = _layout_problem(ckpt)
     if problem is None and ckpt.get("config"):
-        from .config import Config
-        from .validation import validate
+        from .config import PluginNeeded, stored_config
         try:
-            validate(Config, ckpt["config"])
+            stored_config(ckpt["config"], path)
+        except PluginNeeded:
+            raise
         except SokdError as err:
             problem = f"its config: {err}"
     if problem:

@@ -8,14 +8,44 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
+                      model_validator)
 
 from .data.config import DataConfig
 from .errors import SokdError
 from .validation import invalid, validate
+
+
+#: the largest learning rate that can mean anything for SGD / AdamW (a larger one diverges at once)
+MAX_LR = 10.0
+#: train.seed: the seeds torch and NumPy both accept, with room for the per-epoch seeds derived from it
+MAX_SEED = 2 ** 32 - 1
+
+
+def user_path(text: str | None) -> str | None:
+    """A path as the user wrote it, with `~` / `~user` expanded as a shell would (a config file
+    and a dotted override are not expanded by any shell)."""
+    return os.path.expanduser(text) if isinstance(text, str) else text
+
+
+UserPath = Annotated[str, AfterValidator(user_path)]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _fraction_below_one(values: tuple[float, float]) -> tuple[float, float]:
+    if not all(0 <= v < 1 for v in values):
+        raise ValueError("each beta must be in [0, 1)")
+    return values
 
 
 class Strict(BaseModel):
@@ -25,9 +55,9 @@ class Strict(BaseModel):
 
 class NetworkSpec(Strict):
     arch: str = Field(description="zoo name, e.g. wrn_40_2, resnet20, tv.resnet18")
-    checkpoint: str | None = Field(None, description="sokd run checkpoint or model file to start from")
+    checkpoint: UserPath | None = Field(None, description="sokd run checkpoint or model file to start from")
     checkpoint_role: str | None = Field(None, description="role inside a run checkpoint (default: best guess)")
-    weights: str | None = Field(None, description="local state dict: tv./timm. model, or a zoo model in "
+    weights: UserPath | None = Field(None, description="local state dict: tv./timm. model, or a zoo model in "
                                                   "sokd's or RepDistiller/mdistiller's layout")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments")
 
@@ -44,11 +74,11 @@ class MethodSpec(BaseModel):
 
 class OptimSpec(Strict):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0)
+    lr: float = Field(0.1, gt=0, le=MAX_LR)
+    momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = Field(5e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(5e-4, ge=0, lt=1, description="L2 factor per step (scaled by the lr)")
+    betas: Annotated[tuple[float, float], AfterValidator(_fraction_below_one)] = (0.9, 0.999)
     lr_per_role: dict[str, float] = Field(default_factory=dict, description="e.g. {teacher: 0.01}")
     impl: Literal["auto", "fused", "foreach", "loop"] = Field(
         "auto", description="optimizer kernels: auto = fused on CUDA, PyTorch's default (a loop) "
@@ -58,16 +88,16 @@ class OptimSpec(Strict):
     @classmethod
     def _positive_role_lrs(cls, lrs: dict[str, float]) -> dict[str, float]:
         for role, lr in lrs.items():
-            if not lr > 0:
-                raise ValueError(f"the lr of role '{role}' must be > 0")
+            if not 0 < lr <= MAX_LR:
+                raise ValueError(f"the lr of role '{role}' must be > 0 and <= {MAX_LR:g}")
         return lrs
 
 
 class ScheduleSpec(Strict):
     name: Literal["multistep", "cosine", "constant"] = "multistep"
     milestones: list[int] = Field(default_factory=lambda: [100, 150])
-    gamma: float = Field(0.1, gt=0, description="lr factor at each milestone")
-    warmup_epochs: int = Field(0, ge=0)
+    gamma: float = Field(0.1, gt=0, le=10, description="lr factor at each milestone")
+    warmup_epochs: int = Field(0, ge=0, le=100_000)
     min_lr_factor: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
 
     @field_validator("milestones")
@@ -79,8 +109,8 @@ class ScheduleSpec(Strict):
 
 
 class TrainSpec(Strict):
-    epochs: int = Field(200, ge=1)
-    seed: int = 0
+    epochs: int = Field(200, ge=1, le=100_000)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
         "fp32", description="auto: bf16 where the hardware computes it natively, else fp32")
@@ -89,14 +119,25 @@ class TrainSpec(Strict):
         False, description="torch.compile the method's forward and losses (engine/compiled.py): "
                            "false | true | max-autotune | reduce-overhead")
     sync_every: int | None = Field(
-        None, ge=1, description="steps between host reads of the loss health, statistics and stop "
+        None, ge=1, le=1_000_000, description="steps between host reads of the loss health, statistics and stop "
                                 "flag (default per device: SYNC_EVERY in engine/stepstats.py)")
-    steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
-    eval_every: int = Field(1, ge=1, description="epochs between evaluations (the last epoch is "
+    steps_per_epoch: int | None = Field(None, ge=1, le=10 ** 9, description="cap on steps per epoch (smoke tests)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice); "
+                                                        "at most the CPUs this process may use")
+    eval_every: int = Field(1, ge=1, le=100_000, description="epochs between evaluations (the last epoch is "
                                                  "always evaluated; best.pt is picked among evaluated ones)")
     tf32: bool = Field(True, description="CUDA: TF32 tensor cores for fp32 matmuls and convolutions")
     cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN time its algorithms once per shape")
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_exist(cls, threads: int | None) -> int | None:
+        cpus = usable_cpus()
+        if threads is not None and threads > cpus:
+            raise invalid(f"bad value for 'train.threads': this machine lets sokd use {cpus} CPU"
+                          f"{'s' if cpus != 1 else ''}, so {threads} threads cannot run; use 1..{cpus} or "
+                          f"leave it unset")
+        return threads
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -140,7 +181,7 @@ def _tracker_switch(value: Any, info: ValidationInfo) -> Any:
 
 
 class OutputSpec(Strict):
-    dir: str = Field("runs/{name}", description="run directory; {name}, {method}, {seed} are replaced")
+    dir: UserPath = Field("runs/{name}", description="run directory; {name}, {method}, {seed} are replaced")
 
     @field_validator("dir")
     @classmethod
@@ -161,7 +202,7 @@ class OutputSpec(Strict):
     mlflow: MlflowSpec | None = Field(None, description="MLflow tracking (true, or uri/experiment)")
     wandb: WandbSpec | None = Field(None, description="Weights & Biases tracking (true, or project/entity/mode)")
     progress: bool = True
-    save_every: int = Field(1, ge=1, description="epochs between last.pt writes (also written at the "
+    save_every: int = Field(1, ge=1, le=100_000, description="epochs between last.pt writes (also written at the "
                                                  "first and last epoch and whenever a run stops)")
 
     _trackers_on_off = field_validator("mlflow", "wandb", mode="before")(_tracker_switch)
@@ -176,7 +217,7 @@ class DistributedSpec(Strict):
 
 class Config(Strict):
     name: str = "run"
-    imports: list[str] = Field(default_factory=list, description=(
+    imports: list[UserPath] = Field(default_factory=list, description=(
         "Python modules or .py files imported first, e.g. to register your own models"))
     method: MethodSpec = Field(default_factory=MethodSpec)
     model: NetworkSpec | None = None
@@ -192,12 +233,16 @@ class Config(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _import_plugins_first(cls, values: Any) -> Any:
+    def _import_plugins_first(cls, values: Any, info: ValidationInfo) -> Any:
         """Modules under `imports:` run before the other sections are checked, so the names they
-        register (models, data sets) are valid in the same config."""
+        register (models, data sets) are valid in the same config. A config read from a file sokd
+        did not get from the user (a checkpoint's) is validated with `context={"imports": False}`:
+        it never imports code (see `stored_config`)."""
+        if (info.context or {}).get("imports", True) is False:
+            return values
         if isinstance(values, dict) and isinstance(values.get("imports"), list) \
                 and all(isinstance(v, str) for v in values["imports"]):
-            import_plugins(values["imports"])
+            import_plugins([user_path(v) for v in values["imports"]])
         return values
 
     @model_validator(mode="after")
@@ -213,6 +258,13 @@ class Config(Strict):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+    def input_files(self) -> dict[str, str]:
+        """{config key: path} of every file the run reads its networks from."""
+        specs = {"model": self.model, "teacher": self.teacher, "student": self.student,
+                 **{f"peers.{i}": p for i, p in enumerate(self.peers)}}
+        return {f"{role}.{key}": getattr(spec, key) for role, spec in specs.items() if spec is not None
+                for key in ("checkpoint", "weights") if getattr(spec, key)}
 
     @staticmethod
     def schema_default(path: tuple[str, ...]):
@@ -243,6 +295,36 @@ def schema_default(path: tuple[str, ...]):
         if model is None:
             return NO_DEFAULT
     return NO_DEFAULT
+
+
+def _plugin_module_name(name: str) -> str:
+    """The name under which `import_plugins` imports `name` (a module name or a .py path)."""
+    return f"sokd_plugin_{Path(name).stem}" if name.endswith(".py") else name
+
+
+class PluginNeeded(SokdError):
+    """A checkpoint's config names plugins (`imports:`) that the user has not imported."""
+
+
+def stored_config(tree: dict, path: str | os.PathLike) -> Config:
+    """The config stored inside a checkpoint, validated without running any code.
+
+    A checkpoint is data: a file that passes `torch.load(weights_only=True)` must not be able to
+    run code by naming a module or a .py file under `imports:`. Plugins come only from the user
+    (their config's `imports:` or `--import` on the command line); a stored config whose plugins
+    are not imported yet is refused, naming them and how to allow them.
+    """
+    import sys
+    imports = tree.get("imports") if isinstance(tree, dict) else None
+    wanted = [str(n) for n in imports] if isinstance(imports, list) else []
+    missing = [n for n in wanted if _plugin_module_name(n) not in sys.modules]
+    if missing:
+        shown = ", ".join(f"'{n}'" for n in missing)
+        raise PluginNeeded(f"checkpoint '{path}' was trained with the plugin{'s' if len(missing) > 1 else ''} "
+                           f"{shown} (its config's imports:), and sokd never imports code named inside a "
+                           f"file it reads; if you trust that code, add --import {missing[0]}"
+                           f"{' (once per plugin)' if len(missing) > 1 else ''}")
+    return validate(Config, tree, context={"imports": False})
 
 
 def import_plugins(names: list[str]) -> None:
@@ -280,17 +362,30 @@ def import_plugins(names: list[str]) -> None:
                             f"({str(err)[:160]}); fix that module") from None
 
 
+def parse_value(raw: str) -> Any:
+    """An override's value: the whole text after `=`, typed as YAML would type it (5 -> int,
+    true -> bool, [1, 2] -> list), but never cut short: YAML would read `runs/exp #2` as
+    `runs/exp` plus a comment, and a path must not lose its tail, so text that YAML does not
+    consume to its end stays the text it is."""
+    if raw.strip() == "":
+        return raw
+    try:
+        node = yaml.compose(raw, Loader=yaml.SafeLoader)
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if node is None or node.end_mark.index < len(raw.rstrip()):
+        return raw
+    return value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise SokdError(f"override '{text}' is not key=value (e.g. train.epochs=5)")
     key, raw = text.split("=", 1)
     if not key or any(not p for p in key.split(".")):
         raise SokdError(f"override '{text}' has an empty key part")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+    return key.split("."), parse_value(raw)
 
 
 def data_overrides(texts: list[str], command: str) -> dict:

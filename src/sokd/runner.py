@@ -8,13 +8,38 @@ import torch
 
 from . import data as data_layer
 from . import artifacts, methods, models
-from .config import Config, NetworkSpec, import_plugins
+from .config import Config, NetworkSpec, stored_config
 from .engine import DistContext, FitContext, evaluate, fit, load_state_strict, resolve_device, safe_load
 from .engine import tracking
 from .errors import SokdError
 
 
-def build_network(spec: NetworkSpec, role: str, num_classes: int, in_channels: int) -> torch.nn.Module:
+def check_preprocess(ckpt: dict, path: str, key: str, data) -> None:
+    """A network trained on images of another shape or normalisation sees noise: refuse it,
+    giving both records (`data`: the run's `DataBundle`). Plain state dicts record nothing."""
+    fmt = artifacts.kind(ckpt)
+    recorded = ckpt.get("preprocess") if fmt == artifacts.MODEL_FORMAT else ckpt.get("data") if fmt else None
+    if not isinstance(recorded, dict) or data is None:
+        return
+    theirs = {k: [float(v) for v in recorded.get(k) or []] for k in ("mean", "std")}
+    ours = {"mean": [float(v) for v in data.mean], "std": [float(v) for v in data.std]}
+    shape = list(recorded.get("shape") or [])
+    if shape and shape != list(data.shape):
+        raise SokdError(f"{key} '{path}' was trained on {'x'.join(map(str, shape))} images, but this data "
+                        f"gives {'x'.join(map(str, data.shape))}; train on the same image size "
+                        f"(data.image_size / data.pad_to) or use a network trained for it")
+    close = all(len(theirs[k]) == len(ours[k]) and all(abs(a - b) <= 1e-6 * max(1.0, abs(b))
+                                                        for a, b in zip(theirs[k], ours[k])) for k in ours)
+    if not close:
+        fmt_ = lambda v: "[" + ", ".join(f"{x:.4g}" for x in v) + "]"  # noqa: E731
+        raise SokdError(f"{key} '{path}' was trained on images normalised with mean {fmt_(theirs['mean'])} "
+                        f"std {fmt_(theirs['std'])}, but this data is normalised with mean {fmt_(ours['mean'])} "
+                        f"std {fmt_(ours['std'])}; set data.mean={fmt_(theirs['mean'])} "
+                        f"data.std={fmt_(theirs['std'])} so every network sees what it was trained on")
+
+
+def build_network(spec: NetworkSpec, role: str, num_classes: int, in_channels: int,
+                  data=None) -> torch.nn.Module:
     kwargs = dict(spec.kwargs)
     if spec.weights:
         if not Path(spec.weights).is_file():
@@ -23,18 +48,19 @@ def build_network(spec: NetworkSpec, role: str, num_classes: int, in_channels: i
     net = models.create(spec.arch, num_classes=num_classes, in_channels=in_channels, **kwargs)
     if spec.checkpoint:
         ckpt = safe_load(spec.checkpoint)
+        check_preprocess(ckpt, spec.checkpoint, f"{role}.checkpoint", data)
         state = artifacts.network_state(ckpt, spec.checkpoint, spec.checkpoint_role)
         load_state_strict(net, state, f"{role}.checkpoint '{spec.checkpoint}'")
     return net
 
 
 def build_method(cfg: Config, num_classes: int, shape, require_trained: bool = True,
-                 num_samples: int | None = None) -> methods.Method:
+                 num_samples: int | None = None, data=None) -> methods.Method:
     """The method with its networks (each carries its spec, see `models.spec_of`).
 
-    `num_samples` is the training-set size, for feature terms that keep per-sample state.
+    `num_samples` is the training-set size, for feature terms that keep per-sample state;
+    `data` (the run's `DataBundle`) is checked against what each checkpoint was trained on.
     """
-    import_plugins(cfg.imports)
     name = cfg.method.name
     teacher = cfg.teacher
     if (require_trained and methods.needs_trained_teacher(name) and teacher is not None
@@ -42,9 +68,9 @@ def build_method(cfg: Config, num_classes: int, shape, require_trained: bool = T
         raise SokdError(f"method '{name}' needs a trained teacher: set teacher.checkpoint=PATH "
                         f"(train one first with method.name=vanilla) or teacher.weights=PATH")
     specs = {"model": cfg.model, "teacher": cfg.teacher, "student": cfg.student}
-    nets = {role: build_network(spec, role, num_classes, shape[0])
+    nets = {role: build_network(spec, role, num_classes, shape[0], data)
             for role, spec in specs.items() if spec is not None}
-    peers = [build_network(s, "peer", num_classes, shape[0]) for s in cfg.peers]
+    peers = [build_network(s, "peer", num_classes, shape[0], data) for s in cfg.peers]
     if peers:
         nets["peers"] = peers
     return methods.create(name, input_shape=tuple(shape), num_samples=num_samples, **nets,
@@ -60,8 +86,31 @@ def _elastic_restart(cfg: Config) -> Config:
     return cfg.model_copy(update={"output": output})
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the host or the device running out of memory (torch reports the host's
+    as a RuntimeError)."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("out of memory", "can't allocate memory", "not enough memory"))
+
+
 def train(cfg: Config) -> dict | None:
-    """Train one run; returns its summary (None on non-zero ranks of a distributed job)."""
+    """Train one run; returns its summary (None on non-zero ranks of a distributed job).
+    Running out of memory is a one-line SokdError naming the sizes to lower; the run directory
+    is left as `fit` promises (rolled back before its first checkpoint)."""
+    try:
+        return _train(cfg)
+    except Exception as err:
+        if not out_of_memory(err):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise SokdError(f"ran out of memory ({first[:120]}); lower data.batch_size (now {cfg.data.batch_size}) "
+                        f"or data.eval_batch_size, the image size or the data set's size") from None
+
+
+def _train(cfg: Config) -> dict | None:
     cfg = _elastic_restart(cfg)
     dist = DistContext.from_env(cfg.train.device, cfg.distributed.backend)
     device = dist.device if dist.enabled else resolve_device(cfg.train.device)
@@ -70,7 +119,14 @@ def train(cfg: Config) -> dict | None:
     bundle = data_layer.create(cfg.data, device=device, rank=dist.rank, world_size=dist.world_size,
                                seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    method = build_method(cfg, bundle.num_classes, bundle.shape, num_samples=bundle.train_size)
+    if cfg.output.resume and (cfg.run_dir / "last.pt").is_file():
+        # every weight comes from last.pt: the files the run started from are not read again
+        # (they may be gone); the run directory checks that last.pt is this run's
+        method = build_method(_without_sources(cfg), bundle.num_classes, bundle.shape, require_trained=False,
+                              num_samples=bundle.train_size)
+    else:
+        method = build_method(cfg, bundle.num_classes, bundle.shape, num_samples=bundle.train_size,
+                              data=bundle)
     ctx = FitContext(cfg=cfg, run_dir=cfg.run_dir, dist=dist)
     summary = fit(method, bundle, ctx)
     return summary if dist.is_main else None
@@ -81,12 +137,9 @@ def rebuild_run(ckpt: dict, path: str) -> tuple[methods.Method, Config]:
 
     The files its networks started from (teacher checkpoints, local weights) are not re-read.
     """
-    cfg = Config.model_validate(ckpt["config"])
-    stripped = cfg.model_copy(update={
-        "model": _no_ckpt(cfg.model), "teacher": _no_ckpt(cfg.teacher),
-        "student": _no_ckpt(cfg.student), "peers": [_no_ckpt(p) for p in cfg.peers]})
+    cfg = stored_config(ckpt["config"], path)
     data = ckpt["data"]
-    method = build_method(stripped, data["num_classes"], data["shape"], require_trained=False,
+    method = build_method(_without_sources(cfg), data["num_classes"], data["shape"], require_trained=False,
                           num_samples=data.get("train_size"))
     load_state_strict(method, ckpt["method"], f"checkpoint '{path}'")
     return method, cfg
@@ -94,9 +147,7 @@ def rebuild_run(ckpt: dict, path: str) -> tuple[methods.Method, Config]:
 
 def rebuild_model_file(ckpt: dict, path: str) -> tuple[torch.nn.Module, Config | None]:
     """The network of a model file (student.pt, teacher_branch.pt, ...) and its run's config."""
-    cfg = Config.model_validate(ckpt["config"]) if ckpt.get("config") else None
-    if cfg is not None:
-        import_plugins(cfg.imports)  # user-registered architectures
+    cfg = stored_config(ckpt["config"], path) if ckpt.get("config") else None
     return artifacts.rebuild_model(ckpt, path), cfg
 
 
@@ -141,6 +192,13 @@ def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: s
     result["checkpoint"] = str(path)
     result["epoch"] = ckpt.get("epoch")
     return result
+
+
+def _without_sources(cfg: Config) -> Config:
+    """`cfg` with no network read from a file: for a run whose checkpoint holds every weight."""
+    return cfg.model_copy(update={
+        "model": _no_ckpt(cfg.model), "teacher": _no_ckpt(cfg.teacher),
+        "student": _no_ckpt(cfg.student), "peers": [_no_ckpt(p) for p in cfg.peers]})
 
 
 def _no_ckpt(spec: NetworkSpec | None) -> NetworkSpec | None:

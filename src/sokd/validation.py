@@ -58,8 +58,8 @@ def describe(err: ValidationError, model: type[BaseModel], prefix: str = "") -> 
     return f"bad value for '{key}': {msg}" + ("" if isinstance(given, dict) else f" (got {shown})")
 
 
-def validate(model: type[M], data: Any, prefix: str = "") -> M:
+def validate(model: type[M], data: Any, prefix: str = "", context: dict | None = None) -> M:
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as err:
         raise SokdError(describe(err, model, prefix)) from None

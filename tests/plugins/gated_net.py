@@ -4,7 +4,8 @@ Tests use it to act at an exact training step instead of guessing with sleeps: w
 SOKD_TEST_GATE="train:K" (or "eval:K") the K-th forward in that mode touches
 `$SOKD_TEST_GATE_DIR/reached` and waits until `$SOKD_TEST_GATE_DIR/go` exists;
 SOKD_TEST_GATE="aftertrain:K" waits at the first evaluation forward after K training
-forwards; SOKD_TEST_GATE="fail:K" raises at the K-th training forward. Without the variable it is
+forwards; SOKD_TEST_GATE="fail:K" raises at the K-th training forward; SOKD_TEST_GATE="nan:K" makes
+the K-th and every later training forward non-finite (a blow-up at a known step). Without the variable it is
 exactly resnet8 (the gate has no parameters and changes nothing).
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Gate(nn.Module):
             kind, at = spec.split(":")
             if kind == "fail" and mode == "train" and self.calls["train"] == int(at):
                 raise RuntimeError("injected failure")
+            if kind == "nan" and mode == "train" and self.calls["train"] >= int(at):
+                return x * float("nan")
             after = kind == "aftertrain" and mode == "eval" and self.calls["train"] == int(at)
             if after:
                 kind, at = "eval", self.calls["eval"]

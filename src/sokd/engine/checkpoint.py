@@ -9,11 +9,12 @@ SokdError that leaves no temporary file behind. Loads use
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
-import pickle
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SokdError
+from ..safeload import load_weights_only
 from ..models.common import state_mismatch
 
 
@@ -79,15 +81,40 @@ def write_bytes(fd: int, data: bytes, path: str | os.PathLike, fix: str = OUTPUT
         raise
 
 
+#: name of a temporary file sokd writes: `.<target>.<token><tag>.sokd.tmp`, where `tag` is a
+#: keyed digest of target and token, so a file merely named like one is never taken for sokd's
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<token>[0-9a-f]{12})(?P<tag>[0-9a-f]{8})\.sokd\.tmp$")
+
+
+def _temp_tag(target: str, token: str) -> str:
+    return hashlib.sha256(f"sokd-temporary-file\0{target}\0{token}".encode()).hexdigest()[:8]
+
+
+def temp_target(name: str) -> str | None:
+    """The file a temporary file of sokd's was to become (its name only), or None when `name`
+    is not one sokd made: the name must carry the tag only sokd's writer computes."""
+    match = _TEMP_NAME.match(name)
+    if match is None or _temp_tag(match["target"], match["token"]) != match["tag"]:
+        return None
+    return match["target"]
+
+
 def make_temp(path: str | os.PathLike, fix: str = OUTPUT_DIR_FIX) -> tuple[int, str]:
-    """A new temporary file next to `path`, as (fd, name); a full disk is a SokdError."""
+    """A new temporary file next to `path`, as (fd, name), created exclusively (never through an
+    existing file or link); a full disk is a SokdError."""
     path = Path(path)
-    try:
-        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        if is_no_space(err):
-            raise no_space_error(path, None, fix) from None
-        raise
+    for _ in range(100):
+        token = secrets.token_hex(6)
+        tmp = path.parent / f".{path.name}.{token}{_temp_tag(path.name, token)}.sokd.tmp"
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), str(tmp)
+        except FileExistsError:
+            continue
+        except OSError as err:
+            if is_no_space(err):
+                raise no_space_error(path, None, fix) from None
+            raise
+    raise FileExistsError(f"no free temporary name next to '{path}'")
 
 
 def default_file_mode() -> int:
@@ -150,29 +177,13 @@ def atomic_write_text(path: str | os.PathLike, text: str, fix: str = OUTPUT_DIR_
     atomic_write_bytes(path, text.encode(), fix, mode)
 
 
-def safe_load(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint with weights_only=True; every failure is a one-line SokdError."""
+def safe_load(path: str | os.PathLike) -> dict:
+    """Load a checkpoint to the CPU with weights_only=True; every failure is a one-line SokdError."""
     path = Path(path)
     if not path.is_file():
         raise SokdError(f"checkpoint '{path}' not found; check the path (train the run first, or "
                         f"point to its last.pt / best.pt / student.pt)")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        text = str(err)
-        detail = next((ln.strip() for ln in text.splitlines()
-                       if "GLOBAL" in ln or "Unsupported" in ln or "invalid load key" in ln), "")
-        if "GLOBAL" in text:
-            raise SokdError(f"checkpoint '{path}' was refused: it would import code on load "
-                            f"({detail[:140]}); only load checkpoints holding plain tensors") from None
-        raise SokdError(f"checkpoint '{path}' is corrupt or truncated, or not a PyTorch checkpoint "
-                        f"({detail[:100] or type(err).__name__}); use another copy, e.g. best.pt") from None
-    except Exception as err:  # noqa: BLE001 - arbitrary bytes can fail anywhere in the unpickler
-        # (IndexError, TypeError, struct.error, ... seen on random files); weights_only runs no
-        # code, so every failure here means an unreadable file.
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SokdError(f"checkpoint '{path}' is corrupt or truncated ({msg[:120]}); "
-                        f"use another copy, e.g. best.pt or an older backup") from None
+    obj = load_weights_only(path, "checkpoint")
     if not isinstance(obj, dict):
         raise SokdError(f"checkpoint '{path}' is not a sokd checkpoint (expected a mapping)")
     return obj

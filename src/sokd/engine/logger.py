@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from . import tracking
@@ -29,7 +30,9 @@ class RunLogger:
         line = (json.dumps(row) + "\n").encode()
         check_free_space(self.path, len(line))
         try:
-            with open(self.path, "ab") as f:
+            # O_NOFOLLOW: a link put in the run directory is never written through
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "ab") as f:
                 f.write(line)
                 f.flush()
         except OSError as err:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm import tqdm
 
 from .. import artifacts
 from ..errors import SokdError
@@ -17,6 +16,7 @@ from .ddp import sync_buffers
 from .distributed import DistContext
 from .evaluate import evaluate
 from .logger import RunLogger
+from .progress import epoch_progress
 from .optim import build_optimizer, build_scheduler, rebase_lr
 from .precision import (autocast, configure_cuda, emulation_note, grad_scaler, resolve_device,
                         resolve_precision)
@@ -95,7 +95,9 @@ def fit(method, data, ctx: FitContext) -> dict:
     trackers = tracking.create(cfg.output, ctx.run_dir, cfg.name) if dist.is_main else []
 
     run_dir = rundir.RunDirectory(ctx.run_dir, cfg.schema_default) if dist.is_main else None
-    ckpt = run_dir.open(cfg.to_dict(), cfg.output.resume, cfg.output.overwrite) if run_dir else None
+    ckpt = (run_dir.open(cfg.to_dict(), cfg.output.resume, cfg.output.overwrite,
+                         outputs=[f"{name}.pt" for name in method.standalone()], inputs=cfg.input_files())
+            if run_dir else None)
     try:
         ckpt = dist.broadcast_object(ckpt)
         with StopRequest() as stop:
@@ -123,6 +125,8 @@ def _check_forward(method, data, device, precision: str) -> None:
         with torch.no_grad(), autocast(device, precision):
             method.predict(images[:2])
     except RuntimeError as err:
+        if "memory" in str(err):  # not the images' shape: the caller reports running out of memory
+            raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SokdError(f"the networks cannot take this data's {tuple(images.shape[1:])} images ({first[:160]}); "
                         f"use larger images (data.image_size / data.pad_to) or another architecture") from None
@@ -215,9 +219,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
         step = start_step
         start_step, accum_state = 0, None
         total = len(data.train) if tr.steps_per_epoch is None else min(len(data.train), tr.steps_per_epoch)
-        bar = tqdm(total=total, initial=step, desc=f"epoch {epoch + 1}/{tr.epochs}", unit="step",
-                   leave=False, dynamic_ncols=True,
-                   disable=None if cfg.output.progress and dist.is_main else True)  # None: off when not a TTY
+        bar = epoch_progress(total, step, f"epoch {epoch + 1}/{tr.epochs}", cfg.output.progress and dist.is_main)
         method.train()
         try:
             stopped = _run_epoch(step_module, data, optimizer, scaler, accum, step, total, bar, stop,
@@ -237,12 +239,15 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
             result = run_eval()
             row.update(test=result["roles"], **run_val(), compare=result["compare"])
         history.append(row)
-        saved = saved_at(done, cfg.output.save_every, tr.epochs, first=epoch == start_epoch)
+        best = "test" in row and _best_epoch(history, method.primary) == done
+        # a best epoch writes last.pt too: best.pt never holds a state that a resumed run, going
+        # back to last.pt, would not pass through again (nor disagree with its summary)
+        saved = best or saved_at(done, cfg.output.save_every, tr.epochs, first=epoch == start_epoch)
         state = save(done, 0, None) if saved else None
         if logger:
             logger.log(row)
-        if dist.is_main and "test" in row and _best_epoch(history, method.primary) == done:
-            write_best(ctx.run_dir, state if saved else save(done, 0, None, path=None), copy_last=saved)
+        if dist.is_main and best:
+            write_best(ctx.run_dir, state, copy_last=True)
         dist.print(_epoch_line(row))
         if epoch + 1 < tr.epochs and dist.any_flag(stop.requested):
             raise Interrupted(stop.signum or 15, epoch + 1, 0, ctx.run_dir)

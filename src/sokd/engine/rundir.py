@@ -8,10 +8,14 @@ A run directory goes through three states, and `RunDirectory` keeps each promise
   wrote are ever moved: a directory that also holds anything else is refused.
 * **committed** — the first checkpoint is on disk; the set-aside run is deleted.
 
-A failure between "opened" and "committed" rolls back: the files this run created are removed,
-the set-aside run is moved back, and a directory this run created is removed, so the corrected
-command can simply be run again. A process killed in that window leaves `.sokd-replaced/`
-behind; the next open restores it.
+Every step between "opened" and "committed" is recorded first in a journal
+(`.sokd-journal.json`, written atomically): which entries are being set aside, and which
+entries the directory held when the run began. A failure in that window rolls back in-process;
+a process killed anywhere in it leaves the journal, and the next open of the directory finishes
+what the journal says: entries set aside go back (those not yet moved never left), the files
+the killed run created are removed, or, when its first checkpoint is on disk, the set-aside run
+is deleted. Nothing set aside is deleted before every entry was moved and the new run's
+`last.pt` exists. Symbolic links at the names a run writes are refused, never written through.
 """
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ import copy
 import errno
 import json
 import os
-import re
 import shutil
 import socket
 import time
@@ -30,17 +33,17 @@ import yaml
 
 from .. import artifacts
 from ..errors import SokdError
-from .checkpoint import atomic_write_text, safe_load
+from .checkpoint import atomic_write_text, safe_load, temp_target
 from .tracking.stored import DIRNAMES as TRACKER_DIRS, is_tracker_dir
 
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "summary.json")
 LOCK_NAME = ".sokd.lock"
 ASIDE_NAME = ".sokd-replaced"
+JOURNAL_NAME = ".sokd-journal.json"
 TB_DIR = "tb"
 #: config entries a resumption may change; `optim.lr` / `optim.lr_per_role` re-base the schedule
 RESUMABLE_CHANGES = ("output", "train.epochs", "train.device", "train.threads", "train.compile",
                      "train.sync_every", "data.eval_batch_size", "optim.lr", "optim.lr_per_role")
-_TMP = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")  # atomic_write's temporary files
 
 
 def _strip(cfg: dict) -> dict:
@@ -94,7 +97,7 @@ def is_sokd_entry(path: Path) -> bool:
     name = path.name
     if path.is_symlink():
         return False
-    if name in RUN_FILES or name == LOCK_NAME:
+    if name in RUN_FILES or name in (LOCK_NAME, JOURNAL_NAME):
         return path.is_file()
     if name == ASIDE_NAME:
         return path.is_dir()
@@ -102,10 +105,8 @@ def is_sokd_entry(path: Path) -> bool:
         return _is_tb_dir(path)
     if name in TRACKER_DIRS:
         return is_tracker_dir(path)
-    tmp = _TMP.match(name)
-    if tmp:
-        target = tmp.group("target")
-        return path.is_file() and (target in RUN_FILES or target.endswith((".pt", ".onnx", ".jsonl", ".json")))
+    if temp_target(name) is not None:
+        return path.is_file()
     if name.endswith(".pt"):
         return path.is_file() and _is_sokd_pt(path)
     if name.endswith(".onnx"):
@@ -114,22 +115,29 @@ def is_sokd_entry(path: Path) -> bool:
 
 
 def _holds_run(run_dir: Path) -> bool:
-    return any((run_dir / f).exists() for f in RUN_FILES)
+    return any(os.path.lexists(run_dir / f) for f in RUN_FILES)
 
 
-def _check_run_files_are_files(run_dir: Path) -> None:
-    for name in RUN_FILES:
+def _link_error(path: Path) -> SokdError:
+    return SokdError(f"'{path}' is a symbolic link; sokd never writes through or replaces a link it did "
+                     f"not make: remove the link (keep its target) or choose another output.dir")
+
+
+def _check_run_files_are_files(run_dir: Path, names=RUN_FILES) -> None:
+    for name in names:
         path = run_dir / name
-        if path.exists() and not path.is_file():
+        if path.is_symlink():
+            raise _link_error(path)
+        if name in RUN_FILES and path.exists() and not path.is_file():
             raise SokdError(f"'{path}' is not a regular file (a run keeps its {name} there); "
                             f"move it away or choose another output.dir")
 
 
 def stale_temp_files(run_dir: Path) -> list[Path]:
-    """Temporary files of writes that were killed before their rename."""
+    """Temporary files of sokd's writes that were killed before their rename."""
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.iterdir() if _TMP.match(p.name) and is_sokd_entry(p))
+    return sorted(p for p in run_dir.iterdir() if temp_target(p.name) is not None and is_sokd_entry(p))
 
 
 def check_writable(run_dir: Path) -> None:
@@ -173,10 +181,19 @@ class RunLock:
                          f"{f' since {since}' if since else ''}; wait for that run to finish or stop it, "
                          f"or choose another output.dir (if no such process exists, delete '{self.path}')")
 
+    def _open(self) -> int:
+        """The lock file, never through a symbolic link (its target would be truncated)."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise _link_error(self.path) from None
+            raise
+
     def acquire(self) -> None:
         import fcntl
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -208,7 +225,7 @@ class RunLock:
         if holder and holder.get("pid") != os.getpid():
             if holder.get("host") != socket.gethostname() or _pid_alive(int(holder.get("pid", 0))):
                 raise self._refuse(holder)
-        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        return self._open()
 
     def release(self) -> None:
         if self.fd is None:
@@ -235,16 +252,22 @@ class RunDirectory:
         self.begun = False
         self._overwrite = False
         self._before: set[str] = set()   # entries present when this run began (never removed)
-        self._aside: Path | None = None
+        self._outputs: tuple[str, ...] = RUN_FILES
 
     # -- opened ----------------------------------------------------------------------------
-    def open(self, cfg: dict, resume: bool, overwrite: bool) -> dict | None:
-        """Lock the directory and check it for this run; returns the checkpoint to resume from."""
+    def open(self, cfg: dict, resume: bool, overwrite: bool, outputs=(), inputs: dict | None = None) -> dict | None:
+        """Lock the directory and check it for this run; returns the checkpoint to resume from.
+
+        `outputs`: names this run writes besides the run files (model files such as student.pt);
+        `inputs`: {config key: path} of the files the run reads (a teacher checkpoint, weights),
+        which an overwrite must not delete.
+        """
         path = self.path
         if path.exists() and not path.is_dir():
             raise SokdError(f"output.dir '{path}' is a file; choose a directory")
         if resume and overwrite:
             raise SokdError("output.resume and output.overwrite are both set; choose one")
+        self._outputs = tuple(dict.fromkeys((*RUN_FILES, *outputs, TB_DIR)))
         if not path.exists():
             try:
                 path.mkdir(parents=True)
@@ -255,8 +278,8 @@ class RunDirectory:
         try:
             check_writable(path)
             self.lock.acquire()
-            self._restore_interrupted_overwrite()
-            ckpt = self._check(cfg, resume, overwrite)
+            self._recover()
+            ckpt = self._check(cfg, resume, overwrite, inputs or {})
         except BaseException:
             self.close()
             raise
@@ -264,16 +287,20 @@ class RunDirectory:
         self.committed = ckpt is not None
         return ckpt
 
-    def _check(self, cfg: dict, resume: bool, overwrite: bool) -> dict | None:
+    def _check(self, cfg: dict, resume: bool, overwrite: bool, inputs: dict) -> dict | None:
         path = self.path
-        _check_run_files_are_files(path)
+        _check_run_files_are_files(path, self._outputs)
+        if overwrite:
+            self._check_inputs_survive(inputs)
         if resume:
             last = path / "last.pt"
             if not last.exists():
                 if _holds_run(path):
                     raise SokdError(f"'{path}' has no last.pt to resume from; use output.overwrite=true "
                                     f"to start again")
+                self._check_no_collision()
                 return None
+            self._check_outputs_are_sokds()
             ckpt = safe_load(last)
             if artifacts.kind(ckpt) != artifacts.RUN_FORMAT:
                 raise SokdError(f"'{last}' is not a run checkpoint (format {ckpt.get('format')!r}); put the "
@@ -296,36 +323,128 @@ class RunDirectory:
                 shown = ", ".join(f"'{n}'" for n in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
                 raise SokdError(f"output.overwrite=true removes only files sokd wrote, but '{path}' also holds "
                                 f"{shown}; move them away or choose another output.dir")
+        else:
+            self._check_no_collision()
         return None
 
-    def _restore_interrupted_overwrite(self) -> None:
-        """A run killed between overwrite and its first checkpoint: put the old run back."""
-        aside = self.path / ASIDE_NAME
-        if not aside.is_dir():
+    def _check_no_collision(self) -> None:
+        """A new run writes only names that are free: a file already there (the user's own
+        model.pt, say) is refused, not replaced."""
+        taken = [n for n in self._outputs if os.path.lexists(self.path / n)]
+        if taken:
+            shown = ", ".join(f"'{n}'" for n in taken[:5])
+            raise SokdError(f"'{self.path}' already holds {shown}, which this run would write; move "
+                            f"{'it' if len(taken) == 1 else 'them'} away or choose another output.dir")
+
+    def _check_outputs_are_sokds(self) -> None:
+        """A resumed run rewrites its files: each one present must be one sokd wrote."""
+        foreign = [n for n in self._outputs if os.path.lexists(self.path / n)
+                   and not is_sokd_entry(self.path / n)]
+        if foreign:
+            raise SokdError(f"'{self.path / foreign[0]}' was not written by sokd, and resuming would "
+                            f"replace it; move it away first")
+
+    def _check_inputs_survive(self, inputs: dict) -> None:
+        """output.overwrite=true deletes the directory's files: none of them may be a file this
+        run reads."""
+        root = self.path.resolve()
+        for key, file in inputs.items():
+            where = Path(file).expanduser().resolve()
+            if where == root or root in where.parents:
+                raise SokdError(f"output.overwrite=true would delete '{file}', which this run reads as "
+                                f"{key}; copy it out of '{self.path}' or choose another output.dir")
+
+    # -- the journal of the steps between opened and committed ----------------------------
+    @property
+    def _journal_path(self) -> Path:
+        return self.path / JOURNAL_NAME
+
+    @property
+    def _aside_path(self) -> Path:
+        return self.path / ASIDE_NAME
+
+    def _write_journal(self, **entry) -> None:
+        atomic_write_text(self._journal_path, json.dumps(entry) + "\n")
+
+    def _read_journal(self) -> dict | None:
+        path = self._journal_path
+        if path.is_symlink():
+            raise _link_error(path)
+        if not path.exists():
+            return None
+        try:
+            journal = json.loads(path.read_text())
+            if journal.get("phase") not in ("aside", "begun"):
+                raise ValueError(journal.get("phase"))
+        except (OSError, ValueError, AttributeError):
+            raise SokdError(f"'{path}' is not a journal sokd can read, so the interrupted run in "
+                            f"'{self.path}' cannot be put right automatically; check the directory "
+                            f"(a replaced run's files are in '{self._aside_path}') and delete the journal") from None
+        return journal
+
+    def _recover(self) -> None:
+        """Finish what a killed run's journal says (see module doc); no journal: nothing to do."""
+        journal = self._read_journal()
+        aside = self._aside_path
+        if journal is None:
+            if aside.is_dir() and not aside.is_symlink():
+                if any(aside.iterdir()):
+                    raise SokdError(f"'{aside}' holds a replaced run but no journal says how it got there; "
+                                    f"move its files back into '{self.path}' (or delete it) and retry")
+                aside.rmdir()
             return
-        if (self.path / "last.pt").exists() and not (aside / "last.pt").exists():
-            shutil.rmtree(aside)  # killed after its first checkpoint: the new run stands
+        if journal["phase"] == "begun" and (self.path / "last.pt").is_file():
+            self._drop_aside()  # the killed run wrote its first checkpoint: it stands
+        else:
+            self._undo(set(journal.get("before", [])) if journal["phase"] == "begun" else None)
+            self.created_dir = self.created_dir or bool(journal.get("created_dir"))
+            print(f"note: '{self.path}' held a run killed before its first checkpoint; the directory is "
+                  f"back as it was before that run", flush=True)
+        self._journal_path.unlink()
+
+    def _undo(self, before: set[str] | None) -> None:
+        """Remove what a run created after `before` (None: it created nothing yet), then move the
+        set-aside run back."""
+        if before is not None:
+            for entry in list(self.path.iterdir()):
+                if entry.name not in before | {ASIDE_NAME, LOCK_NAME, JOURNAL_NAME} and is_sokd_entry(entry):
+                    _remove(entry)
+        aside = self._aside_path
+        if not aside.is_dir() or aside.is_symlink():
             return
-        for entry in self.path.iterdir():
-            if entry.name not in (ASIDE_NAME, LOCK_NAME) and is_sokd_entry(entry):
-                _remove(entry)
-        for entry in aside.iterdir():
-            os.replace(entry, self.path / entry.name)
+        for entry in sorted(aside.iterdir()):
+            target = self.path / entry.name
+            if os.path.lexists(target):
+                if not is_sokd_entry(target):
+                    raise SokdError(f"cannot put '{entry}' back: '{target}' exists and sokd did not write "
+                                    f"it; move one of them and retry")
+                _remove(target)
+            os.replace(entry, target)
         aside.rmdir()
+
+    def _drop_aside(self) -> None:
+        """Delete the set-aside run (only once the new run's first checkpoint is on disk)."""
+        aside = self._aside_path
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside)
 
     # -- begun -----------------------------------------------------------------------------
     def begin(self, cfg: dict) -> None:
-        """The run's first writes: set the old run aside (overwrite), clean temp files, config.yaml."""
+        """The run's first writes: set the old run aside (overwrite), clean temp files, config.yaml.
+        Each step is in the journal before it is taken (see module doc)."""
         for tmp in stale_temp_files(self.path):
             tmp.unlink()
+        aside: list[str] = []
         if self._overwrite:
-            aside = self.path / ASIDE_NAME
-            aside.mkdir()
-            self._aside = aside
-            for entry in list(self.path.iterdir()):
-                if entry.name not in (ASIDE_NAME, LOCK_NAME):
-                    os.replace(entry, aside / entry.name)
-        self._before = {p.name for p in self.path.iterdir()}
+            aside = sorted(p.name for p in self.path.iterdir()
+                           if p.name not in (ASIDE_NAME, LOCK_NAME, JOURNAL_NAME))
+            self._write_journal(phase="aside", created_dir=self.created_dir)
+            self._aside_path.mkdir()
+            for name in aside:
+                os.replace(self.path / name, self._aside_path / name)
+        self._before = {p.name for p in self.path.iterdir()} - {ASIDE_NAME, LOCK_NAME, JOURNAL_NAME}
+        if not self.committed:
+            self._write_journal(phase="begun", before=sorted(self._before), created_dir=self.created_dir)
         self.begun = True
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
@@ -335,22 +454,15 @@ class RunDirectory:
         if self.committed:
             return
         self.committed = True
-        if self._aside is not None:
-            shutil.rmtree(self._aside)
-            self._aside = None
+        self._drop_aside()
+        self._journal_path.unlink(missing_ok=True)
 
     def rollback(self) -> None:
         """Leave the directory as it was before this run (only before the first checkpoint)."""
         if self.committed or not self.begun:
             return
-        for entry in list(self.path.iterdir()):
-            if entry.name not in self._before | {ASIDE_NAME, LOCK_NAME} and is_sokd_entry(entry):
-                _remove(entry)
-        if self._aside is not None:
-            for entry in self._aside.iterdir():
-                os.replace(entry, self.path / entry.name)
-            self._aside.rmdir()
-            self._aside = None
+        self._undo(self._before)
+        self._journal_path.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.lock.release()

@@ -4,8 +4,13 @@ Every moment a signal can arrive has its own outcome:
 
 * during training (first signal): the loop finishes the step, writes `last.pt` and raises
   `Interrupted` (exit 128 + signal, with the resume command);
-* a second signal before that checkpoint is written: `ForcedStop` at once, naming the last
-  checkpoint that is on disk (atomic writes guarantee it is whole);
+* a second signal before that checkpoint is written: stop at once, naming the last checkpoint
+  that is on disk (atomic writes guarantee it is whole). A command-line process ends right in
+  the handler (one line on stderr, `os._exit`): an exception raised from a signal handler can
+  land in a finalizer, which prints a traceback and swallows it, or in the middle of a write
+  whose clean-up then loses the message. What a killed process leaves (a temporary file, a run
+  before its first checkpoint) the next `sokd train` puts right. Library callers get the
+  `ForcedStop` exception instead;
 * after the last epoch, while the run's final files are written: the signal is recorded, the run
   completes, and the command says so (`late_signal()`);
 * outside training (a command that has not started training, or another command): `Stopped`.
@@ -25,6 +30,7 @@ _active: "StopRequest | None" = None
 _guarded = False
 _late: int | None = None
 _finished = False   # a run finished in this process: later signals are only reported
+_exit_at_once = False   # a command-line process: a second signal ends it inside the handler
 
 
 def _name(signum: int) -> str:
@@ -44,14 +50,32 @@ class Stopped(Exception):
         self.exit_code = 128 + signum
 
 
+def forced_stop_message(signum: int, saved: str) -> str:
+    if saved.startswith("last.pt"):
+        then = "; resume with the same command plus output.resume=true"
+    else:
+        then = "; the same command starts the run again"
+    return f"second {_name(signum)}: stopped at once without saving the current step; {saved}{then}"
+
+
 class ForcedStop(Exception):
     """A second signal: stop at once without writing another checkpoint."""
 
     def __init__(self, signum: int, saved: str):
-        resume = "; resume with the same command plus output.resume=true" if saved.startswith("last.pt") else ""
-        super().__init__(f"second {_name(signum)}: stopped at once without saving the current step; "
-                         f"{saved}{resume}")
+        super().__init__(forced_stop_message(signum, saved))
         self.exit_code = 128 + signum
+
+
+def _exit_with(signum: int, line: str) -> None:
+    """End the process from inside the signal handler, saying `line` on stderr."""
+    import os
+    import sys
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - the handler may have interrupted a write to stdout itself
+        pass
+    os.write(2, f"sokd: {line}\n".encode())
+    os._exit(128 + signum)
 
 
 class Interrupted(Exception):
@@ -79,6 +103,8 @@ class StopRequest:
             _late = signum
             return
         if self.signum is not None:
+            if _exit_at_once:
+                _exit_with(signum, forced_stop_message(signum, self.saved))
             raise ForcedStop(signum, self.saved)
         self.signum = signum
 
@@ -119,6 +145,8 @@ def _guard_handler(signum, frame) -> None:
         _active.handle(signum)
     elif _late is None and _finished:
         _late = signum
+    elif _exit_at_once:  # nothing in progress needs saving; an exception could be swallowed
+        _exit_with(signum, str(Stopped(signum)))
     else:
         raise Stopped(signum)
 
@@ -139,17 +167,18 @@ def process_guard(restore: bool = True):
     A command-line process passes `restore=False`: the handler then stays until the process
     exits, so there is no moment at which a signal meets the default handler.
     """
-    global _guarded, _late, _finished
+    global _guarded, _late, _finished, _exit_at_once
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _late, _finished = None, False
     old = {sig: signal.signal(sig, _guard_handler) for sig in _SIGNALS}
     _guarded = True
+    _exit_at_once = not restore
     try:
         yield
     finally:
         if restore:
-            _guarded = False
+            _guarded = _exit_at_once = False
             for sig, handler in old.items():
                 signal.signal(sig, handler)

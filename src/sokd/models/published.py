@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SokdError
+from ..safeload import load_weights_only
 from .common import state_mismatch
 
 LAYOUT = "RepDistiller/mdistiller"
@@ -156,10 +157,7 @@ def read_state_file(path, label: str) -> dict[str, torch.Tensor]:
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise SokdError(f"{label}: weights file '{path}' does not exist (sokd never downloads weights)")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SokdError(f"{label}: could not read weights file '{path}' as a PyTorch state dict: {err}") from None
+    obj = load_weights_only(p, f"{label} file")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

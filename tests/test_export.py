@@ -161,12 +161,13 @@ def test_errors_are_one_line_sokd_errors(sokd_run, teacher_file, tmp_path, monke
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_a_model_that_disagrees_is_not_written(sokd_run, tmp_path, monkeypatch, fmt):
-    out = tmp_path / f"student.{fmt}"
-    out.write_text("previous good export")
+    out = tmp_path / f"student{export.EXTENSIONS[fmt]}"
+    export.export(sokd_run / "student.pt", fmt, out=out, images=16)  # the previous good export
+    previous = out.read_bytes()
     real = export.run_exported
     monkeypatch.setattr(export, "run_exported", lambda *a: real(*a) + 1e-3)  # a broken exporter
     with pytest.raises(SokdError, match=r"disagrees with PyTorch: max \|logit diff\| 1\.00e-03 > 1e-04 on "
                                         r"16 test images; nothing was written"):
-        export.export(sokd_run / "student.pt", fmt, out=out, images=16)
-    assert out.read_text() == "previous good export"  # the old file is untouched...
+        export.export(sokd_run / "student.pt", fmt, out=out, images=16, overwrite=True)
+    assert out.read_bytes() == previous  # the old file is untouched...
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # ...and no temporary file is left

@@ -96,9 +96,13 @@ def test_train_onto_a_full_disk_names_it_and_leaves_the_disk_as_it_was(tmp_path,
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_onto_a_full_disk_names_it_and_keeps_the_old_file(tmp_path, full_disk, teacher_file, fmt):
     target = full_disk / f"model{export.EXTENSIONS[fmt]}"
-    target.write_bytes(b"an earlier export")
+    earlier = export.export(teacher_file, fmt, out=tmp_path, images=8).path  # an earlier export, in the
+    (full_disk / "filler").unlink()                                         # place of part of the filler
+    shutil.copyfile(earlier, target)
+    (full_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(full_disk).free - 130 * 1024))
     before = snapshot(full_disk)
-    result = sokd("export", teacher_file, "--format", fmt, "--out", full_disk, "--images", 8, cwd=tmp_path)
+    result = sokd("export", teacher_file, "--format", fmt, "--out", full_disk, "--images", 8, "--overwrite",
+                  cwd=tmp_path)
     line = assert_refused(result, NO_SPACE)
     assert str(target) in line and line.endswith("free space or pass --out elsewhere")
     assert temp_files(full_disk) == [] and snapshot(full_disk) == before

@@ -16,6 +16,12 @@ written to a temporary name next to the target, loaded back (torch.jit.load /
 onnxruntime on the CPU) and run on a batch of the data set's test split; only if its logits match
 the PyTorch network's to `tolerance` (max absolute difference, default 1e-4) is it renamed into
 place. Otherwise the temporary file is deleted and a SokdError says by how much it disagreed.
+
+The target is only ever a new file or, with `overwrite=True` (`--overwrite`), an earlier sokd
+export of the same format (`check_target`): a run's files, checkpoints, model files and anything
+else are never replaced, and a symbolic link at the target is refused, never written through.
+A file sokd export wrote is recognised by its `sokd.json` metadata (`sniff`), without loading
+it, so `sokd eval` / `sokd export` given one say what it is and how to run it.
 """
 from __future__ import annotations
 
@@ -86,6 +92,7 @@ class _Logits(nn.Module):
 def load_exportable(checkpoint: str | os.PathLike, role: str | None = None) -> Exportable:
     """The network `role` of a run checkpoint, or the one network of a model file, in eval mode."""
     from .engine.checkpoint import check_finite
+    refuse_exported(checkpoint, "export")
     ckpt = artifacts.load(checkpoint)
     fmt = artifacts.kind(ckpt)
     if fmt is not None:
@@ -352,6 +359,150 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return json.loads(text)
 
 
+# ---------------------------------------------------------------- recognising exported files
+#: how far from its end an ONNX export's metadata is looked for (it is the file's last entry)
+_ONNX_TAIL = 1 << 20
+_ONNX_MARK = b'"format": "sokd-export"'
+
+
+def sniff(path: str | os.PathLike) -> tuple[str, dict] | None:
+    """(format, `sokd.json` metadata) of a file `sokd export` wrote, else None.
+
+    Nothing is loaded or run: a TorchScript export is a zip archive holding `*/extra/sokd.json`
+    (a run checkpoint or model file, also a zip, has none), and an ONNX export ends with its
+    metadata, JSON written with sorted keys (so it opens with `{"arch": `). A file that cannot be
+    read is simply not an export; the metadata is {} when the marker is found but the JSON is not.
+    """
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return None
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith(f"/extra/{METADATA_KEY}")), None)
+                if name is None:
+                    return None
+                meta = json.loads(archive.read(name).decode("utf-8"))
+            return ("torchscript", meta) if isinstance(meta, dict) and meta.get("format") == "sokd-export" \
+                else None
+        with open(path, "rb") as f:
+            head = f.read(1)
+            f.seek(max(0, path.stat().st_size - _ONNX_TAIL))
+            tail = f.read()
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
+        return None
+    if head != b"\x08":  # an ONNX ModelProto opens with its ir_version field (tag 0x08)
+        return None
+    mark = tail.rfind(_ONNX_MARK)
+    if mark < 0:
+        return None
+    start = tail.rfind(b'{"arch": ', 0, mark)
+    meta = {}
+    if start >= 0:
+        try:
+            meta = json.JSONDecoder().raw_decode(tail[start:].decode("utf-8", "replace"))[0]
+        except ValueError:
+            pass
+    return "onnx", (meta if isinstance(meta, dict) and meta.get("format") == "sokd-export" else {})
+
+
+def _how_to_run(path: Path, fmt: str, meta: dict) -> str:
+    """One clause saying how to run an exported file, with its recorded preprocessing."""
+    inp = meta.get("input") if isinstance(meta.get("input"), dict) else {}
+    shape = "x".join(map(str, inp.get("shape") or [])) or "CxHxW"
+    call = (f"torch.jit.load('{path}')(x)" if fmt == "torchscript" else
+            f"onnxruntime.InferenceSession('{path}').run(['{OUTPUT_NAME}'], {{'{INPUT_NAME}': x}})")
+    norm = ""
+    if inp.get("mean") is not None and inp.get("std") is not None:
+        norm = f", x = (uint8 / 255 - mean) / std with mean {_values(inp['mean'])} std {_values(inp['std'])}"
+    return f"run it with {call} on float32 Nx{shape} images{norm}"
+
+
+def _values(values) -> str:
+    try:
+        return "[" + ", ".join(f"{float(v):.4g}" for v in values) + "]"
+    except (TypeError, ValueError):
+        return str(values)
+
+
+def describe_export(fmt: str, meta: dict) -> str:
+    """'a TorchScript model written by sokd export (role student, resnet8, 4 classes)'."""
+    kind = {"torchscript": "TorchScript", "onnx": "ONNX"}[fmt]
+    facts = [f"role {meta['role']}" if meta.get("role") else "", str(meta.get("arch") or ""),
+             f"{meta['num_classes']} classes" if meta.get("num_classes") else ""]
+    facts = ", ".join(f for f in facts if f)
+    return f"a{'n' if fmt == 'onnx' else ''} {kind} model written by sokd export" + (f" ({facts})" if facts else "")
+
+
+def refuse_exported(path: str | os.PathLike, command: str) -> None:
+    """SokdError when `path` is a file sokd export wrote: `sokd eval` / `sokd export` read run
+    checkpoints and model files, and an exported model would otherwise read as a corrupt one.
+    The message says what the file is, how to run it, and which checkpoint it came from."""
+    found = sniff(path)
+    if found is None:
+        return
+    fmt, meta = found
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    origin = source.get("checkpoint")
+    retry = (f"; or {command} the checkpoint it came from: sokd {command} {origin}" if origin else
+             f"; sokd {command} reads run checkpoints (last.pt / best.pt) and model files (student.pt, ...)")
+    raise SokdError(f"'{path}' is {describe_export(fmt, meta)}, not a checkpoint sokd {command} "
+                    f"reads; {_how_to_run(Path(path), fmt, meta)}{retry}")
+
+
+def check_target(path: Path, fmt: str, overwrite: bool) -> None:
+    """SokdError unless an export may be written at `path`: a new name, or with `overwrite` an
+    earlier sokd export of the same format. A run's files (config.yaml, last.pt, metrics.jsonl,
+    ...), sokd checkpoints and model files, other exports and anything else are never replaced, and
+    a symbolic link is refused (renaming over it would drop the link; writing through it would
+    change the file it points to)."""
+    from .engine.rundir import RUN_FILES
+    path = Path(path)
+    other = f"pass --out another file (e.g. '{path.parent / _default_name(path, fmt)}')"
+    if path.is_symlink():
+        raise SokdError(f"--out '{path}' is a symbolic link; sokd export never writes through a link, so "
+                        f"{other}")
+    if path.name in RUN_FILES or path.name.startswith(".sokd"):
+        raise SokdError(f"'{path}' is a run file name ({path.name}); sokd export never writes over a run's "
+                        f"files, even with --overwrite, so {other}")
+    if not os.path.lexists(path):
+        return
+    found = sniff(path) if path.is_file() else None
+    if found is None or found[0] != fmt:
+        if found is not None:
+            what = describe_export(*found)
+        elif not path.is_file():
+            what = "not a regular file"
+        else:
+            what = "a sokd checkpoint or model file" if _is_sokd_checkpoint(path) else "not a sokd export"
+        raise SokdError(f"'{path}' exists and is {what}; sokd export replaces only its own {fmt} exports "
+                        f"(even with --overwrite), so {other}")
+    if not overwrite:
+        raise SokdError(f"'{path}' already holds {describe_export(*found)}; pass --overwrite to replace it, "
+                        f"or --out another file")
+
+
+def _default_name(path: Path, fmt: str) -> str:
+    """A free name beside `path` for the suggestion in `check_target`'s messages."""
+    stem = path.name.split(".")[0] or "model"
+    for n in range(1, 100):
+        name = f"{stem}-{n}{EXTENSIONS[fmt]}"
+        if not os.path.lexists(path.parent / name):
+            return name
+    return f"{stem}-new{EXTENSIONS[fmt]}"
+
+
+def _is_sokd_checkpoint(path: Path) -> bool:
+    """A run checkpoint or model file (read as plain tensors; nothing is executed)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not a checkpoint
+        return False
+    return isinstance(obj, dict) and artifacts.kind(obj) is not None
+
+
 #: what to do when an exported file does not fit
 _NO_SPACE_FIX = "free space or pass --out elsewhere"
 
@@ -382,8 +533,12 @@ def _write_temp(data: bytes, path: Path) -> str:
 
 def export_network(item: Exportable, fmt: str, path: Path, images: torch.Tensor, *,
                    opset: int | None = None, tolerance: float = TOLERANCE,
-                   class_names: list[str] | None = None) -> ExportResult:
-    """Write `item.net` to `path` atomically after checking its logits on `images` against PyTorch."""
+                   class_names: list[str] | None = None, overwrite: bool | None = None) -> ExportResult:
+    """Write `item.net` to `path` atomically after checking its logits on `images` against PyTorch.
+
+    `overwrite`: None leaves the target to the caller; True / False checks it (`check_target`)
+    again just before the rename, so a file that appeared during the export is not replaced.
+    """
     from .engine.checkpoint import commit_file
     fmt = _check_format(fmt)
     opset = _check_opset(opset, fmt)
@@ -413,6 +568,8 @@ def export_network(item: Exportable, fmt: str, path: Path, images: torch.Tensor,
             raise SokdError(f"the exported {fmt} model disagrees with PyTorch: max |logit diff| {diff:.2e} > "
                             f"{tolerance:.0e} on {images.shape[0]} test images; nothing was written "
                             f"(try the other --format{' or another --opset' if fmt == 'onnx' else ''})")
+        if overwrite is not None:
+            check_target(path, fmt, overwrite)
         commit_file(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -423,11 +580,13 @@ def export_network(item: Exportable, fmt: str, path: Path, images: torch.Tensor,
 
 def export(checkpoint: str | os.PathLike, fmt: str, *, role: str | None = None,
            out: str | os.PathLike | None = None, opset: int | None = None, images: int = 64,
-           tolerance: float = TOLERANCE, data_overrides: dict | None = None) -> ExportResult:
+           tolerance: float = TOLERANCE, data_overrides: dict | None = None,
+           overwrite: bool = False) -> ExportResult:
     """Export one network of `checkpoint` to `fmt` ("torchscript" | "onnx"); see the module docstring.
 
     `images`: how many test images the parity check uses; `data_overrides`: data.KEY values for
-    rebuilding the test split (e.g. {"root": "/data/fmnist"}).
+    rebuilding the test split (e.g. {"root": "/data/fmnist"}); `overwrite`: replace an earlier
+    export of this format at the target (nothing else is ever replaced, see `check_target`).
     """
     fmt = _check_format(fmt)
     opset = _check_opset(opset, fmt)
@@ -438,13 +597,17 @@ def export(checkpoint: str | os.PathLike, fmt: str, *, role: str | None = None,
     if not tolerance > 0:
         raise SokdError(f"--tolerance must be positive, got {tolerance!r}")
     if out is not None:  # fail on a bad --out before the slow part
-        output_path(checkpoint, role or "model", fmt, out)
+        early = output_path(checkpoint, role or "model", fmt, out)
+        if role is not None or not Path(out).expanduser().is_dir():
+            check_target(early, fmt, overwrite)
     item = load_exportable(checkpoint, role)
     path = output_path(checkpoint, item.role, fmt, out)
+    check_target(path, fmt, overwrite)
     batch, class_names = _test_images(item, images, data_overrides)
-    return export_network(item, fmt, path, batch, opset=opset, tolerance=tolerance, class_names=class_names)
+    return export_network(item, fmt, path, batch, opset=opset, tolerance=tolerance, class_names=class_names,
+                          overwrite=overwrite)
 
 
-__all__ = ["FORMATS", "DEFAULT_OPSET", "TOLERANCE", "METADATA_KEY", "Exportable", "ExportResult", "export",
-           "export_network", "load_exportable", "metadata", "output_path", "read_metadata", "run_exported",
-           "require_onnx"]
+__all__ = ["FORMATS", "DEFAULT_OPSET", "TOLERANCE", "METADATA_KEY", "Exportable", "ExportResult", "check_target",
+           "describe_export", "export", "export_network", "load_exportable", "metadata", "output_path",
+           "read_metadata", "refuse_exported", "run_exported", "require_onnx", "sniff"]

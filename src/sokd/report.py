@@ -2,9 +2,15 @@
 
 Final-epoch and best-epoch accuracies are separate, labelled columns: best-epoch numbers are
 selected on the test set and therefore optimistic.
+
+A run is counted once, by what it recorded, not by the folder it sits in: copies of a run
+(`cp -r`, a backup beside it) are recognised by their identity (`identity`) and left out, and the
+report says how many were. Folders whose name starts with "." are never read: `.sokd-replaced`
+holds the previous run while an `output.overwrite=true` run starts, and is no run of its own.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -15,19 +21,33 @@ from pathlib import Path
 from .errors import SokdError
 
 
+#: the folder an overwrite sets the previous run aside in (engine.rundir.ASIDE_NAME)
+ASIDE_NAME = ".sokd-replaced"
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    """Whether `path` lies in a folder below `root` whose name starts with "." (never read)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts[:-1])
+
+
 def find_runs(paths: list[str]) -> list[Path]:
-    """Run directories (holding summary.json) under the given paths."""
+    """Run directories (holding summary.json) under the given paths; folders named ".*" below
+    a given path (`.sokd-replaced`, `.git`, ...) are skipped."""
     runs = []
     for p in map(Path, paths):
+        if p.name == ASIDE_NAME or ASIDE_NAME in p.parts:
+            raise SokdError(f"'{p}' is the previous run an output.overwrite=true run set aside while starting, "
+                            f"not a run to report; report its parent run directory instead")
         if (p / "summary.json").is_file():
             runs.append(p)
         elif p.is_dir():
-            runs.extend(sorted(q.parent for q in p.rglob("summary.json")))
+            runs.extend(sorted(q.parent for q in p.rglob("summary.json") if not _hidden(q, p)))
         else:
             raise SokdError(f"'{p}' is not a run directory or a folder of runs")
     if not runs:
         raise SokdError(f"no finished runs (summary.json) under {', '.join(paths)}")
-    return runs
+    seen: set[Path] = set()  # a folder named twice (`sokd report runs runs/a`) is one folder
+    return [r for r in runs if not (r.resolve() in seen or seen.add(r.resolve()))]
 
 
 def mean_std(values: list[float]) -> str:
@@ -126,9 +146,47 @@ def load(run: Path) -> dict:
     return {"dir": run, "summary": summary, "metrics": rows}
 
 
-def group(runs: list[dict]) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = defaultdict(list)
+def identity(run: dict) -> tuple:
+    """What makes a loaded run this run and no other: the name, method and seed it recorded, and
+    a hash of its summary and metrics history (the rows hold per-epoch wall times, so two trainings
+    of one config differ, while a copied folder hashes the same). JSON is compared parsed, so
+    a copy re-saved with other whitespace is still a copy."""
+    summary = run["summary"]
+    digest = hashlib.sha256()
+    for part in (summary, run["metrics"]):
+        digest.update(json.dumps(part, sort_keys=True, separators=(",", ":")).encode())
+    return summary["name"], summary["method"], summary["seed"], digest.hexdigest()
+
+
+def unique(runs: list[dict]) -> tuple[list[dict], list[tuple[dict, dict]]]:
+    """(each run once, in order, [(copy left out, the run it copies), ...])."""
+    seen: dict[tuple, dict] = {}
+    kept, copies = [], []
     for r in runs:
+        key = identity(r)
+        if key in seen:
+            copies.append((r, seen[key]))
+        else:
+            seen[key] = r
+            kept.append(r)
+    return kept, copies
+
+
+def copies_note(copies: list[tuple[dict, dict]]) -> str:
+    """One line saying how many copies of runs were left out, and which."""
+    if not copies:
+        return ""
+    shown = ", ".join(f"{c['dir']} (same run as {o['dir']})" for c, o in copies[:3])
+    shown += " ..." if len(copies) > 3 else ""
+    n = len(copies)
+    return (f"note: {n} cop{'y' if n == 1 else 'ies'} of {'a run' if n == 1 else 'runs'} already counted "
+            f"{'was' if n == 1 else 'were'} ignored (same name, seed, summary and metrics): {shown}")
+
+
+def group(runs: list[dict]) -> dict[str, list[dict]]:
+    """Runs by name, each run once (`unique`: a copy of a run is no extra seed)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in unique(runs)[0]:
         groups[r["summary"]["name"]].append(r)
     return dict(groups)
 
@@ -299,7 +357,12 @@ def _save_figure(fig, path: Path, **options) -> None:
 
 def build(paths: list[str], out_dir: str | None = None) -> dict:
     runs = [load(r) for r in find_runs(paths)]
-    groups = group(runs)
+    kept, copies = unique(runs)
+    groups = group(kept)
     md = table(groups)
+    note = copies_note(copies)
+    if note:
+        md += "\n\n" + note
     plots = plot(groups, Path(out_dir)) if out_dir else []
-    return {"markdown": md, "plots": [str(p) for p in plots], "groups": {k: len(v) for k, v in groups.items()}}
+    return {"markdown": md, "plots": [str(p) for p in plots], "groups": {k: len(v) for k, v in groups.items()},
+            "copies_ignored": len(copies)}

@@ -18,8 +18,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .. import runner
     from ..config import data_overrides
+    from ..export import refuse_exported
     from .table import pct, render
     data = data_overrides(args.overrides, "eval")
+    refuse_exported(args.checkpoint, "eval")  # an exported model would otherwise read as a corrupt checkpoint
     result = runner.evaluate_checkpoint(args.checkpoint, data, args.device, args.precision)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -18,7 +18,10 @@ def add_parser(sub) -> None:
                         "teacher, model, peer ... (default: the method's primary network)")
     p.add_argument("--out", default=None,
                    help="output file or directory (default: <role>.onnx / <role>.torchscript.pt next to "
-                        "the checkpoint)")
+                        "the checkpoint); an existing file is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier sokd export of this format at the target (a run's files, "
+                        "checkpoints and any other file are never replaced)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--images", type=int, default=64, help="test images for the parity check (default 64)")
     p.add_argument("--tolerance", type=float, default=1e-4,
@@ -31,7 +34,8 @@ def run(args) -> int:
     from ..config import data_overrides
     data = data_overrides(args.overrides, "export")
     result = export.export(args.checkpoint, args.format, role=args.role, out=args.out, opset=args.opset,
-                           images=args.images, tolerance=args.tolerance, data_overrides=data or None)
+                           images=args.images, tolerance=args.tolerance, data_overrides=data or None,
+                           overwrite=args.overwrite)
     meta = result.metadata
     inp = meta["input"]
     print(result.summary())

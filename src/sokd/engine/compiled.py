@@ -25,6 +25,9 @@ dynamo would guard on.
 """
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 
 from ..errors import SokdError
@@ -38,10 +41,38 @@ MODES = {True: "default", "max-autotune": "max-autotune", "reduce-overhead": "re
 
 def check_setting(setting, device: torch.device, key: str = "train.compile") -> None:
     """SokdError for a compile setting this device cannot run: reduce-overhead captures the
-    step as CUDA graphs (replayed with one launch; the shapes are static), which exist on CUDA only."""
+    step as CUDA graphs (replayed with one launch; the shapes are static), which exist on CUDA only;
+    inductor on the CPU needs a C++ compiler (`check_cpp_compiler`)."""
+    if setting is False or setting is None:
+        return
     if setting == "reduce-overhead" and device.type != "cuda":
         raise SokdError(f"{key}=reduce-overhead captures CUDA graphs, which need a GPU; on "
                         f"{device.type} use {key}=true (or max-autotune)")
+    if BACKEND == "inductor" and device.type == "cpu":
+        check_cpp_compiler(key)
+
+
+def cpp_compilers() -> tuple[str, ...]:
+    """The C++ compilers inductor tries on the CPU, in its order: `torch._inductor.config.cpp.cxx`
+    (`$CXX`, else g++; clang++ on macOS). Its `None` entry, a g++ it would install through conda
+    only when TORCH_INDUCTOR_INSTALL_GXX is set, is left out."""
+    from torch._inductor import config
+    search = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    return tuple(c for c in search if c)
+
+
+def check_cpp_compiler(key: str = "train.compile") -> None:
+    """SokdError when none of inductor's C++ compilers is on PATH: inductor would otherwise fail
+    inside the first training step, after the run directory was written, with an internal error."""
+    if os.environ.get("TORCH_INDUCTOR_INSTALL_GXX"):
+        return  # inductor fetches g++ through conda itself
+    compilers = cpp_compilers()
+    if any(shutil.which(c) for c in compilers):
+        return
+    fix = f"drop {key}" if key.startswith("-") else f"set {key}=false"
+    tried = ", ".join(compilers) or "none configured"
+    raise SokdError(f"{key} compiles the training step with a C++ compiler on the CPU, but none was found "
+                    f"(tried: {tried}); install a C++ compiler (e.g. apt-get install g++) or {fix}")
 
 
 def compile_step(module, setting, device: torch.device, note=print):

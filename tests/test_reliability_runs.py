@@ -192,6 +192,9 @@ def test_a_checkpoint_naming_a_plugin_never_imports_it(make_config, tmp_path, on
         assert proc.returncode == 2 and len(msg.splitlines()) == 1, msg
         assert "never imports code named inside a file it reads" in msg and f"--import {evil}" in msg
         assert not marker.exists()
+    proc = sokd_cli("eval", tmp_path / "model.pt", "--import", evil)   # the user's own choice
+    assert proc.returncode == 0, proc.stderr
+    assert marker.read_text() == "code ran"
 
 
 # -- 11. best.pt always agrees with the summary, even after a kill and a resume ----------------------
@@ -310,9 +313,10 @@ def test_weights_that_would_run_code_are_refused_in_one_line(make_config, tmp_pa
 
 def test_a_tilde_in_a_path_is_the_home_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = config.load(None, ["data.name=synthetic", "output.dir=~/runs/x", "imports=[]",
-                             "teacher.arch=resnet8", "teacher.checkpoint=~/t.pt"])
+    cfg = config.load(None, ["data.name=synthetic", "output.dir=~/runs/x", "imports=[]", "data.root=~/data",
+                             "data.cache_dir=~/cache", "teacher.arch=resnet8", "teacher.checkpoint=~/t.pt"])
     assert cfg.run_dir == tmp_path / "runs" / "x" and cfg.teacher.checkpoint == str(tmp_path / "t.pt")
+    assert cfg.data.root == str(tmp_path / "data") and cfg.data.cache_dir == str(tmp_path / "cache")
 
 
 # -- 26. resume needs no teacher file: last.pt holds the teacher ------------------------------------
@@ -326,3 +330,50 @@ def test_resume_works_when_the_teacher_file_is_gone(make_config, tmp_path, teach
     resumed["train"]["epochs"], resumed["output"]["resume"] = 2, True
     summary = train(resumed)
     assert summary["epochs"] == 2
+
+
+# -- 17. a resume on changed data is refused (or explicitly allowed) --------------------------------
+def test_resume_on_changed_data_is_refused_unless_allowed(make_config, tmp_path, one_thread):
+    from .test_data import write_npz
+    npz = write_npz(tmp_path / "data.npz", n_train=64, n_test=16, classes=4, hw=16)
+    cfg = make_config("vanilla", train={"epochs": 1})
+    cfg["data"] = {"name": "cifar10", "root": str(npz), "batch_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+    train(cfg)
+    arrays = dict(__import__("numpy").load(npz))
+    arrays["x_train"][5, 3, 3, 1] ^= 0xFF                  # one pixel changes
+    __import__("numpy").savez(npz, **arrays)
+    resumed = {**cfg, "train": {**cfg["train"], "epochs": 2}, "output": {**cfg["output"], "resume": True}}
+    before = tree(out(cfg))
+    with pytest.raises(SokdError, match=r"the training data changed since '.*last.pt' was written; put the data "
+                                        r"back .* or continue on the new data with output.allow_data_change=true"):
+        train(resumed)
+    assert tree(out(cfg)) == before
+    resumed["output"]["allow_data_change"] = True
+    assert train(resumed)["epochs"] == 2
+    # per-sample state (CRD's memory) cannot follow a data set of another size: one line, not a traceback
+    crd = make_config("kd", teacher={"arch": "resnet8", "checkpoint": str(out(cfg) / "model.pt")}, train={"epochs": 1})
+    crd["method"]["features"] = [{"kind": "crd", "options": {"nce_k": 16, "feat_dim": 8}}]
+    crd["data"] = {**cfg["data"]}
+    crd["output"]["dir"] = str(tmp_path / "runs" / "crd")
+    train(crd)
+    write_npz(npz, n_train=96, n_test=16, classes=4, hw=16)
+    grown = {**crd, "train": {**crd["train"], "epochs": 2},
+             "output": {**crd["output"], "resume": True, "allow_data_change": True}}
+    with pytest.raises(SokdError, match=r"last.pt' \(for 64 training images; the data now have 96\) does not fit"):
+        train(grown)
+
+
+# -- signs of life when stdout is not a terminal ------------------------------------------------------
+def test_a_run_off_a_terminal_prints_a_progress_line_at_a_bounded_cadence(monkeypatch, capsys):
+    from sokd.engine import progress
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["now"])
+    bar = progress.epoch_progress(total=100, initial=0, desc="epoch 1/3", show=True)  # captured: no TTY
+    assert isinstance(bar, progress.PlainProgress)
+    for step in range(100):
+        clock["now"] += 1.0          # one step a second: a line every 30 steps
+        bar.set_postfix(loss="0.123")
+        bar.update(1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"epoch 1/3: step {n}/100 ({n}%), loss 0.123" for n in (30, 60, 90)]
+    assert not isinstance(progress.epoch_progress(10, 0, "x", show=False), progress.PlainProgress)

@@ -41,7 +41,7 @@ def network_info(net: nn.Module) -> dict:
 def data_facts(data) -> dict:
     """What a checkpoint records about its data set (a `DataBundle`)."""
     return {"name": data.name, "shape": list(data.shape), "mean": list(data.mean), "std": list(data.std),
-            "num_classes": data.num_classes, "train_size": data.train_size}
+            "num_classes": data.num_classes, "train_size": data.train_size, "fingerprint": data.fingerprint}
 
 
 def run_state(*, method: nn.Module, epoch: int, step: int, data, config: dict, **training: Any) -> dict:

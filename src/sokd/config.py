@@ -197,6 +197,9 @@ class OutputSpec(Strict):
                              f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
         return text
     resume: bool = False
+    allow_data_change: bool = Field(
+        False, description="resume even though the training data differ from those last.pt was "
+                           "trained on (recorded as a fingerprint); off: such a resume is refused")
     overwrite: bool = False
     tensorboard: bool = True
     mlflow: MlflowSpec | None = Field(None, description="MLflow tracking (true, or uri/experiment)")
@@ -332,7 +335,7 @@ def import_plugins(names: list[str]) -> None:
     import importlib
     import importlib.util
     import sys
-    for name in names:
+    for name in map(user_path, names):
         try:
             if name.endswith(".py"):
                 path = Path(name).resolve()

@@ -11,16 +11,21 @@ def add_parser(sub) -> None:
                    help="data overrides, e.g. data.root=/data/fmnist")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="a plugin (module name or .py file) to import first, as a config's imports: do; "
+                        "needed for a checkpoint trained with plugins, which sokd never imports on its own "
+                        "(repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from .. import runner
-    from ..config import data_overrides
+    from ..config import data_overrides, import_plugins
     from ..export import refuse_exported
     from .table import pct, render
     data = data_overrides(args.overrides, "eval")
+    import_plugins(args.imports)  # the user's own choice, as a config's imports:
     refuse_exported(args.checkpoint, "eval")  # an exported model would otherwise read as a corrupt checkpoint
     result = runner.evaluate_checkpoint(args.checkpoint, data, args.device, args.precision)
     if args.json:

@@ -22,6 +22,10 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier sokd export of this format at the target (a run's files, "
                         "checkpoints and any other file are never replaced)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="a plugin (module name or .py file) to import first, as a config's imports: do; "
+                        "needed for a checkpoint trained with plugins, which sokd never imports on its own "
+                        "(repeatable)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--images", type=int, default=64, help="test images for the parity check (default 64)")
     p.add_argument("--tolerance", type=float, default=1e-4,
@@ -31,8 +35,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import export
-    from ..config import data_overrides
+    from ..config import data_overrides, import_plugins
     data = data_overrides(args.overrides, "export")
+    import_plugins(args.imports)  # the user's own choice, as a config's imports:
     result = export.export(args.checkpoint, args.format, role=args.role, out=args.out, opset=args.opset,
                            images=args.images, tolerance=args.tolerance, data_overrides=data or None,
                            overwrite=args.overwrite)

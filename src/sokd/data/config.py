@@ -67,8 +67,9 @@ def _pad_mode(mode: Any) -> Any:
 
 
 def _path_text(root: Any) -> Any:
-    """A path given as an object (e.g. pathlib.Path) is kept as its text."""
-    return root if root is None or isinstance(root, str) else str(root)
+    """A path given as an object (e.g. pathlib.Path) is kept as its text; `~` is the home
+    directory, as a shell would expand it (nothing expands it in a config file or an override)."""
+    return root if root is None else os.path.expanduser(str(root))
 
 
 def _flag(value: Any, info: ValidationInfo) -> Any:

@@ -11,7 +11,7 @@ import torch
 from .. import artifacts
 from ..errors import SokdError
 from . import rundir, tracking
-from .checkpoint import atomic_save, atomic_write_bytes, non_finite_tensors, safe_load
+from .checkpoint import atomic_save, atomic_write_bytes, load_state_strict, non_finite_tensors, safe_load
 from .ddp import sync_buffers
 from .distributed import DistContext
 from .evaluate import evaluate
@@ -100,6 +100,8 @@ def fit(method, data, ctx: FitContext) -> dict:
             if run_dir else None)
     try:
         ckpt = dist.broadcast_object(ckpt)
+        if ckpt is not None:
+            check_same_data(ckpt, data, ctx.run_dir, cfg.output.allow_data_change)
         with StopRequest() as stop:
             try:
                 summary = _fit(method, data, ctx, device, ckpt, run_dir, stop, trackers)
@@ -113,6 +115,18 @@ def fit(method, data, ctx: FitContext) -> dict:
         if run_dir is not None:
             run_dir.close()
     return summary
+
+
+def check_same_data(ckpt: dict, data, run_dir: Path, allowed: bool) -> None:
+    """A resumed run continues on the data it was trained on: last.pt records their fingerprint
+    (checkpoints written before it was recorded are taken as they are)."""
+    then = ckpt.get("data", {}).get("fingerprint")
+    if then is None or then == data.fingerprint or allowed:
+        return
+    then_size, now_size = ckpt["data"].get("train_size"), data.train_size
+    sizes = f" ({then_size} training images then, {now_size} now)" if then_size != now_size else ""
+    raise SokdError(f"the training data changed since '{run_dir / 'last.pt'}' was written{sizes}; put the "
+                    f"data back as they were, or continue on the new data with output.allow_data_change=true")
 
 
 def _check_forward(method, data, device, precision: str) -> None:
@@ -142,7 +156,8 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
 
     start_epoch, start_step, history, accum_state, prior_wall = 0, 0, [], None, 0.0
     if ckpt is not None:  # weights first, so every rank's DDP wrapper starts from them
-        method.load_state_dict(ckpt["method"])
+        load_state_strict(method, ckpt["method"], f"'{ctx.run_dir / 'last.pt'}' (for "
+                          f"{ckpt['data'].get('train_size')} training images; the data now have {data.train_size})")
     step_module = dist.wrap(method, sync_bn=cfg.distributed.sync_bn, static_graph=cfg.distributed.static_graph)
     optimizer = build_optimizer(method, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, tr.epochs)

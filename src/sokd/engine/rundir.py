@@ -43,7 +43,8 @@ JOURNAL_NAME = ".sokd-journal.json"
 TB_DIR = "tb"
 #: config entries a resumption may change; `optim.lr` / `optim.lr_per_role` re-base the schedule
 RESUMABLE_CHANGES = ("output", "train.epochs", "train.device", "train.threads", "train.compile",
-                     "train.sync_every", "data.eval_batch_size", "optim.lr", "optim.lr_per_role")
+                     "train.sync_every", "data.eval_batch_size", "data.num_workers", "optim.lr",
+                     "optim.lr_per_role")
 
 
 def _strip(cfg: dict) -> dict:

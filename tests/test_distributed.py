@@ -77,8 +77,8 @@ def test_two_process_run_completes_with_one_set_of_outputs(tmp_path, teacher_fil
         ["config.yaml", "last.pt", "best.pt", "metrics.jsonl", "summary.json", "student.pt"]
         + (["teacher_branch.pt"] if method == "sokd" else []))
     # evaluation covered the whole test set once, reduced across ranks
-    result = subprocess.run([sys.executable, "-m", "sokd", "eval", str(run_dir / "last.pt"), "--json"],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "sokd", "eval", str(run_dir / "last.pt"), "--json",
+                             "--import", str(tmp_path / "rank_state.py")], capture_output=True, text=True)
     single = json.loads(result.stdout)
     assert single["n"] == 64
     assert single["roles"]["student"]["top1"] == pytest.approx(summary["networks"]["student"]["top1_final"])

@@ -14,14 +14,15 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
                       model_validator)
 
-from .data.config import DataConfig
+from .data.config import DataConfig, usable_cpus
 from .errors import SokdError
 from .validation import invalid, validate
 
 
 #: the largest learning rate that can mean anything for SGD / AdamW (a larger one diverges at once)
 MAX_LR = 10.0
-#: train.seed: the seeds torch and NumPy both accept, with room for the per-epoch seeds derived from it
+#: |train.seed| at most this: the per-epoch seeds derived from it (seed * 100_003 + epoch) stay
+#: within the 64-bit range torch's generators accept
 MAX_SEED = 2 ** 32 - 1
 
 
@@ -32,14 +33,6 @@ def user_path(text: str | None) -> str | None:
 
 
 UserPath = Annotated[str, AfterValidator(user_path)]
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _fraction_below_one(values: tuple[float, float]) -> tuple[float, float]:
@@ -110,7 +103,7 @@ class ScheduleSpec(Strict):
 
 class TrainSpec(Strict):
     epochs: int = Field(200, ge=1, le=100_000)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: int = Field(0, ge=-MAX_SEED, le=MAX_SEED)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
         "fp32", description="auto: bf16 where the hardware computes it natively, else fp32")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,10 @@ def load_weights_only(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     beginning with `what` and the path."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's notes on the pickle protocol of a file it reads give the user nothing to do
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         detail = next((ln.strip() for ln in text.splitlines()

@@ -187,7 +187,8 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
     step_module = compile_step(step_module, tr.compile, device, dist.print)
     every = tr.sync_every or default_sync_every(device)
 
-    def save(epoch: int, step: int, accum: EpochAccumulator | None, path: str = "last.pt") -> dict:
+    def save(epoch: int, step: int, accum: EpochAccumulator | None) -> None:
+        """last.pt at this point (never a non-finite state); the first one commits the run."""
         bad = non_finite_tensors(method.state_dict())
         if bad:
             raise NonFiniteState(
@@ -198,13 +199,10 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
             wall_time_s=prior_wall + time.perf_counter() - wall0, rng=_rng_state(device), history=history,
             accum=accum.state() if accum else None)
-        if path is None:  # the state only (best.pt of an epoch whose last.pt is not written)
-            return state
         if dist.is_main:
-            atomic_save(state, ctx.run_dir / path)
+            atomic_save(state, ctx.run_dir / "last.pt")
             run_dir.commit()
         stop.saved = _saved_note(epoch, step)
-        return state
 
     def run_eval() -> dict:
         return evaluate(method, data.test, device, ctx.precision, reduce=dist.all_reduce_sum)
@@ -258,11 +256,12 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
         # a best epoch writes last.pt too: best.pt never holds a state that a resumed run, going
         # back to last.pt, would not pass through again (nor disagree with its summary)
         saved = best or saved_at(done, cfg.output.save_every, tr.epochs, first=epoch == start_epoch)
-        state = save(done, 0, None) if saved else None
+        if saved:
+            save(done, 0, None)
         if logger:
             logger.log(row)
         if dist.is_main and best:
-            write_best(ctx.run_dir, state, copy_last=True)
+            write_best(ctx.run_dir)
         dist.print(_epoch_line(row))
         if epoch + 1 < tr.epochs and dist.any_flag(stop.requested):
             raise Interrupted(stop.signum or 15, epoch + 1, 0, ctx.run_dir)
@@ -342,14 +341,10 @@ def saved_at(epoch: int, every: int, epochs: int, first: bool) -> bool:
     return first or epoch % every == 0 or epoch == epochs
 
 
-def write_best(run_dir: Path, state: dict, copy_last: bool) -> None:
-    """best.pt holding `state`. With `copy_last` (last.pt was just written from `state`), a byte
-    copy of last.pt, atomic like every checkpoint write: no second serialisation of the same
-    tensors. Otherwise `state` is serialised."""
-    if copy_last:
-        atomic_write_bytes(run_dir / "best.pt", (run_dir / "last.pt").read_bytes())
-    else:
-        atomic_save(state, run_dir / "best.pt")
+def write_best(run_dir: Path) -> None:
+    """best.pt as a byte copy of the last.pt just written (a best epoch always writes last.pt),
+    atomic like every checkpoint write: no second serialisation of the same tensors."""
+    atomic_write_bytes(run_dir / "best.pt", (run_dir / "last.pt").read_bytes())
 
 
 def _saved_note(epoch: int, step: int) -> str:

@@ -105,8 +105,7 @@ def build(variant: str, teacher: str, student: str, classes: int, shape, device,
     method_name, opts = bench.VARIANTS[variant]
     t = models.create(teacher, num_classes=classes, in_channels=shape[0])
     s = models.create(student, num_classes=classes, in_channels=shape[0])
-    given = {"model": s, "student": s, "teacher": t, "peers": [t]}
-    nets = {role: given[role] for role in methods.config_roles(method_name)}
+    nets = bench.pair_networks(method_name, t, s)
     method = methods.create(method_name, input_shape=shape, num_samples=1024, **nets, **opts)
     method = method.to(device, memory_format=layout).train()
     opt = torch.optim.SGD(method.param_groups(lr=0.01), momentum=0.9, weight_decay=5e-4,

@@ -5,7 +5,7 @@ import torch
 
 from sokd import artifacts, config, models, runner
 from sokd.engine import safe_load
-from sokd.engine.checkpoint import atomic_save
+from sokd.files import atomic_save
 
 
 def test_networks_carry_the_spec_that_rebuilds_them():

@@ -58,7 +58,7 @@ def test_plotted_curves_are_the_mean_and_std_over_seeds_per_epoch_cut_to_the_sho
     def run(top1s):
         metrics = [{"epoch": 0, "test": {"student": {"top1": 1.0}}}]
         metrics += [{"epoch": e + 1, "test": {"student": {"top1": t}}} for e, t in enumerate(top1s)]
-        return {"summary": {"primary_role": "student"}, "metrics": metrics}
+        return {"summary": {"primary_role": "student", "method": "kd"}, "metrics": metrics}
     curves = report.primary_curves({"kd": [run([50.0, 60.0, 70.0]), run([54.0, 64.0])], "dml": [run([40.0])]})
     epochs, mean, std = curves["kd (student, n=2)"]
     assert epochs == [1, 2] and mean == [52.0, 62.0]  # epoch 0 (before training) is left out
@@ -69,7 +69,8 @@ def test_plotted_curves_are_the_mean_and_std_over_seeds_per_epoch_cut_to_the_sho
 
 def test_sokds_teacher_branch_is_plotted_next_to_its_student():
     metrics = [{"epoch": e, "test": {"student": {"top1": 50.0 + e}, "kbm": {"top1": 60.0 + e}}} for e in range(3)]
-    curves = report.primary_curves({"sokd": [{"summary": {"primary_role": "student"}, "metrics": metrics}]})
+    curves = report.primary_curves({"sokd": [{"summary": {"primary_role": "student", "method": "sokd"},
+                                              "metrics": metrics}]})
     assert curves["sokd (student, n=1)"][1] == [51.0, 52.0]
     assert curves["sokd (kbm, n=1)"] == ([1, 2], [61.0, 62.0], [0.0, 0.0])
 

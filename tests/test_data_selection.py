@@ -105,7 +105,7 @@ def test_val_split_selects_best_epoch_on_validation(tmp_path):
     assert net["top1_selected"] == pick["test"]["model"]["top1"]
     assert net["top1_val_best"] == pick["val"]["model"]["top1"]
     assert summary["val_size"] == 64 and "honest" in summary["note"]
-    from sokd.engine.checkpoint import safe_load
+    from sokd.files import safe_load
     assert safe_load(run / "best.pt")["epoch"] == pick["epoch"]    # best.pt follows validation
     # the training set lost the held-out images: 256 - 64 images, 32 per batch
     assert rows[1]["train"]["samples"] == 192

@@ -16,7 +16,7 @@ import torch
 
 from sokd import export
 from sokd.cli import main
-from sokd.engine import checkpoint
+from sokd import files
 from sokd.errors import SokdError
 
 from .conftest import tiny_config, write_config
@@ -110,10 +110,10 @@ def test_export_onto_a_full_disk_names_it_and_keeps_the_old_file(tmp_path, full_
 
 def test_a_write_that_meets_the_full_disk_itself_removes_its_temporary_file(full_disk, monkeypatch):
     """With the free-space check blinded, the kernel's own ENOSPC is what sokd reports."""
-    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: None)
+    monkeypatch.setattr(files, "free_bytes", lambda path: None)
     before = snapshot(full_disk)
     with pytest.raises(SokdError, match=NO_SPACE):
-        checkpoint.atomic_save({"w": torch.zeros(2 ** 19)}, full_disk / "last.pt")  # 2 MiB
+        files.atomic_save({"w": torch.zeros(2 ** 19)}, full_disk / "last.pt")  # 2 MiB
     assert temp_files(full_disk) == [] and snapshot(full_disk) == before
 
 
@@ -136,8 +136,8 @@ def _failing_write(code: int, after: int):
 def test_injected_full_disk_keeps_the_old_file(tmp_path, monkeypatch, code, writer):
     target = tmp_path / "last.pt"
     target.write_bytes(b"the previous checkpoint")
-    write = (lambda: checkpoint.atomic_save({"w": torch.ones(1000)}, target)) if writer == "atomic_save" \
-        else (lambda: checkpoint.atomic_write_text(target, "x" * 10000))
+    write = (lambda: files.atomic_save({"w": torch.ones(1000)}, target)) if writer == "atomic_save" \
+        else (lambda: files.atomic_write_text(target, "x" * 10000))
     monkeypatch.setattr(os, "write", _failing_write(code, after=4096))
     with pytest.raises(SokdError, match=NO_SPACE + "set output.dir elsewhere$"):
         write()
@@ -152,13 +152,13 @@ def test_full_disk_at_fsync_and_too_little_free_space_are_refused(tmp_path, monk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(SokdError, match=NO_SPACE):
-        checkpoint.atomic_write_text(target, "a: 1\n")
+        files.atomic_write_text(target, "a: 1\n")
     monkeypatch.undo()
     # too little room is refused before a temporary file is even created
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=100_000))
     with pytest.raises(SokdError, match=r"needed ~0\.38 MB, 0\.10 MB free"):
-        checkpoint.atomic_write_text(target, "x" * 400_000)
+        files.atomic_write_text(target, "x" * 400_000)
     assert list(tmp_path.iterdir()) == []
 
 

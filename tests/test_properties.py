@@ -97,7 +97,7 @@ def test_normalize_maps_uint8_range_to_expected_affine_range(spec):
                  st.binary(max_size=256).map(lambda b: b"PK\x03\x04" + b)))  # zip-looking
 def test_any_bytes_as_a_checkpoint_give_a_one_line_error(tmp_path_factory, blob):
     """Random files reach odd corners of the unpickler (IndexError, TypeError, ...); all are SokdError."""
-    from sokd.engine.checkpoint import safe_load
+    from sokd.files import safe_load
     path = tmp_path_factory.mktemp("ckpt") / "blob.pt"
     path.write_bytes(blob)
     try:

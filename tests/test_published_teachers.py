@@ -394,7 +394,8 @@ def test_files_that_do_not_fit_are_refused_in_one_line(tmp_path):
     assert "holds a RepDistiller/mdistiller WideResNet (wrn_D_W), not a CIFAR ResNet" in refused("resnet56", wrn)
     msg = refused("wrn_16_2", wrn)
     assert "of another depth or width" in msg and "block1.layer.2.bn1.weight" in msg
-    assert "shape mismatch for head.4.weight (file (100, 128), model (10, 128))" in refused("wrn_40_2", wrn, 10)
+    assert "does not fit this network (shape mismatch: head.4.weight (file (100, 128), model (10, 128))" in refused(
+        "wrn_40_2", wrn, 10)
 
     torch.save({"model": {"encoder.weight": torch.zeros(1), "decoder.bias": torch.zeros(1)}}, tmp_path / "x.pth")
     msg = refused("resnet8", tmp_path / "x.pth")

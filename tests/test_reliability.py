@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sokd.engine import safe_load
-from sokd.engine.checkpoint import atomic_save
+from sokd.files import atomic_save
 from sokd.errors import SokdError
 
 from .conftest import tiny_config, write_config

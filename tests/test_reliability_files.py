@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sokd.engine import safe_load
-from sokd.engine.checkpoint import atomic_save, make_temp
+from sokd.files import atomic_save, make_temp
 from sokd.engine.rundir import RunLock
 
 from .conftest import tiny_config, write_config

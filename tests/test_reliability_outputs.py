@@ -308,13 +308,13 @@ def test_a_partial_role_as_teacher_names_the_whole_networks(tmp_path, online_run
     line = refused(capsys, "train", write_config(tmp_path, cfg))
     assert line == (f"sokd: error: role 'kbm' of checkpoint '{sokd_last}' is not a whole network (SOKD's knowledge "
                     f"bridge: the teacher's last stage(s) and head); whole networks in it: student, teacher (set "
-                    f"checkpoint_role to one of them); for the teacher branch (trunk + KBM) use its model file "
+                    f"checkpoint_role to one of them); for it as a classifier use its model file "
                     f"{online_runs['sokd'] / 'teacher_branch.pt'}")
     cfg["teacher"] = {"arch": "resnet8", "checkpoint": str(one_last), "checkpoint_role": "branch2"}
     line = refused(capsys, "train", write_config(tmp_path, cfg))
     assert line == (f"sokd: error: role 'branch2' of checkpoint '{one_last}' is not a whole network (ONE's branch: "
                     f"the student's last stage(s) and head); whole networks in it: student (set checkpoint_role "
-                    f"to one of them); for this branch on the student's trunk use its model file "
+                    f"to one of them); for it as a classifier use its model file "
                     f"{online_runs['one'] / 'branch2.pt'}")
     cfg["teacher"]["checkpoint_role"] = "gate"
     assert "role 'gate' of checkpoint" in refused(capsys, "train", write_config(tmp_path, cfg))
@@ -322,7 +322,7 @@ def test_a_partial_role_as_teacher_names_the_whole_networks(tmp_path, online_run
     # the whole networks still load, and so do the standalone files the messages point to
     ckpt = torch.load(sokd_last, weights_only=True)
     from sokd import models
-    from sokd.engine.checkpoint import load_state_strict
+    from sokd.files import load_state_strict
     for role, arch in (("teacher", "resnet14"), ("student", "resnet8")):
         load_state_strict(models.create(arch, num_classes=4), artifacts.network_state(ckpt, str(sokd_last), role), role)
     assert (online_runs["sokd"] / "teacher_branch.pt").is_file() and (online_runs["one"] / "branch2.pt").is_file()

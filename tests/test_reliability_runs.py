@@ -18,7 +18,7 @@ import yaml
 
 from sokd import config, runner
 from sokd.engine import rundir, safe_load
-from sokd.engine.checkpoint import atomic_save
+from sokd.files import atomic_save
 from sokd.errors import SokdError
 
 from .conftest import tiny_config

@@ -12,7 +12,8 @@ import torch
 from sokd import config, report, runner
 from sokd.cli import main
 from sokd.data.config import CPU_EVAL_BATCH, GPU_EVAL_BATCH_FACTOR, DataConfig, eval_batch_for
-from sokd.engine import checkpoint, loop
+from sokd import files
+from sokd.engine import loop
 from sokd.engine.optim import build_optimizer, kernel_options
 from sokd.engine.precision import configure_cuda
 
@@ -30,7 +31,7 @@ def checkpoint_writes(monkeypatch):
     """(epoch of the state, file name) of every checkpoint the loop writes, and whether best.pt
     was a byte copy ("copy") or a serialisation."""
     writes = []
-    save, write_bytes = checkpoint.atomic_save, checkpoint.atomic_write_bytes
+    save, write_bytes = files.atomic_save, files.atomic_write_bytes
 
     def recording_save(obj, path):
         writes.append((obj.get("epoch"), Path(path).name, "serialised"))

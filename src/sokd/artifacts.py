@@ -1,4 +1,7 @@
-"""The files sokd saves, described in one place: run checkpoints and model files.
+"""The files sokd saves, described in one place: their names, format markers and layouts.
+
+* **Run directory names** (`LAST`, `BEST`, `CONFIG`, `METRICS`, `SUMMARY`: `RUN_FILES`) and a
+  model file's name (`model_file_name`).
 
 * **Run checkpoint** (`last.pt`, `best.pt`; format `sokd-run`): everything a resumption needs —
   the method's state (every role, under `nets.<role>.`), optimizer, schedule, scaler, RNG,
@@ -8,6 +11,10 @@
   classifier on its own — its spec (`arch`, `num_classes`, `in_channels`, `kwargs`), `state_dict`,
   the preprocessing it was trained with, and the run's config.
 
+* **Exports** (`sokd export`: TorchScript or ONNX; format `sokd-export`) carry `sokd.json`
+  metadata; `sniff_export` recognises one without loading or running it, and `is_sokd_file`
+  tells any file sokd wrote from one it did not.
+
 Networks carry their spec from `models.create` (`models.spec_of`), so writers never need to be
 told what a network is. The engine writes through `run_state` / `model_file`; eval, export,
 teacher loading and resume read through `load`, `network_state` and `rebuild_model`.
@@ -16,19 +23,35 @@ Version 2 names the run checkpoint's network specs `networks`; version 1 files (
 """
 from __future__ import annotations
 
+import json
 import os
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import models
-from .engine.checkpoint import safe_load
+from .files import load_state_strict, safe_load
 from .errors import SokdError
 
 RUN_FORMAT = "sokd-run"
 MODEL_FORMAT = "sokd-model"
+EXPORT_FORMAT = "sokd-export"
 VERSION = 2
+
+LAST, BEST = "last.pt", "best.pt"
+CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
+#: the files that make a directory hold a run
+RUN_FILES = (CONFIG, LAST, BEST, METRICS, SUMMARY)
+#: the name of an export's metadata (TorchScript extra file / ONNX metadata_props key)
+EXPORT_METADATA = "sokd.json"
+
+
+def model_file_name(name: str) -> str:
+    """The file a standalone network `name` (student, teacher_branch, ...) is saved as."""
+    return f"{name}.pt"
 
 
 # --------------------------------------------------------------------------------- writing
@@ -91,42 +114,16 @@ def network_state(ckpt: dict, path: str, role: str | None = None) -> dict:
         return ckpt["state_dict"]
     if fmt == RUN_FORMAT:
         roles = run_roles(ckpt)
+        section = ckpt.get("config", {}).get("method") if isinstance(ckpt.get("config"), dict) else None
+        method = str(section.get("name", "")) if isinstance(section, dict) else ""
         if role is None:
-            role = next((r for r in ("model", "student") if r in roles), roles[0] if roles else None)
+            from . import methods
+            primary = methods.get(method).primary if method in methods.list_methods() else None
+            role = next((r for r in (primary, "model", "student") if r in roles), roles[0] if roles else None)
         if role not in roles:
             raise SokdError(f"checkpoint '{path}' has no role '{role}'; it holds: {', '.join(roles)} "
                             f"(set checkpoint_role)")
-        # A role is a whole network when the file records its spec and no role of the same spec
-        # holds more tensors: SOKD's KBM and ONE's branches record the spec of the network whose
-        # last stage(s) and head they are (ONE's gate records none). Loading such a part as a
-        # network would only say "does not fit", so the message names the whole networks instead.
-        specs = ckpt.get("networks") if isinstance(ckpt.get("networks"), dict) else {}
-        sizes = {r: sum(k.startswith(f"nets.{r}.") for k in ckpt["method"]) for r in roles}
-
-        def spec(r):
-            s = specs.get(r)
-            return (s.get("arch"), s.get("num_classes"), s.get("in_channels"), s.get("kwargs")) \
-                if isinstance(s, dict) and s.get("arch") else None
-        whole = [r for r in roles if spec(r) and not any(spec(o) == spec(r) and sizes[o] > sizes[r] for o in roles)]
-        if whole and role not in whole:
-            owner = next((o for o in whole if spec(o) is not None and spec(o) == spec(role)), None)
-            section = (ckpt.get("config") or {}).get("method") if isinstance(ckpt.get("config"), dict) else None
-            method = str(section.get("name", "")).upper() if isinstance(section, dict) else ""
-            beside = os.path.dirname(str(path))
-            if role == "kbm" and owner == "teacher":
-                what = "SOKD's knowledge bridge: the teacher's last stage(s) and head"
-                hint = (f"; for the teacher branch (trunk + KBM) use its model file "
-                        f"{os.path.join(beside, 'teacher_branch.pt')}")
-            elif owner is not None:
-                branch = f"{method}'s branch: " if method else ""
-                what = f"{branch}the {owner}'s last stage(s) and head"
-                hint = (f"; for this branch on the {owner}'s trunk use its model file "
-                        f"{os.path.join(beside, role + '.pt')}")
-            else:
-                what = "a part of the method, no classifier of images on its own"
-                hint = ""
-            raise SokdError(f"role '{role}' of checkpoint '{path}' is not a whole network ({what}); whole "
-                            f"networks in it: {', '.join(whole)} (set checkpoint_role to one of them){hint}")
+        _refuse_part(ckpt, path, role, roles, method)
         prefix = f"nets.{role}."
         return {k[len(prefix):]: v for k, v in ckpt["method"].items() if k.startswith(prefix)}
     if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -134,10 +131,38 @@ def network_state(ckpt: dict, path: str, role: str | None = None) -> dict:
     raise SokdError(f"'{path}' is not a sokd checkpoint, model file or state dict")
 
 
+def _refuse_part(ckpt: dict, path, role: str, roles: list[str], method: str) -> None:
+    """SokdError when `role` is part of a network rather than a whole one (SOKD's KBM, ONE's
+    branches and gate), naming the whole networks the file holds and, where the method declares
+    one, the model file that holds the part as a classifier (`Role.part`, `Role.file`).
+
+    A role is whole when the file records its spec and no role of the same spec holds more
+    tensors: a part records the spec of the network whose last stage(s) and head it is, or none.
+    """
+    from . import methods
+    specs = ckpt.get("networks") if isinstance(ckpt.get("networks"), dict) else {}
+    sizes = {r: sum(k.startswith(f"nets.{r}.") for k in ckpt["method"]) for r in roles}
+
+    def spec(r):
+        s = specs.get(r)
+        return (s.get("arch"), s.get("num_classes"), s.get("in_channels"), s.get("kwargs")) \
+            if isinstance(s, dict) and s.get("arch") else None
+    whole = [r for r in roles if spec(r) and not any(spec(o) == spec(r) and sizes[o] > sizes[r] for o in roles)]
+    if not whole or role in whole:
+        return
+    declared = methods.role(method, role)
+    owner = next((o for o in whole if spec(o) is not None and spec(o) == spec(role)), None)
+    what = declared.part or (f"the {owner}'s last stage(s) and head" if owner else
+                             "a part of the method, no classifier of images on its own")
+    hint = (f"; for it as a classifier use its model file "
+            f"{os.path.join(os.path.dirname(str(path)), model_file_name(declared.file))}" if declared.file else "")
+    raise SokdError(f"role '{role}' of checkpoint '{path}' is not a whole network ({what}); whole networks in "
+                    f"it: {', '.join(whole)} (set checkpoint_role to one of them){hint}")
+
+
 def rebuild_model(ckpt: dict, path: str) -> nn.Module:
     """The network of a model file, built from its spec with its weights loaded.
     (Architectures registered by the run's `imports:` must be imported first.)"""
-    from .engine.checkpoint import load_state_strict
     net = models.create(ckpt["arch"], num_classes=ckpt["num_classes"], in_channels=ckpt["in_channels"],
                         **ckpt.get("kwargs", {}))
     load_state_strict(net, ckpt["state_dict"], f"model file '{path}'")
@@ -201,3 +226,65 @@ def check_layout(ckpt: dict, path: str | os.PathLike) -> None:
     if problem:
         raise SokdError(f"checkpoint '{path}' is damaged or was not written by this sokd ({problem}); "
                         f"use another copy, e.g. best.pt")
+
+
+# ------------------------------------------------------------------ recognising sokd's files
+#: how far from its end an ONNX export's metadata is looked for (it is the file's last entry)
+_ONNX_TAIL = 1 << 20
+_ONNX_MARK = f'"format": "{EXPORT_FORMAT}"'.encode()
+
+
+def sniff_export(path: str | os.PathLike) -> tuple[str, dict] | None:
+    """(format, `sokd.json` metadata) of a file `sokd export` wrote, else None.
+
+    Nothing is loaded or run: a TorchScript export is a zip archive holding `*/extra/sokd.json`
+    (a run checkpoint or model file, also a zip, has none), and an ONNX export ends with its
+    metadata, JSON written with sorted keys (so it opens with `{"arch": `). A file that cannot be
+    read is simply not an export; the metadata is {} when the marker is found but the JSON is not.
+    """
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return None
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith(f"/extra/{EXPORT_METADATA}")), None)
+                if name is None:
+                    return None
+                meta = json.loads(archive.read(name).decode("utf-8"))
+            return ("torchscript", meta) if isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT \
+                else None
+        with open(path, "rb") as f:
+            head = f.read(1)
+            f.seek(max(0, path.stat().st_size - _ONNX_TAIL))
+            tail = f.read()
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
+        return None
+    if head != b"\x08":  # an ONNX ModelProto opens with its ir_version field (tag 0x08)
+        return None
+    mark = tail.rfind(_ONNX_MARK)
+    if mark < 0:
+        return None
+    start = tail.rfind(b'{"arch": ', 0, mark)
+    meta = {}
+    if start >= 0:
+        try:
+            meta = json.JSONDecoder().raw_decode(tail[start:].decode("utf-8", "replace"))[0]
+        except ValueError:
+            pass
+    return "onnx", (meta if isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT else {})
+
+
+def is_sokd_file(path: str | os.PathLike) -> bool:
+    """A run checkpoint or model file (its format recorded inside) or an export sokd wrote."""
+    path = Path(path)
+    if sniff_export(path) is not None:
+        return True
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not recognised as ours
+        return False
+    return isinstance(obj, dict) and kind(obj) is not None
+

@@ -275,6 +275,17 @@ def check_args(teacher_arch: str, student_arch: str, batch, device: str, precisi
     return dev
 
 
+def pair_networks(method_name: str, teacher, student) -> dict:
+    """The config networks of method `method_name` built from a benchmark's (teacher, student)
+    pair: each role takes the architecture its declaration names (`Role.like`)."""
+    nets = {}
+    for section in methods.config_roles(method_name):
+        role = methods.role(method_name, section)
+        net = teacher if role.like == "teacher" else student
+        nets[section] = [net] if role.many else net
+    return nets
+
+
 def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "cpu",
         precision: str = "bf16", channels_last: bool = True, num_classes: int = 100,
         shape=(3, 32, 32), variants=None, warmup: int = 3, reps: int = 5, steps_per_rep: int = 3,
@@ -318,9 +329,7 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
             method_name, opts = VARIANTS[name]
             teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0])
             student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0])
-            # the student architecture learns in every role; the wider one is the teacher or the peer
-            given = {"model": student, "student": student, "teacher": teacher, "peers": [teacher]}
-            nets = {role: given[role] for role in methods.config_roles(method_name)}
+            nets = pair_networks(method_name, teacher, student)
             layout = torch.channels_last if cl else torch.contiguous_format
             # num_samples: a CIFAR-sized training set for the terms that keep per-sample state (CRD)
             method = methods.create(method_name, input_shape=shape, num_samples=50_000, **nets, **opts).to(dev, memory_format=layout)

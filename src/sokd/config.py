@@ -15,7 +15,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationIn
                       model_validator)
 
 from .data.config import DataConfig, usable_cpus
-from .errors import SokdError
+from .errors import SokdError, suggest
 from .validation import invalid, validate
 
 
@@ -211,7 +211,14 @@ class DistributedSpec(Strict):
                                                  "the same every step (true for every built-in method)")
 
 
+#: the network sections every config knows; a method's other config roles (declared by a plugin
+#: method, e.g. a teaching assistant) are sections of their own names, checked against the method
+NETWORK_SECTIONS = ("model", "teacher", "student", "peers")
+
+
 class Config(Strict):
+    # extra top-level keys are allowed only as network sections the chosen method declares
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), allow_inf_nan=False)
     name: str = "run"
     imports: list[UserPath] = Field(default_factory=list, description=(
         "Python modules or .py files imported first, e.g. to register your own models"))
@@ -245,7 +252,38 @@ class Config(Strict):
     def _check_method(self):
         from . import methods
         validate(methods.options_model(self.method.name), self.method.options(), prefix="method.")
+        self._check_role_sections(methods.get(self.method.name))
         return self
+
+    def _check_role_sections(self, method) -> None:
+        """Each extra top-level key must be a config role the method declares (see
+        `sokd.methods.Role`); its value is a network spec (a list of them for a `many` role)."""
+        extra = self.__pydantic_extra__ or {}
+        for key, value in list(extra.items()):
+            declared = method.roles.get(key)
+            if declared is None or not declared.config:
+                valid = list(type(self).model_fields) + [r for r in method.config_roles if r not in NETWORK_SECTIONS]
+                raise invalid(f"unknown config key '{key}'{suggest(key, valid)}; valid keys here: {', '.join(valid)}")
+            if declared.many:
+                items = value if isinstance(value, list) else [value]
+                extra[key] = [validate(NetworkSpec, v, prefix=f"{key}.{i}.") for i, v in enumerate(items)]
+            elif value is not None:
+                extra[key] = validate(NetworkSpec, value, prefix=f"{key}.")
+
+    def networks(self) -> dict[str, "NetworkSpec | list[NetworkSpec]"]:
+        """Every network section the config gives, in order: model, teacher, student, peers, then
+        the sections of other roles the method declares; empty ones are left out."""
+        given = {key: getattr(self, key) for key in NETWORK_SECTIONS}
+        given.update(self.__pydantic_extra__ or {})
+        return {key: spec for key, spec in given.items() if spec}
+
+    def with_networks(self, networks: dict[str, "NetworkSpec | list[NetworkSpec]"]) -> "Config":
+        """This config with the given network sections replaced (validated again, importing nothing)."""
+        tree = self.to_dict()
+        for key, spec in networks.items():
+            tree[key] = [s.model_dump(mode="json") for s in spec] if isinstance(spec, list) else \
+                (spec.model_dump(mode="json") if spec is not None else None)
+        return validate(type(self), tree, context={"imports": False})
 
     @property
     def run_dir(self) -> Path:
@@ -257,9 +295,11 @@ class Config(Strict):
 
     def input_files(self) -> dict[str, str]:
         """{config key: path} of every file the run reads its networks from."""
-        specs = {"model": self.model, "teacher": self.teacher, "student": self.student,
-                 **{f"peers.{i}": p for i, p in enumerate(self.peers)}}
-        return {f"{role}.{key}": getattr(spec, key) for role, spec in specs.items() if spec is not None
+        specs = {}
+        for section, spec in self.networks().items():
+            specs.update({f"{section}.{i}": s for i, s in enumerate(spec)} if isinstance(spec, list)
+                         else {section: spec})
+        return {f"{role}.{key}": getattr(spec, key) for role, spec in specs.items()
                 for key in ("checkpoint", "weights") if getattr(spec, key)}
 
     @staticmethod

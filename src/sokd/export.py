@@ -45,7 +45,7 @@ FORMATS = ("torchscript", "onnx")
 EXTENSIONS = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
 DEFAULT_OPSET = 17
 TOLERANCE = 1e-4
-METADATA_KEY = "sokd.json"
+METADATA_KEY = artifacts.EXPORT_METADATA
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 _TRACE_BATCH = 2  # traced/exported with this batch, verified with another: proves the batch axis is free
 
@@ -182,7 +182,7 @@ def metadata(item: Exportable, class_names: list[str] | None = None) -> dict:
     from . import __version__
     shape = list(item.preprocess["shape"])
     return {
-        "format": "sokd-export", "version": 1, "sokd_version": __version__,
+        "format": artifacts.EXPORT_FORMAT, "version": 1, "sokd_version": __version__,
         "arch": item.arch["arch"], "role": item.role, "kwargs": item.arch["kwargs"],
         "num_classes": item.arch["num_classes"], "in_channels": item.arch["in_channels"],
         "input": {"name": INPUT_NAME, "shape": shape, "layout": "NCHW", "dtype": "float32",
@@ -360,50 +360,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 # ---------------------------------------------------------------- recognising exported files
-#: how far from its end an ONNX export's metadata is looked for (it is the file's last entry)
-_ONNX_TAIL = 1 << 20
-_ONNX_MARK = b'"format": "sokd-export"'
-
-
-def sniff(path: str | os.PathLike) -> tuple[str, dict] | None:
-    """(format, `sokd.json` metadata) of a file `sokd export` wrote, else None.
-
-    Nothing is loaded or run: a TorchScript export is a zip archive holding `*/extra/sokd.json`
-    (a run checkpoint or model file, also a zip, has none), and an ONNX export ends with its
-    metadata, JSON written with sorted keys (so it opens with `{"arch": `). A file that cannot be
-    read is simply not an export; the metadata is {} when the marker is found but the JSON is not.
-    """
-    path = Path(path)
-    try:
-        if not path.is_file():
-            return None
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                name = next((n for n in archive.namelist() if n.endswith(f"/extra/{METADATA_KEY}")), None)
-                if name is None:
-                    return None
-                meta = json.loads(archive.read(name).decode("utf-8"))
-            return ("torchscript", meta) if isinstance(meta, dict) and meta.get("format") == "sokd-export" \
-                else None
-        with open(path, "rb") as f:
-            head = f.read(1)
-            f.seek(max(0, path.stat().st_size - _ONNX_TAIL))
-            tail = f.read()
-    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
-        return None
-    if head != b"\x08":  # an ONNX ModelProto opens with its ir_version field (tag 0x08)
-        return None
-    mark = tail.rfind(_ONNX_MARK)
-    if mark < 0:
-        return None
-    start = tail.rfind(b'{"arch": ', 0, mark)
-    meta = {}
-    if start >= 0:
-        try:
-            meta = json.JSONDecoder().raw_decode(tail[start:].decode("utf-8", "replace"))[0]
-        except ValueError:
-            pass
-    return "onnx", (meta if isinstance(meta, dict) and meta.get("format") == "sokd-export" else {})
+sniff = artifacts.sniff_export
 
 
 def _how_to_run(path: Path, fmt: str, meta: dict) -> str:
@@ -456,13 +413,12 @@ def check_target(path: Path, fmt: str, overwrite: bool) -> None:
     ...), sokd checkpoints and model files, other exports and anything else are never replaced, and
     a symbolic link is refused (renaming over it would drop the link; writing through it would
     change the file it points to)."""
-    from .engine.rundir import RUN_FILES
     path = Path(path)
     other = f"pass --out another file (e.g. '{path.parent / _default_name(path, fmt)}')"
     if path.is_symlink():
         raise SokdError(f"--out '{path}' is a symbolic link; sokd export never writes through a link, so "
                         f"{other}")
-    if path.name in RUN_FILES or path.name.startswith(".sokd"):
+    if path.name in artifacts.RUN_FILES or path.name.startswith(".sokd"):
         raise SokdError(f"'{path}' is a run file name ({path.name}); sokd export never writes over a run's "
                         f"files, even with --overwrite, so {other}")
     if not os.path.lexists(path):
@@ -513,7 +469,7 @@ def _write_temp(data: bytes, path: Path) -> str:
     A file that cannot fit is refused before anything is written; a full disk met while writing
     removes the temporary file. Both are a one-line SokdError.
     """
-    from .engine.checkpoint import check_free_space, make_temp, write_bytes
+    from .files import check_free_space, make_temp, write_bytes
     check_free_space(path, len(data), _NO_SPACE_FIX)
     try:
         fd, tmp = make_temp(path, _NO_SPACE_FIX)
@@ -539,7 +495,7 @@ def export_network(item: Exportable, fmt: str, path: Path, images: torch.Tensor,
     `overwrite`: None leaves the target to the caller; True / False checks it (`check_target`)
     again just before the rename, so a file that appeared during the export is not replaced.
     """
-    from .engine.checkpoint import commit_file
+    from .files import commit_file
     fmt = _check_format(fmt)
     opset = _check_opset(opset, fmt)
     meta = metadata(item, class_names)

@@ -18,6 +18,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from . import artifacts
 from .errors import SokdError
 
 
@@ -38,10 +39,10 @@ def find_runs(paths: list[str]) -> list[Path]:
         if p.name == ASIDE_NAME or ASIDE_NAME in p.parts:
             raise SokdError(f"'{p}' is the previous run an output.overwrite=true run set aside while starting, "
                             f"not a run to report; report its parent run directory instead")
-        if (p / "summary.json").is_file():
+        if (p / artifacts.SUMMARY).is_file():
             runs.append(p)
         elif p.is_dir():
-            runs.extend(sorted(q.parent for q in p.rglob("summary.json") if not _hidden(q, p)))
+            runs.extend(sorted(q.parent for q in p.rglob(artifacts.SUMMARY) if not _hidden(q, p)))
         else:
             raise SokdError(f"'{p}' is not a run directory or a folder of runs")
     if not runs:
@@ -121,7 +122,7 @@ def _row_problem(row, primary: str) -> str | None:
 
 def load(run: Path) -> dict:
     """A run's summary.json and metrics.jsonl; an unreadable or malformed file is a SokdError naming it."""
-    path = run / "summary.json"
+    path = run / artifacts.SUMMARY
     try:
         summary = json.loads(_read(path))
     except json.JSONDecodeError as err:
@@ -130,7 +131,7 @@ def load(run: Path) -> dict:
     problem = _summary_problem(summary)
     if problem:
         raise SokdError(f"'{path}' is not a sokd run summary ({problem}); {_LEAVE_OUT}")
-    path = run / "metrics.jsonl"
+    path = run / artifacts.METRICS
     rows = []
     for n, line in enumerate(_read(path).splitlines(), 1):
         if not line.strip():
@@ -192,7 +193,7 @@ def group(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def table(groups: dict[str, list[dict]]) -> str:
-    from .commands.table import render
+    from .table import render
     rows = []
     for name, runs in groups.items():
         roles = list(runs[0]["summary"]["networks"])
@@ -210,7 +211,7 @@ def table(groups: dict[str, list[dict]]) -> str:
             rows.append([name, runs[0]["summary"]["method"], role, nets[0]["arch"], len(nets),
                          mean_std([n["top1_final"] for n in nets]), mean_std([n["top1_best"] for n in nets]),
                          mean_std(chosen) if chosen else "",
-                         mean_std(init) if role in ("teacher", "kbm") else "", agree, kl])
+                         mean_std(init) if _declared(runs, role).initial else "", agree, kl])
     head = ["run", "method", "role", "arch", "seeds", "top-1 final (last epoch)", "top-1 best epoch (optimistic)",
             "top-1 selected (validation)", "top-1 at start", "agreement % with", "KL(ref‖role)"]
     align = "lllllrrrrll"
@@ -220,18 +221,23 @@ def table(groups: dict[str, list[dict]]) -> str:
     return render(head, rows, align=align)
 
 
-#: roles plotted besides each run's primary one: SOKD's teacher branch is a result of its own (claim b)
-EXTRA_PLOTTED_ROLES = ("kbm",)
+def _declared(runs: list[dict], role: str):
+    """What the runs' method declares about `role` (`sokd.methods.Role`): whether it starts
+    trained (its accuracy at the start is shown) and whether it is plotted beside the primary."""
+    from . import methods
+    return methods.role(runs[0]["summary"].get("method", ""), role)
 
 
 def _curves(groups: dict[str, list[dict]]):
-    """(run name, role, label, (epochs, mean, std)) for each run's primary role, then its teacher
-    branch where it has one: the test top-1 per epoch, mean and std over seeds."""
+    """(run name, role, label, (epochs, mean, std)) for each run's primary role, then the roles its
+    method declares plotted (SOKD's teacher branch): the test top-1 per epoch, mean and std over seeds."""
     for name, runs in groups.items():
         primary = runs[0]["summary"]["primary_role"]
         evaluated = [[r for r in run["metrics"] if r["epoch"] > 0 and "test" in r] for run in runs]
         epochs = [r["epoch"] for r in evaluated[0]]
-        for role in (primary, *EXTRA_PLOTTED_ROLES):
+        seen = evaluated[0][-1]["test"] if evaluated[0] else {}
+        plotted = [r for r in seen if r != primary and _declared(runs, r).plotted]
+        for role in (primary, *plotted):
             if role != primary and not all(role in r["test"] for rows in evaluated for r in rows):
                 continue
             per_seed = [[r["test"][role]["top1"] for r in rows] for rows in evaluated]
@@ -268,7 +274,7 @@ def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     legend = []  # (final top-1, zoom line)
     for name, role, label, (epochs, mean, std) in curves:
         k = run_index[name]
-        style = "--" if role in EXTRA_PLOTTED_ROLES else (":" if k >= 20 else "-")
+        style = "--" if role != groups[name][0]["summary"]["primary_role"] else (":" if k >= 20 else "-")
         colour = palette[k % 20]
         ax.plot(epochs, mean, color=colour, linestyle=style)
         tail = slice(len(epochs) - max(2, len(epochs) // 3), None)
@@ -344,12 +350,12 @@ def prepare_out(out_dir: Path) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Write a report file atomically (a full disk is a one-line SokdError)."""
-    from .engine.checkpoint import atomic_write_text, default_file_mode
+    from .files import atomic_write_text, default_file_mode
     atomic_write_text(path, text, NO_SPACE_FIX, default_file_mode())
 
 
 def _save_figure(fig, path: Path, **options) -> None:
-    from .engine.checkpoint import atomic_write_bytes, default_file_mode
+    from .files import atomic_write_bytes, default_file_mode
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", **options)
     atomic_write_bytes(path, buffer.getvalue(), NO_SPACE_FIX, default_file_mode())

@@ -16,10 +16,19 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-#: registry names of the two reference methods -> how the plot labels their plain run
-REFERENCE_METHODS = {"kd": "KD", "sokd": "SOKD"}
-#: colours of those reference rows; every other row is grey-blue
-REFERENCE_COLOURS = {"kd": "tab:orange", "sokd": "tab:red"}
+from . import artifacts
+
+def _references() -> dict[str, str]:
+    """Registry name -> label of the methods that declare themselves reference baselines
+    (`Method.reference_label`: KD and SOKD), in name order."""
+    from . import methods
+    return {n: methods.get(n).reference_label for n in methods.list_methods() if methods.get(n).reference_label}
+
+
+#: the methods whose plain runs the plot marks as baselines, and how it labels them
+REFERENCE_METHODS = _references()
+#: colours of those reference rows, in the same order; every other row is grey-blue
+REFERENCE_COLOURS = dict(zip(REFERENCE_METHODS, ("tab:orange", "tab:red", "tab:green", "tab:purple")))
 OTHER_COLOUR = "tab:blue"
 FILE_NAME = "final_top1.png"
 
@@ -51,7 +60,7 @@ def _method_options(run: dict) -> dict | None:
     if run_dir is None:
         return None
     try:
-        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+        cfg = yaml.safe_load((Path(run_dir) / artifacts.CONFIG).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     section = cfg.get("method") if isinstance(cfg, dict) else None

@@ -62,17 +62,21 @@ def build_method(cfg: Config, num_classes: int, shape, require_trained: bool = T
     `data` (the run's `DataBundle`) is checked against what each checkpoint was trained on.
     """
     name = cfg.method.name
-    teacher = cfg.teacher
-    if (require_trained and methods.needs_trained_teacher(name) and teacher is not None
-            and not (teacher.checkpoint or teacher.weights)):
-        raise SokdError(f"method '{name}' needs a trained teacher: set teacher.checkpoint=PATH "
-                        f"(train one first with method.name=vanilla) or teacher.weights=PATH")
-    specs = {"model": cfg.model, "teacher": cfg.teacher, "student": cfg.student}
-    nets = {role: build_network(spec, role, num_classes, shape[0], data)
-            for role, spec in specs.items() if spec is not None}
-    peers = [build_network(s, "peer", num_classes, shape[0], data) for s in cfg.peers]
-    if peers:
-        nets["peers"] = peers
+    cls = methods.get(name)
+    given = cfg.networks()
+    for section in cls.trained_roles if require_trained else ():
+        specs = given.get(section) or []
+        for spec in specs if isinstance(specs, list) else [specs]:
+            if not (spec.checkpoint or spec.weights):
+                raise SokdError(f"method '{name}' needs a trained {section}: set {section}.checkpoint=PATH "
+                                f"(train one first with method.name=vanilla) or {section}.weights=PATH")
+    nets = {}
+    for section, spec in given.items():
+        if isinstance(spec, list):
+            nets[section] = [build_network(s, f"{section}.{i}", num_classes, shape[0], data)
+                             for i, s in enumerate(spec)]
+        else:
+            nets[section] = build_network(spec, section, num_classes, shape[0], data)
     return methods.create(name, input_shape=tuple(shape), num_samples=num_samples, **nets,
                           **cfg.method.options())
 
@@ -81,7 +85,7 @@ def _elastic_restart(cfg: Config) -> Config:
     """Under torchrun --max-restarts, a restarted job continues its own run from last.pt."""
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
         return cfg
-    has_ckpt = (cfg.run_dir / "last.pt").exists()
+    has_ckpt = (cfg.run_dir / artifacts.LAST).exists()
     output = cfg.output.model_copy(update={"resume": has_ckpt, "overwrite": not has_ckpt})
     return cfg.model_copy(update={"output": output})
 
@@ -119,7 +123,7 @@ def _train(cfg: Config) -> dict | None:
     bundle = data_layer.create(cfg.data, device=device, rank=dist.rank, world_size=dist.world_size,
                                seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    if cfg.output.resume and (cfg.run_dir / "last.pt").is_file():
+    if cfg.output.resume and (cfg.run_dir / artifacts.LAST).is_file():
         # every weight comes from last.pt: the files the run started from are not read again
         # (they may be gone); the run directory checks that last.pt is this run's
         method = build_method(_without_sources(cfg), bundle.num_classes, bundle.shape, require_trained=False,
@@ -196,13 +200,10 @@ def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: s
 
 def _without_sources(cfg: Config) -> Config:
     """`cfg` with no network read from a file: for a run whose checkpoint holds every weight."""
-    return cfg.model_copy(update={
-        "model": _no_ckpt(cfg.model), "teacher": _no_ckpt(cfg.teacher),
-        "student": _no_ckpt(cfg.student), "peers": [_no_ckpt(p) for p in cfg.peers]})
+    return cfg.with_networks({section: [_no_ckpt(s) for s in spec] if isinstance(spec, list) else _no_ckpt(spec)
+                              for section, spec in cfg.networks().items()})
 
 
-def _no_ckpt(spec: NetworkSpec | None) -> NetworkSpec | None:
+def _no_ckpt(spec: NetworkSpec) -> NetworkSpec:
     """The run checkpoint already holds the teacher's weights: don't re-read its source file."""
-    if spec is None:
-        return None
     return spec.model_copy(update={"checkpoint": None, "weights": None})

@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .. import bench
     from ..errors import SokdError
-    from .table import render
+    from ..table import render
     try:
         shape = tuple(int(v) for v in args.input.split("x"))
     except ValueError:
@@ -59,7 +59,7 @@ def run(args) -> int:
     for k, v in res["ratios"].items():
         print(f"  {k}: {v:.2f}" if isinstance(v, (int, float)) else f"  {k}: {v}")
     if args.json:
-        from ..engine.checkpoint import atomic_write_text, default_file_mode
+        from ..files import atomic_write_text, default_file_mode
         path = Path(args.json)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from .. import artifacts
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "fmnist"
 PACKAGED_TEACHER = PRESET_DIR / "teacher.pt"
 SPREAD_FILE = PRESET_DIR / "spread.json"
@@ -47,7 +49,7 @@ def add_parser(sub) -> None:
 def _mode(run_dir: Path, fresh: bool) -> str:
     if fresh:
         return "output.overwrite=true"
-    return "output.resume=true" if (run_dir / "last.pt").exists() else "output.resume=false"
+    return "output.resume=true" if (run_dir / artifacts.LAST).exists() else "output.resume=false"
 
 
 def _teacher(args, out: Path) -> tuple[Path, dict]:
@@ -74,7 +76,7 @@ def _teacher(args, out: Path) -> tuple[Path, dict]:
 def run(args) -> int:
     from .. import config, methods, runner
     from .summary import print_summary
-    from .table import pct, render
+    from ..table import pct, render
     out = Path(args.out)
     t0 = time.perf_counter()
     teacher_file, teacher_row = _teacher(args, out)
@@ -82,8 +84,7 @@ def run(args) -> int:
     for name in args.methods:
         run_dir = out / name
         overrides = [f"output.dir={run_dir}", _mode(run_dir, args.fresh), *args.overrides]
-        if methods.needs_trained_teacher(name):
-            overrides.append(f"teacher.checkpoint={teacher_file}")
+        overrides += [f"{section}.checkpoint={teacher_file}" for section in methods.get(name).trained_roles]
         cfg = config.load(PRESET_DIR / f"{name}.yaml", overrides)
         print(f"\n== {name}: {cfg.method.name} ({run_dir})", flush=True)
         summaries[name] = runner.train(cfg)

@@ -36,7 +36,7 @@ def _m(value) -> str:
 def run(args) -> int:
     from ..errors import SokdError
     from ..models import info
-    from .table import render
+    from ..table import render
     try:
         shape = tuple(int(v) for v in args.input.lower().split("x"))
         assert len(shape) == 3 and min(shape) > 0

@@ -1,7 +1,7 @@
 """Printing a run's summary as a table."""
 from __future__ import annotations
 
-from .table import pct, render
+from ..table import pct, render
 
 
 def print_summary(summary: dict, run_dir) -> None:

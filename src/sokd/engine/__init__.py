@@ -1,5 +1,5 @@
 """One training engine for every method: precision, memory format, DDP, schedules, checkpoints."""
-from .checkpoint import atomic_save, load_state_strict, safe_load
+from ..files import atomic_save, load_state_strict, safe_load
 from .distributed import DistContext
 from .evaluate import evaluate
 from .loop import FitContext, NonFiniteLoss, fit

@@ -5,8 +5,9 @@ import json
 import os
 from pathlib import Path
 
+from .. import artifacts
 from . import tracking
-from .checkpoint import atomic_write_text, check_free_space, is_no_space, no_space_error
+from ..files import atomic_write_text, check_free_space, is_no_space, no_space_error
 
 
 class RunLogger:
@@ -16,7 +17,7 @@ class RunLogger:
         written after that checkpoint, or lost or cut short by a crash or a full disk, come out
         exactly as the checkpoint knows them; trackers get those rows they lack."""
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
+        self.path = self.run_dir / artifacts.METRICS
         self.rows: list[dict] = []
         if history is not None:
             self.rows = list(history)
@@ -43,7 +44,7 @@ class RunLogger:
             tracker.log(row)
 
     def summary(self, summary: dict) -> None:
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.run_dir / artifacts.SUMMARY, json.dumps(summary, indent=2) + "\n")
         for tracker in self.trackers:
             tracker.summary(summary)
 

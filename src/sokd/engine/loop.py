@@ -11,7 +11,8 @@ import torch
 from .. import artifacts
 from ..errors import SokdError
 from . import rundir, tracking
-from .checkpoint import atomic_save, atomic_write_bytes, load_state_strict, non_finite_tensors, safe_load
+from ..files import atomic_save, atomic_write_bytes, load_state_strict, safe_load
+from .checkpoint import non_finite_tensors
 from .ddp import sync_buffers
 from .distributed import DistContext
 from .evaluate import evaluate
@@ -96,7 +97,8 @@ def fit(method, data, ctx: FitContext) -> dict:
 
     run_dir = rundir.RunDirectory(ctx.run_dir, cfg.schema_default) if dist.is_main else None
     ckpt = (run_dir.open(cfg.to_dict(), cfg.output.resume, cfg.output.overwrite,
-                         outputs=[f"{name}.pt" for name in method.standalone()], inputs=cfg.input_files())
+                         outputs=[artifacts.model_file_name(n) for n in method.standalone()],
+                         inputs=cfg.input_files())
             if run_dir else None)
     try:
         ckpt = dist.broadcast_object(ckpt)
@@ -125,7 +127,7 @@ def check_same_data(ckpt: dict, data, run_dir: Path, allowed: bool) -> None:
         return
     then_size, now_size = ckpt["data"].get("train_size"), data.train_size
     sizes = f" ({then_size} training images then, {now_size} now)" if then_size != now_size else ""
-    raise SokdError(f"the training data changed since '{run_dir / 'last.pt'}' was written{sizes}; put the "
+    raise SokdError(f"the training data changed since '{run_dir / artifacts.LAST}' was written{sizes}; put the "
                     f"data back as they were, or continue on the new data with output.allow_data_change=true")
 
 
@@ -156,7 +158,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
 
     start_epoch, start_step, history, accum_state, prior_wall = 0, 0, [], None, 0.0
     if ckpt is not None:  # weights first, so every rank's DDP wrapper starts from them
-        load_state_strict(method, ckpt["method"], f"'{ctx.run_dir / 'last.pt'}' (for "
+        load_state_strict(method, ckpt["method"], f"'{ctx.run_dir / artifacts.LAST}' (for "
                           f"{ckpt['data'].get('train_size')} training images; the data now have {data.train_size})")
     step_module = dist.wrap(method, sync_bn=cfg.distributed.sync_bn, static_graph=cfg.distributed.static_graph)
     optimizer = build_optimizer(method, cfg.optim, device)
@@ -200,7 +202,7 @@ def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -
             wall_time_s=prior_wall + time.perf_counter() - wall0, rng=_rng_state(device), history=history,
             accum=accum.state() if accum else None)
         if dist.is_main:
-            atomic_save(state, ctx.run_dir / "last.pt")
+            atomic_save(state, ctx.run_dir / artifacts.LAST)
             run_dir.commit()
         stop.saved = _saved_note(epoch, step)
 
@@ -344,7 +346,7 @@ def saved_at(epoch: int, every: int, epochs: int, first: bool) -> bool:
 def write_best(run_dir: Path) -> None:
     """best.pt as a byte copy of the last.pt just written (a best epoch always writes last.pt),
     atomic like every checkpoint write: no second serialisation of the same tensors."""
-    atomic_write_bytes(run_dir / "best.pt", (run_dir / "last.pt").read_bytes())
+    atomic_write_bytes(run_dir / artifacts.BEST, (run_dir / artifacts.LAST).read_bytes())
 
 
 def _saved_note(epoch: int, step: int) -> str:
@@ -370,7 +372,7 @@ def _repair_best(run_dir: Path, ckpt: dict, history: list[dict], primary: str) -
     best_epoch = _best_epoch(history, primary)
     if best_epoch is None or best_epoch != ckpt["epoch"] or ckpt["step"] != 0:
         return
-    path = run_dir / "best.pt"
+    path = run_dir / artifacts.BEST
     try:
         current = safe_load(path).get("epoch") if path.exists() else None
     except SokdError:
@@ -392,7 +394,7 @@ def _save_standalone(method, data, ctx: FitContext) -> None:
     """Each network worth shipping as its own classifier file (`sokd eval` / `sokd export` read it)."""
     for name, (arch_role, module) in method.standalone().items():
         atomic_save(artifacts.model_file(name, module, method.nets[arch_role], data, ctx.cfg.to_dict()),
-                    ctx.run_dir / f"{name}.pt")
+                    ctx.run_dir / artifacts.model_file_name(name))
 
 
 def _summary(cfg, method, data, history, ctx, device) -> dict:

@@ -26,17 +26,16 @@ import os
 import shutil
 import socket
 import time
-import zipfile
 from pathlib import Path
 
 import yaml
 
 from .. import artifacts
 from ..errors import SokdError
-from .checkpoint import atomic_write_text, safe_load, temp_target
+from ..files import atomic_write_text, safe_load, temp_target
 from .tracking.stored import DIRNAMES as TRACKER_DIRS, is_tracker_dir
 
-RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "summary.json")
+RUN_FILES = artifacts.RUN_FILES
 LOCK_NAME = ".sokd.lock"
 ASIDE_NAME = ".sokd-replaced"
 JOURNAL_NAME = ".sokd-journal.json"
@@ -60,34 +59,6 @@ def _strip(cfg: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- what sokd wrote
-def _is_sokd_pt(path: Path) -> bool:
-    """A checkpoint/model file sokd wrote (format recorded inside), or a TorchScript export."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-    if any(n.endswith("/extra/sokd.json") for n in names):
-        return True
-    try:
-        import torch
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - any unreadable file is simply not recognised as ours
-        return False
-    return isinstance(obj, dict) and artifacts.kind(obj) is not None
-
-
-def _is_sokd_onnx(path: Path) -> bool:
-    """An ONNX export carries its `sokd.json` metadata (a plain string near the end of the file)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            f.seek(max(0, size - (1 << 20)))
-            return b'"format": "sokd-export"' in f.read()
-    except OSError:
-        return False
-
-
 def _is_tb_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and all(
         p.is_file() and p.name.startswith("events.out.tfevents.") for p in path.iterdir())
@@ -108,10 +79,8 @@ def is_sokd_entry(path: Path) -> bool:
         return is_tracker_dir(path)
     if temp_target(name) is not None:
         return path.is_file()
-    if name.endswith(".pt"):
-        return path.is_file() and _is_sokd_pt(path)
-    if name.endswith(".onnx"):
-        return path.is_file() and _is_sokd_onnx(path)
+    if name.endswith((".pt", ".onnx")):
+        return path.is_file() and artifacts.is_sokd_file(path)
     return False
 
 
@@ -294,7 +263,7 @@ class RunDirectory:
         if overwrite:
             self._check_inputs_survive(inputs)
         if resume:
-            last = path / "last.pt"
+            last = path / artifacts.LAST
             if not last.exists():
                 if _holds_run(path):
                     raise SokdError(f"'{path}' has no last.pt to resume from; use output.overwrite=true "
@@ -394,7 +363,7 @@ class RunDirectory:
                                     f"move its files back into '{self.path}' (or delete it) and retry")
                 aside.rmdir()
             return
-        if journal["phase"] == "begun" and (self.path / "last.pt").is_file():
+        if journal["phase"] == "begun" and (self.path / artifacts.LAST).is_file():
             self._drop_aside()  # the killed run wrote its first checkpoint: it stands
         else:
             self._undo(set(journal.get("before", [])) if journal["phase"] == "begun" else None)
@@ -447,7 +416,7 @@ class RunDirectory:
         if not self.committed:
             self._write_journal(phase="begun", before=sorted(self._before), created_dir=self.created_dir)
         self.begun = True
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(self.path / artifacts.CONFIG, yaml.safe_dump(cfg, sort_keys=False))
 
     # -- committed -------------------------------------------------------------------------
     def commit(self) -> None:

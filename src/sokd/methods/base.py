@@ -6,11 +6,15 @@ A method is an nn.Module. `forward(images, labels)` returns
 processes: forward calls each network as `self.nets[role]`, and the engine decides how the whole
 method is run (on one process, or wrapped for data-parallel training).
 
-What a method needs from a run is declared on its class (`config_roles`, `needs_trained_teacher`,
-`accepts_features`); `sokd.methods` answers those questions by name for the layers above.
+What a method needs from a run is declared once, on its class: `roles` maps each network's role
+to a `Role` (given by the config? trained first? frozen? drawn in reports?), and
+`accepts_features` says whether feature terms may ride on it. Everything else (`config_roles`,
+`frozen`, `needs_trained_teacher`, what `create` accepts, what `sokd bench` builds) is derived
+from that declaration; `sokd.methods` answers those questions by name for the layers above.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Literal
 
 import torch
@@ -74,6 +78,39 @@ class MethodOptions(BaseModel):
         return weights
 
 
+@dataclass(frozen=True)
+class Role:
+    """What one network of a method is. A method declares its roles once (`Method.roles`); the
+    config, the runner, `sokd bench`, checkpoints and reports read the declaration.
+
+    A role given by the run config (`config=True`) is a config section of its name (`teacher:`,
+    `student:`, or any name a plugin method declares); `many` makes it a list (`peers:`).
+    Roles the method builds itself (SOKD's `kbm`) are declared with `config=False` so reports
+    and files can describe them.
+    """
+
+    config: bool = True
+    many: bool = False
+    #: must come trained: the config gives a checkpoint or local weights
+    trained: bool = False
+    #: never learns (no gradient, no optimizer group)
+    frozen: bool = False
+    #: which network of a benchmark's (teacher, student) pair it is built as
+    like: Literal["teacher", "student"] = "student"
+    #: drawn in reports beside the run's primary network (a result of its own)
+    plotted: bool = False
+    #: its accuracy before training is worth reporting (it starts from a trained network)
+    initial: bool = False
+    #: for a part of another network (not a classifier on its own): what it is
+    part: str = ""
+    #: the standalone model file (name without .pt) that holds this part as a whole classifier
+    file: str = ""
+
+
+#: a role a method does not declare (generated names such as peer2, branch3)
+UNDECLARED = Role(config=False)
+
+
 class Method(nn.Module):
     """Base class: `nets` (role -> network), `learning` (roles that train), weighted terms."""
 
@@ -84,14 +121,11 @@ class Method(nn.Module):
     term_names: tuple[str, ...] = ()
     #: (reference, follower) role pairs whose test-set agreement and KL the engine reports
     comparisons: tuple[tuple[str, str], ...] = ()
-    #: roles whose networks stay frozen (requires_grad False, excluded from param groups)
-    frozen: tuple[str, ...] = ()
-    #: constructor network arguments this method takes
-    accepts: tuple[str, ...] = ("teacher", "student")
-    #: network sections a run config gives this method: "model", "teacher", "student", "peers"
-    config_roles: tuple[str, ...] = ("teacher", "student")
-    #: whether the config's teacher must come trained (a checkpoint or local weights)
-    needs_trained_teacher: bool = False
+    #: what each network of the method is (see Role); config roles first, in constructor order
+    roles: dict[str, Role] = {"teacher": Role(trained=True, frozen=True, like="teacher", initial=True),
+                              "student": Role()}
+    #: other keyword names the constructor takes for a config role ({alias: role})
+    aliases: dict[str, str] = {}
     #: whether method.features (feature terms) may be given; when not, they are refused with
     #: "method 'NAME' " + `features_refused`, where {either} / {slashed} name the methods that
     #: take them ("a or b" / "a/b")
@@ -99,6 +133,8 @@ class Method(nn.Module):
     features_refused: str = "does not support feature terms; use {either}"
     #: the role whose test accuracy selects best.pt
     primary: str = "student"
+    #: a reference baseline in comparisons (reports mark its plain runs with this label), or ""
+    reference_label: str = ""
     #: whether the method has logit-distillation terms (`distill`); when not, the options that
     #: shape them (logit_loss, logit_standardize, dkd, dist, warmup_epochs) are refused
     distills_logits: bool = True
@@ -107,6 +143,25 @@ class Method(nn.Module):
         super().__init_subclass__(**kwargs)
         if "name" not in cls.__dict__:
             cls.name = cls.__name__.lower()
+        cls._derive_from_roles()
+
+    @classmethod
+    def _derive_from_roles(cls) -> None:
+        """What follows from `roles`, kept beside it but never declared separately."""
+        cls.config_roles = tuple(r for r, d in cls.roles.items() if d.config)
+        cls.frozen = tuple(r for r, d in cls.roles.items() if d.frozen)
+        cls.accepts = cls.config_roles + tuple(cls.aliases)
+        cls.trained_roles = tuple(r for r, d in cls.roles.items() if d.config and d.trained)
+        cls.needs_trained_teacher = bool(cls.trained_roles)
+
+    def require(self, **given) -> None:
+        """SokdError naming the first config role the constructor was not given a network for."""
+        roles_required(self.name, given, [r for r in self.config_roles if r in given])
+
+    @classmethod
+    def role(cls, name: str) -> Role:
+        """The declaration of role `name` (UNDECLARED for names the method generates)."""
+        return cls.roles.get(name, UNDECLARED)
 
     def __init__(self, nets: dict[str, nn.Module], options: MethodOptions):
         super().__init__()
@@ -262,3 +317,5 @@ def student_and_peers(method: str, student, peers=None, peer=None) -> tuple[dict
     names = ["peer"] if len(peers) == 1 else [f"peer{i + 1}" for i in range(len(peers))]
     return {"student": student, **dict(zip(names, peers))}, names
 
+
+Method._derive_from_roles()

@@ -1,15 +1,15 @@
 """Deep Mutual Learning: N networks from scratch, each learning from the others online."""
 from __future__ import annotations
 
-from .base import Method, MethodOptions, student_and_peers
+from .base import Method, MethodOptions, Role, student_and_peers
 from . import losses
 from .registry import register
 
 
 @register("dml")
 class DML(Method):
-    accepts = ("student", "peers", "peer")
-    config_roles = ("student", "peers")
+    roles = {"student": Role(), "peers": Role(many=True, like="teacher")}
+    aliases = {"peer": "peers"}
     accepts_features = False
 
     def __init__(self, student=None, peers=None, peer=None, options: MethodOptions | None = None,

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import SokdError, suggest
 from ..models.staged import StagedNet, dry_forward
+from ..registry import Registry
 from ..validation import validate
 from . import losses
 
@@ -63,13 +64,12 @@ class _Kind:
         self.needs_index = needs_index
 
 
-KINDS: dict[str, _Kind] = {}
+KINDS = Registry("feature kind")
 
 
-def register_kind(name: str, kind: _Kind) -> _Kind:
-    """Make `name` usable as method.features[].kind."""
-    KINDS[name] = kind
-    return kind
+def register_kind(name: str, kind: _Kind, overwrite: bool = False) -> _Kind:
+    """Make `name` usable as method.features[].kind (a name taken is refused unless `overwrite`)."""
+    return KINDS.add(name, kind, overwrite)
 
 
 register_kind("at", _Kind(1000.0, "AT paper (beta = 1000)",

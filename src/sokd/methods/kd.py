@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, MethodOptions, roles_required
+from .base import Method, MethodOptions, Role
 from . import losses
 from .registry import register
 
@@ -11,13 +11,12 @@ from .registry import register
 @register("kd")
 class KD(Method):
     term_names = ("student_ce", "student_kl_teacher")
-    frozen = ("teacher",)
     comparisons = (("teacher", "student"),)
-    needs_trained_teacher = True
+    reference_label = "KD"
 
     def __init__(self, teacher=None, student=None, options: MethodOptions | None = None,
                  input_shape=(3, 32, 32), num_samples: int | None = None):
-        roles_required(self.name, {"teacher": teacher, "student": student}, ["teacher", "student"])
+        self.require(teacher=teacher, student=student)
         super().__init__({"teacher": teacher, "student": student}, options or MethodOptions())
         self._attach_features(student, teacher, input_shape, num_samples)
 

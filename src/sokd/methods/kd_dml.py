@@ -1,7 +1,7 @@
 """KD + DML: a pretrained teacher that keeps learning, mutually with the student."""
 from __future__ import annotations
 
-from .base import Method, MethodOptions, roles_required
+from .base import Method, MethodOptions, Role
 from . import losses
 from .registry import register
 
@@ -10,11 +10,11 @@ from .registry import register
 class KDDML(Method):
     term_names = ("teacher_ce", "teacher_kl_student", "student_ce", "student_kl_teacher")
     comparisons = (("teacher", "student"),)
-    needs_trained_teacher = True
+    roles = {"teacher": Role(trained=True, like="teacher", initial=True), "student": Role()}
     accepts_features = False
 
     def __init__(self, teacher=None, student=None, options: MethodOptions | None = None, input_shape=None):
-        roles_required(self.name, {"teacher": teacher, "student": student}, ["teacher", "student"])
+        self.require(teacher=teacher, student=student)
         super().__init__({"teacher": teacher, "student": student}, options or MethodOptions())
 
     def forward(self, images, labels):

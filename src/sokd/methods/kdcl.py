@@ -34,7 +34,7 @@ import torch
 from pydantic import Field
 
 from . import losses
-from .base import Method, MethodOptions, student_and_peers
+from .base import Method, MethodOptions, Role, student_and_peers
 from .registry import register
 
 
@@ -65,8 +65,8 @@ ENSEMBLES = {"minlogit": minlogit_ensemble, "naive": naive_ensemble}
 @register("kdcl")
 class KDCL(Method):
     Options = KDCLOptions
-    accepts = ("student", "peers", "peer")
-    config_roles = ("student", "peers")
+    roles = {"student": Role(), "peers": Role(many=True, like="teacher")}
+    aliases = {"peer": "peers"}
     accepts_features = False
 
     def __init__(self, student=None, peers=None, peer=None, options: KDCLOptions | None = None,

@@ -39,7 +39,7 @@ from .. import models
 from ..errors import SokdError
 from ..models.staged import StagedNet, dry_forward
 from . import losses
-from .base import Method, MethodOptions, roles_required
+from .base import Method, MethodOptions, Role
 from .kbm import KnowledgeBridge, teacher_branch
 from .registry import register
 
@@ -81,12 +81,21 @@ class ONE(Method):
     "ensemble"; best.pt follows the student."""
 
     Options = ONEOptions
-    accepts = ("student",)
-    config_roles = ("student",)
+    roles = {"student": Role()}
+
+    @classmethod
+    def role(cls, name: str) -> Role:
+        """The branches (branch2, branch3, ...) are the student's last stage(s) and head, saved as
+        model files of their own on the student's trunk; the gate only weights the ensemble."""
+        if name.startswith("branch"):
+            return Role(config=False, file=name, part="ONE's branch: the student's last stage(s) and head")
+        if name == "gate":
+            return Role(config=False, part="ONE's gate: the ensemble's weights, no classifier of images on its own")
+        return super().role(name)
     accepts_features = False
 
     def __init__(self, student=None, options: ONEOptions | None = None, input_shape=(3, 32, 32)):
-        roles_required(self.name, {"student": student}, ["student"])
+        self.require(student=student)
         options = options or ONEOptions()
         n, k = student.num_stages, options.branch_stages
         if not 1 <= k <= n - 1:

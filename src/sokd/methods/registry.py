@@ -6,31 +6,27 @@ give, whether its teacher must come trained) instead of keeping lists of method 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-from ..errors import unknown
+from ..registry import Registry
 
-if TYPE_CHECKING:
-    from .base import Method
-
-_REGISTRY: dict[str, type["Method"]] = {}
+#: name -> Method subclass
+_REGISTRY = Registry("method")
 
 
-def register(name: str) -> Callable[[type["Method"]], type["Method"]]:
-    """Decorator adding a Method subclass under `name` (and naming the class `name`)."""
+def register(name: str, *, overwrite: bool = False) -> Callable[[type], type]:
+    """Decorator adding a Method subclass under `name` (and naming the class `name`); a name
+    registered twice is refused unless `overwrite=True`."""
     def deco(cls):
+        _REGISTRY.add(name, cls, overwrite)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
     return deco
 
 
-def get(name: str) -> type["Method"]:
+def get(name: str) -> type:
     """The Method class registered as `name`; SokdError listing the valid names otherwise."""
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise unknown("method", name, _REGISTRY)
-    return cls
+    return _REGISTRY.find(name)
 
 
 def list_methods() -> list[str]:
@@ -47,7 +43,7 @@ def needs_trained_teacher(name: str) -> bool:
 
 
 def config_roles(name: str) -> tuple[str, ...]:
-    """The network sections ("model", "teacher", "student", "peers") a config gives method `name`."""
+    """The network sections a config gives method `name` (its roles with `config=True`)."""
     return get(name).config_roles
 
 

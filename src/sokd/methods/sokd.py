@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import Method, MethodOptions, roles_required
+from .base import Method, MethodOptions, Role
 from .kbm import build_kbm, teacher_branch
 from . import losses
 from .registry import register
@@ -30,13 +30,15 @@ class SOKDOptions(MethodOptions):
 class SOKD(Method):
     Options = SOKDOptions
     term_names = ("kbm_ce", "kbm_kl_teacher", "kbm_kl_student", "student_ce", "student_kl_kbm")
-    frozen = ("teacher",)
     comparisons = (("teacher", "student"), ("kbm", "student"))
-    needs_trained_teacher = True
+    reference_label = "SOKD"
+    roles = {**Method.roles,
+             "kbm": Role(config=False, plotted=True, initial=True, file="teacher_branch",
+                         part="SOKD's knowledge bridge: the teacher's last stage(s) and head")}
 
     def __init__(self, teacher=None, student=None, options: SOKDOptions | None = None,
                  input_shape=(3, 32, 32), num_samples: int | None = None):
-        roles_required(self.name, {"teacher": teacher, "student": student}, ["teacher", "student"])
+        self.require(teacher=teacher, student=student)
         options = options or SOKDOptions()
         kbm = build_kbm(teacher, options.kbm_stages, options.kbm_init)
         super().__init__({"teacher": teacher, "student": student, "kbm": kbm}, options)

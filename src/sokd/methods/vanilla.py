@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import losses
-from .base import Method, MethodOptions, roles_required
+from .base import Method, MethodOptions, Role
 from .registry import register
 
 
@@ -10,14 +10,14 @@ from .registry import register
 class Vanilla(Method):
     term_names = ("model_ce",)
     primary = "model"
-    accepts = ("model", "student")
-    config_roles = ("model",)
+    roles = {"model": Role()}
+    aliases = {"student": "model"}
     accepts_features = False
     distills_logits = False
     features_refused = "has no teacher to take features from; remove method.features or use {slashed}"
 
     def __init__(self, model=None, student=None, options: MethodOptions | None = None, input_shape=None):
-        roles_required(self.name, {"model": model or student}, ["model"])
+        self.require(model=model or student)
         super().__init__({"model": model or student}, options or MethodOptions())
 
     def forward(self, images, labels):

@@ -51,14 +51,3 @@ class ZooNet(StagedNet):
                 nn.init.zeros_(m.bias)
         else:  # BatchNorm.reset_parameters: weight 1, bias 0, running stats reset
             super().init_module(m)
-
-
-def state_mismatch(module: nn.Module, state: dict) -> tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]:
-    """(missing keys, unexpected keys, [(key, file shape, model shape)]) of loading `state` into
-    `module`: what every strict loader reports before `load_state_dict` raises its own, longer error."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
-              if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
-    return missing, unexpected, shapes

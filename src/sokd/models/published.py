@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SokdError
-from ..safeload import load_weights_only
-from .common import state_mismatch
+from ..files import does_not_fit, load_weights_only
 
 LAYOUT = "RepDistiller/mdistiller"
 DOC = "docs/published-teachers.md"
@@ -211,13 +210,9 @@ def _refusal(net: nn.Module, state: dict, path, label: str, expected: dict[str, 
 
 
 def _check_shapes(net: nn.Module, state: dict, path, label: str) -> None:
-    _, _, shapes = state_mismatch(net, state)
-    if shapes:
-        listed = ", ".join(f"{k} (file {a}, model {b})" for k, a, b in shapes[:4])
-        raise SokdError(f"{label}: weights '{path}' do not fit the model, shape mismatch for {listed}"
-                        f"{' ...' if len(shapes) > 4 else ''}; a classifier mismatch means another "
-                        "num_classes, a first-conv mismatch another in_channels: build the model as "
-                        "the file was trained")
+    error = does_not_fit(f"{label}: weights '{path}'", net, state, shapes_only=True)
+    if error is not None:
+        raise error
 
 
 def load_weights(net: nn.Module, path, label: str) -> str:

@@ -12,11 +12,12 @@ from typing import Callable
 from torch import nn
 
 from ..errors import SokdError, unknown
+from ..registry import Registry
 from .staged import StagedNet
 
 Constructor = Callable[..., StagedNet]
 
-_REGISTRY: dict[str, Constructor] = {}
+_REGISTRY: Registry = Registry("model")
 WRN_PATTERN = re.compile(r"wrn_(\d+)_(\d+)")
 WRN_EXAMPLES = ("wrn_16_1", "wrn_16_2", "wrn_28_10", "wrn_40_1", "wrn_40_2")
 _PATTERN_HINT = ("; also accepted: wrn_<depth>_<width> with (depth - 4) % 6 == 0, "
@@ -41,10 +42,7 @@ def register(name: str, *, overwrite: bool = False) -> Callable[[Constructor], C
     def decorator(fn: Constructor) -> Constructor:
         if not callable(fn):
             raise SokdError(f"register('{name}') must decorate a callable, got {type(fn).__name__}")
-        if name in _REGISTRY and not overwrite and _REGISTRY[name] is not fn:
-            raise SokdError(f"model '{name}' is already registered; pick another name or pass overwrite=True")
-        _REGISTRY[name] = fn
-        return fn
+        return _REGISTRY.add(name, fn, overwrite)
 
     return decorator
 

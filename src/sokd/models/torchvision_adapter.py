@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ..errors import SokdError, unknown
-from .common import state_mismatch
+from ..files import does_not_fit
 from .staged import StagedNet
 
 PROBE_SIZES = (64, 224)
@@ -367,16 +367,9 @@ def load_weights(model: nn.Module, path, label: str) -> None:
     """Load a local state-dict file into `model`, with a SokdError naming any mismatching tensors."""
     from .published import read_state_file
     obj = read_state_file(path, label)
-    missing, unexpected, shapes = state_mismatch(model, obj)
-    mismatch = [f"{k} (file {file_shape}, model {model_shape})" for k, file_shape, model_shape in shapes]
-    if mismatch:
-        raise SokdError(f"{label}: weights '{path}' do not fit the model, shape mismatch for "
-                        f"{', '.join(mismatch[:8])}{' ...' if len(mismatch) > 8 else ''}; a classifier "
-                        "mismatch means the file was saved for another num_classes: create the model "
-                        "with the file's number of classes")
-    if missing or unexpected:
-        raise SokdError(f"{label}: weights '{path}' do not fit the model; missing: {missing[:8]}, "
-                        f"unexpected: {unexpected[:8]}")
+    error = does_not_fit(f"{label}: weights '{path}'", model, obj)
+    if error is not None:
+        raise error
     model.load_state_dict(obj)
 
 

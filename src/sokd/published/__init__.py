@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import artifacts
 from ..errors import SokdError
 from ..report import mean_std
 
@@ -38,7 +39,7 @@ def _cell(value) -> str:
 
 def markdown() -> str:
     """The published table (blank = no readable source), its notes and its sources."""
-    from ..commands.table import render
+    from ..table import render
     rows, notes = [], []
     for p in table()["pairs"]:
         name = f"{p['teacher']} → {p['student']}"
@@ -60,7 +61,7 @@ def markdown() -> str:
 def _config_archs(run_dir: Path) -> dict | None:
     """{"data", "teacher", "student", "model"} from a run's resolved config.yaml, None if unreadable."""
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        cfg = yaml.safe_load((run_dir / artifacts.CONFIG).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     if not isinstance(cfg, dict):
@@ -77,7 +78,7 @@ def _config_archs(run_dir: Path) -> dict | None:
 def compare(groups: dict[str, list[dict]]) -> str:
     """Markdown: each run group's student (or vanilla model) top-1 beside the published numbers of
     its pair. `groups` is `report.group(...)`'s {name: [loaded run, ...]}."""
-    from ..commands.table import render
+    from ..table import render
     rows, unmatched = [], []
     for name, runs in groups.items():
         archs = _config_archs(runs[0]["dir"])

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ...errors import SokdError
-from ..checkpoint import atomic_write_text
+from ...files import atomic_write_text
 from . import Tracker, flatten
 
 MARKER = ".sokd-tracker"

@@ -197,7 +197,7 @@ def test_one_trains_a_step_and_its_student_evaluates_and_exports_on_its_own(tmp_
 
     assert run_cli("eval", run_dir / "student.pt", "--json") == 0
     alone = json.loads(capsys.readouterr().out)
-    assert alone["roles"]["model"]["top1"] == pytest.approx(summary["networks"]["student"]["top1_final"], abs=1e-6)
+    assert alone["roles"]["student"]["top1"] == pytest.approx(summary["networks"]["student"]["top1_final"], abs=1e-6)
     assert run_cli("eval", run_dir / "last.pt", "--json") == 0
     every = json.loads(capsys.readouterr().out)
     assert every["roles"]["ensemble"]["top1"] == pytest.approx(summary["networks"]["ensemble"]["top1_final"], abs=1e-6)

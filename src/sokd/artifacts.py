@@ -47,6 +47,8 @@ CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
 RUN_FILES = (CONFIG, LAST, BEST, METRICS, SUMMARY)
 #: the name of an export's metadata (TorchScript extra file / ONNX metadata_props key)
 EXPORT_METADATA = "sokd.json"
+#: an export's one input (float32 NCHW images) and one output (logits)
+EXPORT_INPUT, EXPORT_OUTPUT = "images", "logits"
 
 
 def model_file_name(name: str) -> str:
@@ -76,6 +78,18 @@ def run_state(*, method: nn.Module, epoch: int, step: int, data, config: dict, *
             "data": data_facts(data)}
 
 
+def data_record(ckpt: dict) -> dict:
+    """What a run checkpoint or model file records about the data its networks were trained on:
+    name, shape, mean, std, num_classes (and, where recorded, train_size and fingerprint). Model
+    files written before they carried the whole record keep shape / mean / std in `preprocess`."""
+    record = dict(ckpt.get("data") or {})
+    for key, value in (ckpt.get("preprocess") or {}).items():
+        record.setdefault(key, value)
+    if "num_classes" not in record and "num_classes" in ckpt:
+        record["num_classes"] = ckpt["num_classes"]
+    return record
+
+
 def model_file(name: str, module: nn.Module, spec_source: nn.Module, data, config: dict) -> dict:
     """A standalone classifier file for `module`, rebuilt as the architecture of `spec_source`
     (the same network, or e.g. the teacher for SOKD's trunk + KBM)."""
@@ -83,7 +97,7 @@ def model_file(name: str, module: nn.Module, spec_source: nn.Module, data, confi
     return {"format": MODEL_FORMAT, "version": VERSION, "name": name, **info,
             "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
             "preprocess": {"shape": list(data.shape), "mean": list(data.mean), "std": list(data.std)},
-            "data": {"name": data.name, "num_classes": data.num_classes},
+            "data": data_facts(data),
             "config": config}
 
 
@@ -288,3 +302,46 @@ def is_sokd_file(path: str | os.PathLike) -> bool:
         return False
     return isinstance(obj, dict) and kind(obj) is not None
 
+
+def _how_to_run(path: Path, fmt: str, meta: dict) -> str:
+    """One clause saying how to run an exported file, with its recorded preprocessing."""
+    inp = meta.get("input") if isinstance(meta.get("input"), dict) else {}
+    shape = "x".join(map(str, inp.get("shape") or [])) or "CxHxW"
+    call = (f"torch.jit.load('{path}')(x)" if fmt == "torchscript" else
+            f"onnxruntime.InferenceSession('{path}').run(['{EXPORT_OUTPUT}'], {{'{EXPORT_INPUT}': x}})")
+    norm = ""
+    if inp.get("mean") is not None and inp.get("std") is not None:
+        norm = f", x = (uint8 / 255 - mean) / std with mean {_values(inp['mean'])} std {_values(inp['std'])}"
+    return f"run it with {call} on float32 Nx{shape} images{norm}"
+
+
+def _values(values) -> str:
+    try:
+        return "[" + ", ".join(f"{float(v):.4g}" for v in values) + "]"
+    except (TypeError, ValueError):
+        return str(values)
+
+
+def describe_export(fmt: str, meta: dict) -> str:
+    """'a TorchScript model written by sokd export (role student, resnet8, 4 classes)'."""
+    kind = {"torchscript": "TorchScript", "onnx": "ONNX"}[fmt]
+    facts = [f"role {meta['role']}" if meta.get("role") else "", str(meta.get("arch") or ""),
+             f"{meta['num_classes']} classes" if meta.get("num_classes") else ""]
+    facts = ", ".join(f for f in facts if f)
+    return f"a{'n' if fmt == 'onnx' else ''} {kind} model written by sokd export" + (f" ({facts})" if facts else "")
+
+
+def refuse_export(path: str | os.PathLike, command: str) -> None:
+    """SokdError when `path` is a file sokd export wrote: `sokd eval` / `sokd export` read run
+    checkpoints and model files, and an exported model would otherwise read as a corrupt one.
+    The message says what the file is, how to run it, and which checkpoint it came from."""
+    found = sniff_export(path)
+    if found is None:
+        return
+    fmt, meta = found
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    origin = source.get("checkpoint")
+    retry = (f"; or {command} the checkpoint it came from: sokd {command} {origin}" if origin else
+             f"; sokd {command} reads run checkpoints (last.pt / best.pt) and model files (student.pt, ...)")
+    raise SokdError(f"'{path}' is {describe_export(fmt, meta)}, not a checkpoint sokd {command} "
+                    f"reads; {_how_to_run(Path(path), fmt, meta)}{retry}")

@@ -46,7 +46,7 @@ EXTENSIONS = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
 DEFAULT_OPSET = 17
 TOLERANCE = 1e-4
 METADATA_KEY = artifacts.EXPORT_METADATA
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_NAME, OUTPUT_NAME = artifacts.EXPORT_INPUT, artifacts.EXPORT_OUTPUT
 _TRACE_BATCH = 2  # traced/exported with this batch, verified with another: proves the batch axis is free
 
 
@@ -91,40 +91,26 @@ class _Logits(nn.Module):
 # ---------------------------------------------------------------- rebuilding the network
 def load_exportable(checkpoint: str | os.PathLike, role: str | None = None) -> Exportable:
     """The network `role` of a run checkpoint, or the one network of a model file, in eval mode."""
-    from .engine.checkpoint import check_finite
-    refuse_exported(checkpoint, "export")
-    ckpt = artifacts.load(checkpoint)
-    fmt = artifacts.kind(ckpt)
-    if fmt is not None:
-        item = (_from_run if fmt == artifacts.RUN_FORMAT else _from_model_file)(ckpt, str(checkpoint), role)
-        check_finite(item.net.state_dict(), checkpoint)
-        return item
-    raise SokdError(f"'{checkpoint}' is not a sokd run checkpoint or model file; export a run's "
-                    f"last.pt / best.pt or a model file such as student.pt")
-
-
-def _from_model_file(ckpt: dict, path: str, role: str | None) -> Exportable:
     from . import runner
-    from .data.config import DataConfig
-    name = ckpt.get("name", "model")
+    opened = runner.open_checkpoint(checkpoint, "export")
+    pick = _from_run if opened.format == artifacts.RUN_FORMAT else _from_model_file
+    return pick(opened, role)
+
+
+def _from_model_file(opened, role: str | None) -> Exportable:
+    (name, net), = opened.networks.nets.items()
     if role is not None and role != name:
-        raise SokdError(f"'{path}' is a model file holding only the '{name}' network; --role picks a "
+        raise SokdError(f"'{opened.path}' is a model file holding only the '{name}' network; --role picks a "
                         f"network of a run checkpoint (last.pt / best.pt), so drop --role or export "
                         f"from the run checkpoint")
-    net, cfg = runner.rebuild_model_file(ckpt, path)
-    arch = models.spec_of(net)
-    data_cfg = cfg.data if cfg is not None else DataConfig(name=ckpt["data"]["name"])
-    return Exportable(net.eval(), name, arch, dict(ckpt["preprocess"]), data_cfg,
-                      {"checkpoint": path, "format": artifacts.MODEL_FORMAT,
-                       "method": cfg.method.name if cfg is not None else None})
+    return Exportable(net.eval(), name, models.spec_of(net), _preprocess(opened.trained), opened.data_cfg,
+                      {"checkpoint": opened.path, "format": artifacts.MODEL_FORMAT,
+                       "method": opened.cfg.method.name if opened.cfg is not None else None})
 
 
-def _from_run(ckpt: dict, path: str, role: str | None) -> Exportable:
-    from . import runner
+def _from_run(opened, role: str | None) -> Exportable:
     from .models.staged import StagedNet
-    data = ckpt["data"]
-    method, cfg = runner.rebuild_run(ckpt, path)
-    method.eval()
+    method, path = opened.networks, opened.path
     candidates = {name: (arch_role, module) for name, (arch_role, module) in method.standalone().items()}
     for r, net in method.nets.items():
         if r not in candidates and isinstance(net, StagedNet):
@@ -133,17 +119,22 @@ def _from_run(ckpt: dict, path: str, role: str | None) -> Exportable:
         role = method.primary if method.primary in candidates else next(iter(candidates))
     if role not in candidates:
         if role in method.nets:
-            raise SokdError(f"role '{role}' of '{path}' is not a classifier of images on its own (it runs on "
-                            f"the frozen teacher trunk); export --role teacher_branch (trunk + {role} as "
-                            f"one model) or one of: {', '.join(candidates)}")
+            declared = method.role(role)
+            whole = f"export --role {declared.file} (it as one model) or " if declared.file else "export "
+            raise SokdError(f"role '{role}' of '{path}' is not a classifier of images on its own"
+                            f"{f' ({declared.part})' if declared.part else ''}; {whole}one of: "
+                            f"{', '.join(candidates)}")
         raise SokdError(f"checkpoint '{path}' has no network '{role}'{suggest(role, candidates)}; "
                         f"--role must be one of: {', '.join(candidates)}")
     arch_role, module = candidates[role]
-    arch = models.spec_of(method.nets[arch_role])
-    preprocess = {"shape": list(data["shape"]), "mean": list(data["mean"]), "std": list(data["std"])}
-    return Exportable(module.eval(), role, arch, preprocess, cfg.data,
-                      {"checkpoint": path, "format": artifacts.RUN_FORMAT, "method": cfg.method.name,
-                       "epoch": ckpt.get("epoch")})
+    return Exportable(module.eval(), role, models.spec_of(method.nets[arch_role]), _preprocess(opened.trained),
+                      opened.data_cfg, {"checkpoint": path, "format": artifacts.RUN_FORMAT,
+                                        "method": opened.cfg.method.name, "epoch": opened.ckpt.get("epoch")})
+
+
+def _preprocess(record: dict) -> dict:
+    """The input an exported network takes, from a checkpoint's data record."""
+    return {"shape": list(record["shape"]), "mean": list(record["mean"]), "std": list(record["std"])}
 
 
 def _test_images(item: Exportable, n: int, overrides: dict | None):
@@ -361,50 +352,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 # ---------------------------------------------------------------- recognising exported files
 sniff = artifacts.sniff_export
-
-
-def _how_to_run(path: Path, fmt: str, meta: dict) -> str:
-    """One clause saying how to run an exported file, with its recorded preprocessing."""
-    inp = meta.get("input") if isinstance(meta.get("input"), dict) else {}
-    shape = "x".join(map(str, inp.get("shape") or [])) or "CxHxW"
-    call = (f"torch.jit.load('{path}')(x)" if fmt == "torchscript" else
-            f"onnxruntime.InferenceSession('{path}').run(['{OUTPUT_NAME}'], {{'{INPUT_NAME}': x}})")
-    norm = ""
-    if inp.get("mean") is not None and inp.get("std") is not None:
-        norm = f", x = (uint8 / 255 - mean) / std with mean {_values(inp['mean'])} std {_values(inp['std'])}"
-    return f"run it with {call} on float32 Nx{shape} images{norm}"
-
-
-def _values(values) -> str:
-    try:
-        return "[" + ", ".join(f"{float(v):.4g}" for v in values) + "]"
-    except (TypeError, ValueError):
-        return str(values)
-
-
-def describe_export(fmt: str, meta: dict) -> str:
-    """'a TorchScript model written by sokd export (role student, resnet8, 4 classes)'."""
-    kind = {"torchscript": "TorchScript", "onnx": "ONNX"}[fmt]
-    facts = [f"role {meta['role']}" if meta.get("role") else "", str(meta.get("arch") or ""),
-             f"{meta['num_classes']} classes" if meta.get("num_classes") else ""]
-    facts = ", ".join(f for f in facts if f)
-    return f"a{'n' if fmt == 'onnx' else ''} {kind} model written by sokd export" + (f" ({facts})" if facts else "")
-
-
-def refuse_exported(path: str | os.PathLike, command: str) -> None:
-    """SokdError when `path` is a file sokd export wrote: `sokd eval` / `sokd export` read run
-    checkpoints and model files, and an exported model would otherwise read as a corrupt one.
-    The message says what the file is, how to run it, and which checkpoint it came from."""
-    found = sniff(path)
-    if found is None:
-        return
-    fmt, meta = found
-    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
-    origin = source.get("checkpoint")
-    retry = (f"; or {command} the checkpoint it came from: sokd {command} {origin}" if origin else
-             f"; sokd {command} reads run checkpoints (last.pt / best.pt) and model files (student.pt, ...)")
-    raise SokdError(f"'{path}' is {describe_export(fmt, meta)}, not a checkpoint sokd {command} "
-                    f"reads; {_how_to_run(Path(path), fmt, meta)}{retry}")
+describe_export = artifacts.describe_export
+refuse_exported = artifacts.refuse_export
 
 
 def check_target(path: Path, fmt: str, overwrite: bool) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,10 +18,9 @@ from .errors import SokdError
 def check_preprocess(ckpt: dict, path: str, key: str, data) -> None:
     """A network trained on images of another shape or normalisation sees noise: refuse it,
     giving both records (`data`: the run's `DataBundle`). Plain state dicts record nothing."""
-    fmt = artifacts.kind(ckpt)
-    recorded = ckpt.get("preprocess") if fmt == artifacts.MODEL_FORMAT else ckpt.get("data") if fmt else None
-    if not isinstance(recorded, dict) or data is None:
+    if artifacts.kind(ckpt) is None or data is None:
         return
+    recorded = artifacts.data_record(ckpt)
     theirs = {k: [float(v) for v in recorded.get(k) or []] for k in ("mean", "std")}
     ours = {"mean": [float(v) for v in data.mean], "std": [float(v) for v in data.std]}
     shape = list(recorded.get("shape") or [])
@@ -149,10 +149,71 @@ def rebuild_run(ckpt: dict, path: str) -> tuple[methods.Method, Config]:
     return method, cfg
 
 
-def rebuild_model_file(ckpt: dict, path: str) -> tuple[torch.nn.Module, Config | None]:
-    """The network of a model file (student.pt, teacher_branch.pt, ...) and its run's config."""
-    cfg = stored_config(ckpt["config"], path) if ckpt.get("config") else None
-    return artifacts.rebuild_model(ckpt, path), cfg
+class Classifiers(torch.nn.Module):
+    """Networks that each classify images on their own (a model file's one network), with the
+    interface evaluation reads from a method: `predict(images) -> {name: logits}`."""
+
+    comparisons: tuple = ()
+
+    def __init__(self, nets: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.nets = torch.nn.ModuleDict(nets)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: net(images) for name, net in self.nets.items()}
+
+
+@dataclass
+class Opened:
+    """A run checkpoint or model file, opened once for `sokd eval` and `sokd export`: its networks
+    rebuilt with their weights (checked finite), its config, and what they were trained on."""
+
+    path: str
+    ckpt: dict
+    format: str                       # artifacts.RUN_FORMAT or artifacts.MODEL_FORMAT
+    networks: torch.nn.Module         # the method (run checkpoint) or Classifiers (model file)
+    cfg: Config | None
+    data_cfg: object                  # sokd.data.DataConfig of the data set it was trained on
+    trained: dict                     # artifacts.data_record: name, shape, mean, std, num_classes
+
+    def check_data(self, bundle, command: str) -> None:
+        """SokdError unless `bundle` has the classes and image shape the networks were trained on."""
+        want = self.trained
+        if bundle.num_classes != want["num_classes"]:
+            raise SokdError(f"'{self.path}' was trained for {want['num_classes']} classes but data set "
+                            f"{bundle.name} has {bundle.num_classes}; {command} it on the data it was trained on")
+        shape = want.get("shape")
+        if shape is not None and list(bundle.shape) != list(shape):
+            raise SokdError(f"'{self.path}' was trained on {'x'.join(map(str, shape))} images but data set "
+                            f"{bundle.name} has {'x'.join(map(str, bundle.shape))}; {command} it on the "
+                            f"data it was trained on")
+
+
+def open_checkpoint(path: str | os.PathLike, command: str = "eval") -> Opened:
+    """The one way to open a file sokd wrote for use: a run checkpoint (every role) or a model
+    file (its one network). An export is named as such, with how to run it; anything else is
+    refused in one line. No code named inside the file is imported (`stored_config`)."""
+    from .data.config import DataConfig
+    from .engine.checkpoint import check_finite
+    path = str(path)
+    artifacts.refuse_export(path, command)
+    ckpt = artifacts.load(path)
+    fmt = artifacts.kind(ckpt)
+    if fmt == artifacts.RUN_FORMAT:
+        networks, cfg = rebuild_run(ckpt, path)
+        check_finite(networks.state_dict(), path)
+    elif fmt == artifacts.MODEL_FORMAT:
+        cfg = stored_config(ckpt["config"], path) if ckpt.get("config") else None
+        net = artifacts.rebuild_model(ckpt, path)
+        check_finite(net.state_dict(), path)
+        networks = Classifiers({ckpt.get("name", "model"): net})
+    else:
+        raise SokdError(f"'{path}' is not a sokd run checkpoint or model file; use a run's last.pt / "
+                        f"best.pt or a model file such as student.pt")
+    trained = artifacts.data_record(ckpt)
+    data_cfg = cfg.data if cfg is not None else DataConfig(name=trained["name"])
+    return Opened(path, ckpt, fmt, networks.eval(), cfg, data_cfg, trained)
 
 
 def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: str = "auto",
@@ -163,38 +224,17 @@ def evaluate_checkpoint(path: str, data_overrides: dict | None = None, device: s
     differ from those the networks were trained on.
     """
     from .data.config import DataConfig
-    from .engine.checkpoint import check_finite
-    ckpt = artifacts.load(path)
-    fmt = artifacts.kind(ckpt)
+    opened = open_checkpoint(path, "eval")
     dev = resolve_device(device)
-    if fmt == artifacts.RUN_FORMAT:
-        method, cfg = rebuild_run(ckpt, path)
-        check_finite(method.state_dict(), path)
-        data_cfg = cfg.data
-        trained = ckpt["data"]
-    elif fmt == artifacts.MODEL_FORMAT:
-        net, cfg = rebuild_model_file(ckpt, path)
-        check_finite(net.state_dict(), path)
-        data_cfg = cfg.data if cfg is not None else DataConfig(name=ckpt["data"]["name"])
-        method = methods.create("vanilla", model=net)
-        trained = {"num_classes": ckpt["num_classes"], "shape": ckpt.get("preprocess", {}).get("shape")}
-    else:
-        raise SokdError(f"'{path}' is not a sokd run checkpoint or model file")
+    data_cfg = opened.data_cfg
     if data_overrides:
         data_cfg = DataConfig.from_dict({**data_cfg.model_dump(), **data_overrides})
     bundle = data_layer.create(data_cfg, device=dev)
-    if bundle.num_classes != trained["num_classes"]:
-        raise SokdError(f"'{path}' was trained for {trained['num_classes']} classes but data set "
-                        f"{bundle.name} has {bundle.num_classes}; evaluate it on the data it was trained on")
-    shape = trained.get("shape")
-    if shape is not None and list(bundle.shape) != list(shape):
-        raise SokdError(f"'{path}' was trained on {'x'.join(map(str, shape))} images but data set "
-                        f"{bundle.name} has {'x'.join(map(str, bundle.shape))}; evaluate it on the data "
-                        f"it was trained on")
-    method.to(dev)
-    result = evaluate(method, bundle.test, dev, precision)
+    opened.check_data(bundle, "evaluate")
+    opened.networks.to(dev)
+    result = evaluate(opened.networks, bundle.test, dev, precision)
     result["checkpoint"] = str(path)
-    result["epoch"] = ckpt.get("epoch")
+    result["epoch"] = opened.ckpt.get("epoch")
     return result
 
 

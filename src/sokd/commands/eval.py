@@ -22,11 +22,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .. import runner
     from ..config import data_overrides, import_plugins
-    from ..export import refuse_exported
     from ..table import pct, render
     data = data_overrides(args.overrides, "eval")
     import_plugins(args.imports)  # the user's own choice, as a config's imports:
-    refuse_exported(args.checkpoint, "eval")  # an exported model would otherwise read as a corrupt checkpoint
     result = runner.evaluate_checkpoint(args.checkpoint, data, args.device, args.precision)
     if args.json:
         print(json.dumps(result, indent=2))

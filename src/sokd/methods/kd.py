@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, MethodOptions, Role
+from .base import Method, MethodOptions
 from . import losses
 from .registry import register
 

@@ -10,6 +10,7 @@ from ..errors import SokdError
 from .arrays import ArraySplits, check_splits, to_labels, to_nchw
 from .npz import load_npz
 from .paths import CACHE, run_download, search_roots
+from .registry import ARRAYS, register
 from .safe_pickle import safe_unpickle
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -119,3 +120,17 @@ def load_cifar(name: str, root: str | None, download: bool = False) -> ArraySpli
                         f"folder (or its parent) or an .npz with x_train/y_train/x_test/y_test, "
                         f"or set data.download=true")
     return load_npz(found, info["classes"]) if found.suffix == ".npz" else load_cifar_pickles(found, name)
+
+
+@register("cifar10", kind=ARRAYS, reads_config=True,
+          mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+def read_cifar10(cfg) -> ArraySplits:
+    """The `cifar10` entry: torchvision's pickle folder or an .npz at data.root or a default place."""
+    return load_cifar("cifar10", cfg.root, cfg.download)
+
+
+@register("cifar100", kind=ARRAYS, reads_config=True,
+          mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
+def read_cifar100(cfg) -> ArraySplits:
+    """The `cifar100` entry: torchvision's pickle folder or an .npz at data.root or a default place."""
+    return load_cifar("cifar100", cfg.root, cfg.download)

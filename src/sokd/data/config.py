@@ -15,16 +15,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from ..errors import SokdError, suggest
 from ..validation import describe, invalid, validate
+from .registry import FOLDER, find, names
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet", "synthetic", "hf")
-FOLDER_DATASETS = ("imagefolder", "imagenet")
 PAD_MODES = ("reflect", "zeros")
 AUGMENTS = ("auto", "cifar", "imagenet", "none")
 
 
 def _dataset(name: Any) -> Any:
-    from .registry import registered
-    known = list(DATASETS) + [n for n in registered() if n not in DATASETS]
+    """A registered data set name (built in, or added with `sokd.data.register`)."""
+    known = names()
     if name not in known:
         raise invalid(f"unknown data set data.name='{name}'{suggest(name, known)}; valid: {', '.join(known)} "
                       f"(your own: @sokd.data.register in a module listed under imports:)")
@@ -223,7 +222,7 @@ class DataConfig(BaseModel):
         if self.val is not None and self.val_split is not None:
             raise invalid(f"data.val='{self.val}' and data.val_split={self.val_split} both choose a validation "
                           f"set; keep one")
-        if self.val is not None and self.name not in FOLDER_DATASETS:
+        if self.val is not None and find(self.name).kind != FOLDER:
             raise invalid(f"data.val (a validation folder) applies to image folders, not {self.name}; "
                           f"use data.val_split=0.1 to hold out part of the training set")
         return self

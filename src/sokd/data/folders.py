@@ -12,9 +12,12 @@ from pathlib import Path
 
 from ..errors import SokdError
 from .paths import search_roots
+from .registry import FOLDER, register
 from .sources import UnreadableImage
 
 IMAGENET_DEFAULTS = ("data/imagenet", "~/.cache/sokd/imagenet", "/usr/share/datasets/imagenet")
+#: ImageNet's per-channel statistics, also the defaults of any image folder (photos, like ImageNet's)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 TEST_NAMES = ("test", "val", "validation")     # the first one present is the test split
@@ -162,3 +165,15 @@ def _aligned(split, train, path: Path):
     split.targets = [t for _, t in split.samples]
     split.classes, split.class_to_idx = list(train.classes), dict(train.class_to_idx)
     return split
+
+
+@register("imagefolder", kind=FOLDER, reads_config=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def read_imagefolder(cfg) -> FolderLayout:
+    """The `imagefolder` entry: the train/ and test/ (val/, validation/) trees under data.root."""
+    return find_image_folder("imagefolder", cfg.root, cfg.val)
+
+
+@register("imagenet", kind=FOLDER, reads_config=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def read_imagenet(cfg) -> FolderLayout:
+    """The `imagenet` entry: like `imagefolder`, also looked for in IMAGENET_DEFAULTS without data.root."""
+    return find_image_folder("imagenet", cfg.root, cfg.val)

@@ -17,9 +17,13 @@ import numpy as np
 from ..errors import SokdError
 from .arrays import ArraySplits
 from .plugin import splits_from
+from .registry import ARRAYS, register
 
 
+@register("hf", kind=ARRAYS, reads_config=True)
 def load_hf(cfg) -> ArraySplits:
+    """The `hf` entry: the data.hf columns of the splits saved at data.root (no statistics of its
+    own: the generic 0.5 / 0.25 normalise it, or data.mean / data.std)."""
     try:
         import datasets
     except ImportError:

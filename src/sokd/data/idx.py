@@ -12,6 +12,7 @@ from ..errors import SokdError
 from .arrays import ArraySplits, check_splits, to_labels, to_nchw
 from .npz import load_npz
 from .paths import CACHE, run_download, search_roots
+from .registry import ARRAYS, register
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -109,3 +110,9 @@ def load_fashion_mnist(root: str | None, download: bool = False) -> ArraySplits:
                          x_test, to_labels(arrays["y_test"], len(x_test), f"'{files['y_test']}'"),
                          list(FASHION_MNIST_CLASSES), str(files["x_train"].parent))
     return check_splits(splits)
+
+
+@register("fashion_mnist", kind=ARRAYS, reads_config=True, mean=(0.2860,), std=(0.3530,))
+def read_fashion_mnist(cfg) -> ArraySplits:
+    """The `fashion_mnist` entry: IDX files (or an .npz) at data.root or a default place."""
+    return load_fashion_mnist(cfg.root, cfg.download)

@@ -15,7 +15,6 @@ import torch
 
 from ..errors import SokdError
 from .arrays import ArraySplits, check_splits, to_labels, to_nchw
-from .registry import reader
 
 #: labels of a data set that names no classes make this many classes at most (each class gets a
 #: name and a logit: a stray huge label must be refused, not allocated)
@@ -28,9 +27,10 @@ def raised(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def load_registered(cfg) -> ArraySplits:
-    name = cfg.name
-    fn = reader(name)
+def read_with_options(name: str, fn, cfg) -> ArraySplits:
+    """Call a user's reader `fn`, registered as `name`, as `fn(root=data.root, **data.options)`
+    and check what it returns (`splits_from`). The arguments are checked against its signature
+    first, so a mismatch is named as one (not as an error inside the reader)."""
     try:
         inspect.signature(fn).bind(root=cfg.root, **cfg.options)
     except TypeError as err:

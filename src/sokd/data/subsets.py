@@ -9,10 +9,13 @@ the same subset and the same validation images, so their numbers stay comparable
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import SokdError
+from .arrays import first_per_class
+from .config import DataConfig
 from .sources import mix_seed
 
 
@@ -93,3 +96,41 @@ def warn_lost_classes(labels: torch.Tensor, num_classes: int, what: str, key: st
         print(f"warning: {key} keeps {kept} of the {num_classes} classes in the {what} split; scores on it "
               f"are not comparable with the full data set (raise {key} to at least {num_classes})",
               file=sys.stderr, flush=True)
+
+
+@dataclass
+class Selection:
+    """Indices a run keeps of a reader's splits (None: the whole split, in file order)."""
+
+    train: torch.Tensor | None
+    test: torch.Tensor | None
+    val: torch.Tensor | None = None     # held out of the training split for model selection
+
+
+def select(y_train: torch.Tensor, y_test: torch.Tensor, cfg: DataConfig, num_classes: int,
+           quiet: bool = False) -> Selection:
+    """Apply train_per_class (first N of each class, file order), then train_limit (stratified),
+    then val_split (stratified, out of what the limits kept), and test_limit (stratified).
+
+    Subsets are drawn with `data.split_seed`, so every training seed gets the same images. A
+    limit that leaves out classes gets one warning line on stderr (unless `quiet`). Both
+    pipelines (in memory and streamed folders) choose their samples here, from labels alone.
+    """
+    y_train, y_test = y_train.to(torch.int64).cpu(), y_test.to(torch.int64).cpu()
+    train = None
+    if cfg.train_per_class is not None:
+        train = first_per_class(y_train, cfg.train_per_class)
+    if cfg.train_limit is not None:
+        pool = train if train is not None else torch.arange(len(y_train))
+        train = pool[stratified_subset(y_train[pool], cfg.train_limit, cfg.split_seed)]
+        warn_lost_classes(y_train[train], num_classes, "training", "data.train_limit", quiet)
+    val = None
+    if cfg.val_split is not None:
+        pool = train if train is not None else torch.arange(len(y_train))
+        keep, held = validation_split(y_train[pool], cfg.val_split, cfg.split_seed)
+        train, val = pool[keep], pool[held]
+    test = None
+    if cfg.test_limit is not None:
+        test = stratified_subset(y_test, cfg.test_limit, cfg.split_seed)
+        warn_lost_classes(y_test[test], num_classes, "test", "data.test_limit", quiet)
+    return Selection(train=train, test=test, val=val)

@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 
 from .arrays import ArraySplits
+from .registry import ARRAYS, register
 from .sources import mix_seed
 
 
@@ -39,3 +40,10 @@ def make_synthetic(size: int, shape: Iterable[int], num_classes: int) -> ArraySp
     x_test, y_test = split(max(1, size // 4))
     names = [f"class_{i}" for i in range(k)]
     return ArraySplits(x_train, y_train, x_test, y_test, names, "synthetic")
+
+
+@register("synthetic", kind=ARRAYS, reads_config=True)
+def read_synthetic(cfg) -> ArraySplits:
+    """The `synthetic` entry: data.synthetic_size images of data.synthetic_shape, data.synthetic_classes
+    classes (no statistics of its own: the generic 0.5 / 0.25 normalise it)."""
+    return make_synthetic(cfg.synthetic_size, cfg.synthetic_shape, cfg.synthetic_classes)

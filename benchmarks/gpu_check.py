@@ -181,19 +181,19 @@ def steps(rep: Report, device: torch.device, sz: dict, what: str, variants, teac
 def fit(rep: Report, device: torch.device, sz: dict, data_path: Path | None, smoke: bool, bench_ms) -> None:
     """2 short epochs of SOKD through `sokd train` (the whole engine: data, eval, checkpoints)."""
     from sokd import config, runner
-    from sokd.engine import loop
+    from sokd.engine import checkpointing
     if not smoke and (data_path is None or not data_path.is_file()):
         rep.line("fit", skipped=f"no CIFAR-100 file at {data_path}; pass --data PATH (an .npz)")
         return
     saves = []
-    atomic_save = loop.atomic_save
+    atomic_save = checkpointing.atomic_save
 
     def timed_save(obj, path):
         t0 = time.perf_counter()
         atomic_save(obj, path)
         saves.append((Path(path).name, time.perf_counter() - t0))
 
-    loop.atomic_save = timed_save
+    checkpointing.atomic_save = timed_save
     try:
         with tempfile.TemporaryDirectory() as tmp:
             data = ({"name": "synthetic", "synthetic_size": 64, "synthetic_shape": [3, 16, 16],
@@ -218,7 +218,7 @@ def fit(rep: Report, device: torch.device, sz: dict, data_path: Path | None, smo
             wall = time.perf_counter() - t0
             rows = [json.loads(line) for line in Path(f"{tmp}/sokd/metrics.jsonl").read_text().splitlines()]
     finally:
-        loop.atomic_save = atomic_save
+        checkpointing.atomic_save = atomic_save
     trained = [r for r in rows if "train" in r]
     steps_done = sum(r["train"]["samples"] for r in trained) / sz["batch"]
     train_s = sum(r["train"]["seconds"] for r in trained)

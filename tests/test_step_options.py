@@ -13,7 +13,7 @@ from sokd import config, report, runner
 from sokd.cli import main
 from sokd.data.config import CPU_EVAL_BATCH, GPU_EVAL_BATCH_FACTOR, DataConfig, eval_batch_for
 from sokd import files
-from sokd.engine import loop
+from sokd.engine import checkpointing, loop
 from sokd.engine.optim import build_optimizer, kernel_options
 from sokd.engine.precision import configure_cuda
 
@@ -42,8 +42,8 @@ def checkpoint_writes(monkeypatch):
             writes.append((None, Path(path).name, "copy"))
         write_bytes(path, data, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "atomic_save", recording_save)
-    monkeypatch.setattr(loop, "atomic_write_bytes", recording_bytes)
+    monkeypatch.setattr(checkpointing, "atomic_save", recording_save)
+    monkeypatch.setattr(checkpointing, "atomic_write_bytes", recording_bytes)
     return writes
 
 

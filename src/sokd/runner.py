@@ -131,7 +131,7 @@ def _train(cfg: Config) -> dict | None:
     else:
         method = build_method(cfg, bundle.num_classes, bundle.shape, num_samples=bundle.train_size,
                               data=bundle)
-    ctx = FitContext(cfg=cfg, run_dir=cfg.run_dir, dist=dist)
+    ctx = FitContext(cfg=cfg, run_dir=cfg.run_dir, dist=dist, device=device)
     summary = fit(method, bundle, ctx)
     return summary if dist.is_main else None
 

@@ -1,4 +1,10 @@
-"""The one training loop. Every method goes through `fit`; it never branches on a method's name."""
+"""The one training loop. Every method goes through `fit`; it never branches on a method's name.
+
+`fit` resolves the device and precision once (`RunContext`), checks everything it can before the
+run directory is touched, then `_fit` reads as the run goes: begin the directory, restore a
+resumed run (`checkpointing.Resumed`), evaluate epoch 0, train epochs (`_run_epoch`), evaluate,
+checkpoint (`checkpointing.Checkpointer`, best epochs by `selection`), and write the summary.
+"""
 from __future__ import annotations
 
 import time
@@ -10,69 +16,64 @@ import torch
 
 from .. import artifacts
 from ..errors import SokdError
+from ..files import load_state_strict
 from . import rundir, tracking
-from ..files import atomic_save, atomic_write_bytes, load_state_strict, safe_load
-from .checkpoint import non_finite_tensors
+from .checkpointing import Checkpointer, NonFiniteState, Resumed, recovery, saved_at
+from .compiled import check_setting, compile_step
 from .ddp import sync_buffers
 from .distributed import DistContext
 from .evaluate import evaluate
 from .logger import RunLogger
+from .optim import build_optimizer, build_scheduler
+from .precision import autocast, configure_cuda, emulation_note, grad_scaler, resolve_device, resolve_precision
 from .progress import epoch_progress
-from .optim import build_optimizer, build_scheduler, rebase_lr
-from .precision import (autocast, configure_cuda, emulation_note, grad_scaler, resolve_device,
-                        resolve_precision)
-from .signals import ForcedStop, Interrupted, Stopped, StopRequest, position
+from .selection import best_epoch, best_row, selected, selection_split
+from .signals import ForcedStop, Interrupted, Stopped, StopRequest
 from .stepstats import EpochAccumulator, EpochClock, default_sync_every
-from .compiled import check_setting, compile_step
 
 if TYPE_CHECKING:
     from ..config import Config
+
+__all__ = ["fit", "FitContext", "RunContext", "NonFiniteLoss", "NonFiniteState", "evaluated_at", "saved_at"]
 
 
 class NonFiniteLoss(SokdError):
     """A loss term became NaN/inf; the run stops before the bad step touches any checkpoint."""
 
 
-class NonFiniteState(SokdError):
-    """Weights or buffers became NaN/inf; the run stops instead of writing them to a checkpoint."""
-
-
-def _recovery(saved: str, lr: float) -> str:
-    """What a user can do after a numeric failure, given what is on disk."""
-    if saved.startswith("last.pt"):
-        return (f"{saved}; continue from it with a lower learning rate: the same command plus "
-                f"output.resume=true optim.lr={lr / 10:g}")
-    return f"{saved}; start again with a lower learning rate (e.g. optim.lr={lr / 10:g})"
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-@dataclass
+@dataclass(frozen=True)
 class FitContext:
-    """What fit needs besides the method and data: the config and where to write."""
+    """What fit needs besides the method and data: the config, where to write, the processes."""
 
     cfg: "Config"
     run_dir: Path
     dist: DistContext = field(default_factory=DistContext)
-    precision: str = "fp32"          # train.precision with `auto` resolved for the device
+    device: torch.device | None = None   # resolved by the caller (who put the data there), else by fit
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """A run's settings once resolved for this process: nothing in it changes while it trains."""
+
+    cfg: "Config"
+    run_dir: Path
+    dist: DistContext
+    device: torch.device
+    precision: str                   # train.precision with `auto` resolved for the device
+    sync_every: int                  # steps between host reads of the step statistics
+
+    @classmethod
+    def resolve(cls, ctx: FitContext) -> "RunContext":
+        tr, dist = ctx.cfg.train, ctx.dist
+        device = ctx.device or (dist.device if dist.enabled else resolve_device(tr.device))
+        return cls(ctx.cfg, Path(ctx.run_dir), dist, device, resolve_precision(tr.precision, device),
+                   tr.sync_every or default_sync_every(device))
 
 
 def fit(method, data, ctx: FitContext) -> dict:
     """Train `method` on `data` per the config; returns the summary dict (also summary.json)."""
-    cfg, dist = ctx.cfg, ctx.dist
-    tr = cfg.train
-    device = resolve_device(tr.device) if not dist.enabled else dist.device
+    run = RunContext.resolve(ctx)
+    cfg, dist, device, tr = run.cfg, run.dist, run.device, run.cfg.train
     if tr.threads:
         torch.set_num_threads(tr.threads)
     memory_format = torch.channels_last if tr.channels_last else torch.contiguous_format
@@ -82,7 +83,6 @@ def fit(method, data, ctx: FitContext) -> dict:
             source.channels_last = tr.channels_last
     data.train.with_index = method.needs_index  # training batches then carry each sample's index
 
-    ctx.precision = resolve_precision(tr.precision, device)
     note = emulation_note(tr.precision, device)
     if note:
         dist.print(note)
@@ -90,12 +90,12 @@ def fit(method, data, ctx: FitContext) -> dict:
     check_setting(tr.compile, device)
     configure_cuda(device, tr.tf32, tr.cudnn_benchmark)
     method.param_groups(cfg.optim.lr, cfg.optim.lr_per_role)
-    _check_forward(method, data, device, ctx.precision)
+    _check_forward(method, data, device, run.precision)
     if dist.is_main:
-        tracking.check(cfg.output, ctx.run_dir)
-    trackers = tracking.create(cfg.output, ctx.run_dir, cfg.name) if dist.is_main else []
+        tracking.check(cfg.output, run.run_dir)
+    trackers = tracking.create(cfg.output, run.run_dir, cfg.name) if dist.is_main else []
 
-    run_dir = rundir.RunDirectory(ctx.run_dir, cfg.schema_default) if dist.is_main else None
+    run_dir = rundir.RunDirectory(run.run_dir, cfg.schema_default) if dist.is_main else None
     ckpt = (run_dir.open(cfg.to_dict(), cfg.output.resume, cfg.output.overwrite,
                          outputs=[artifacts.model_file_name(n) for n in method.standalone()],
                          inputs=cfg.input_files())
@@ -103,10 +103,10 @@ def fit(method, data, ctx: FitContext) -> dict:
     try:
         ckpt = dist.broadcast_object(ckpt)
         if ckpt is not None:
-            check_same_data(ckpt, data, ctx.run_dir, cfg.output.allow_data_change)
+            check_same_data(ckpt, data, run.run_dir, cfg.output.allow_data_change)
         with StopRequest() as stop:
             try:
-                summary = _fit(method, data, ctx, device, ckpt, run_dir, stop, trackers)
+                summary = _fit(method, data, run, ckpt, run_dir, stop, trackers)
             except BaseException as err:
                 stopped = isinstance(err, (Interrupted, ForcedStop, Stopped, KeyboardInterrupt))
                 tracking.close_all(trackers, tracking.KILLED if stopped else tracking.FAILED)
@@ -150,136 +150,97 @@ def _check_forward(method, data, device, precision: str) -> None:
         method.train(was_training)
 
 
-def _fit(method, data, ctx: FitContext, device, ckpt, run_dir, stop, trackers) -> dict:
-    cfg, dist = ctx.cfg, ctx.dist
-    tr = cfg.train
+def _fit(method, data, run: RunContext, ckpt, run_dir, stop, trackers) -> dict:
+    cfg, dist, tr = run.cfg, run.dist, run.cfg.train
     if run_dir is not None:
         run_dir.begin(cfg.to_dict())
-
-    start_epoch, start_step, history, accum_state, prior_wall = 0, 0, [], None, 0.0
     if ckpt is not None:  # weights first, so every rank's DDP wrapper starts from them
-        load_state_strict(method, ckpt["method"], f"'{ctx.run_dir / artifacts.LAST}' (for "
+        load_state_strict(method, ckpt["method"], f"'{run.run_dir / artifacts.LAST}' (for "
                           f"{ckpt['data'].get('train_size')} training images; the data now have {data.train_size})")
     step_module = dist.wrap(method, sync_bn=cfg.distributed.sync_bn, static_graph=cfg.distributed.static_graph)
-    optimizer = build_optimizer(method, cfg.optim, device)
+    optimizer = build_optimizer(method, cfg.optim, run.device)
     scheduler = build_scheduler(optimizer, cfg.schedule, tr.epochs)
-    scaler = grad_scaler(device, ctx.precision)
-    if ckpt is not None:
-        wanted = [g["lr"] for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        changed = rebase_lr(optimizer, scheduler, wanted)
-        if changed:
-            dist.print(f"note: learning rate re-based on resume ({changed}); later epochs follow the "
-                       f"schedule from the new value")
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
-        history = list(ckpt.get("history", []))
-        accum_state = ckpt.get("accum")
-        prior_wall = float(ckpt.get("wall_time_s", 0.0))
-        _set_rng_state(ckpt["rng"], device)
-        stop.saved = _saved_note(start_epoch, start_step)
+    scaler = grad_scaler(run.device, run.precision)
+    resumed = (Resumed.restore(ckpt, optimizer, scheduler, scaler, run.device, dist.print)
+               if ckpt is not None else None)
+    checkpoints = Checkpointer(run, method, data, optimizer, scheduler, scaler, resumed, run_dir, stop)
+    history = checkpoints.history
+    if resumed is not None:
         if dist.is_main:
-            _repair_best(ctx.run_dir, ckpt, history, method.primary)
-        if start_epoch >= tr.epochs:
-            dist.print(f"run already finished {start_epoch} epochs; raise train.epochs to train more")
+            checkpoints.repair_best(ckpt)
+        if resumed.epoch >= tr.epochs:
+            dist.print(f"run already finished {resumed.epoch} epochs; raise train.epochs to train more")
+    start = resumed or Resumed()
 
-    logger = RunLogger(ctx.run_dir, trackers, cfg.to_dict(), history if ckpt else None) if dist.is_main else None
-    step_module = compile_step(step_module, tr.compile, device, dist.print)
-    every = tr.sync_every or default_sync_every(device)
+    logger = RunLogger(run.run_dir, trackers, cfg.to_dict(), history if ckpt else None) if dist.is_main else None
+    step_module = compile_step(step_module, tr.compile, run.device, dist.print)
 
-    def save(epoch: int, step: int, accum: EpochAccumulator | None) -> None:
-        """last.pt at this point (never a non-finite state); the first one commits the run."""
-        bad = non_finite_tensors(method.state_dict())
-        if bad:
-            raise NonFiniteState(
-                f"{len(bad)} weight/buffer tensor(s) became non-finite by {position(epoch, step)} (e.g. {bad[0]}), so "
-                f"nothing was saved; {_recovery(stop.saved, cfg.optim.lr)}")
-        state = artifacts.run_state(
-            method=method, epoch=epoch, step=step, data=data, config=cfg.to_dict(),
-            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-            wall_time_s=prior_wall + time.perf_counter() - wall0, rng=_rng_state(device), history=history,
-            accum=accum.state() if accum else None)
-        if dist.is_main:
-            atomic_save(state, ctx.run_dir / artifacts.LAST)
-            run_dir.commit()
-        stop.saved = _saved_note(epoch, step)
+    def scores() -> dict:
+        """Test accuracy of every role and the role comparisons, plus the validation split's."""
+        result = evaluate(method, data.test, run.device, run.precision, reduce=dist.all_reduce_sum)
+        val = ({"val": evaluate(method, data.val, run.device, run.precision, reduce=dist.all_reduce_sum)["roles"]}
+               if getattr(data, "val", None) is not None else {})
+        return {"test": result["roles"], **val, "compare": result["compare"]}
 
-    def run_eval() -> dict:
-        return evaluate(method, data.test, device, ctx.precision, reduce=dist.all_reduce_sum)
-
-    def run_val() -> dict:
-        """{"val": per-role accuracy on the validation split} when the run has one, else {}."""
-        if getattr(data, "val", None) is None:
-            return {}
-        return {"val": evaluate(method, data.val, device, ctx.precision, reduce=dist.all_reduce_sum)["roles"]}
-
-    wall0 = time.perf_counter()
+    checkpoints.wall0 = time.perf_counter()
     if ckpt is None:
-        initial = run_eval()
-        row = {"epoch": 0, "test": initial["roles"], **run_val(), "compare": initial["compare"]}
+        row = {"epoch": 0, **scores()}
         history.append(row)
         if logger:
             logger.log(row)
 
-    for epoch in range(start_epoch, tr.epochs):
+    step_at, accum_at = start.step, start.accum
+    for epoch in range(start.epoch, tr.epochs):
         data.train.set_epoch(epoch)
         method.set_epoch(epoch)  # term-weight warm-up follows the epoch, also after a resume
-        if not start_step:  # a mid-epoch resume restored the RNG state from the checkpoint
+        if not step_at:  # a mid-epoch resume restored the RNG state from the checkpoint
             torch.manual_seed(tr.seed * 100_003 + epoch)
         # a mid-epoch checkpoint holds the epoch's sums so far, already reduced over ranks
-        keep = start_step and accum_state and dist.is_main
-        accum = EpochAccumulator(**accum_state, step=start_step) if keep else EpochAccumulator(step=start_step)
-        step = start_step
-        start_step, accum_state = 0, None
+        keep = step_at and accum_at and dist.is_main
+        accum = EpochAccumulator(**accum_at, step=step_at) if keep else EpochAccumulator(step=step_at)
+        step = step_at
+        step_at, accum_at = 0, None
         total = len(data.train) if tr.steps_per_epoch is None else min(len(data.train), tr.steps_per_epoch)
         bar = epoch_progress(total, step, f"epoch {epoch + 1}/{tr.epochs}", cfg.output.progress and dist.is_main)
         method.train()
         try:
-            stopped = _run_epoch(step_module, data, optimizer, scaler, accum, step, total, bar, stop,
-                                 every, ctx, device, epoch)
+            stopped = _run_epoch(step_module, data, optimizer, scaler, accum, step, total, bar, stop, run, epoch)
         finally:
             bar.close()
         sync_buffers(method, dist)  # every rank's BatchNorm statistics, before any read or save
         if stopped is not None:
-            save(epoch, stopped, accum.reduced(dist))
-            raise Interrupted(stop.signum or 15, epoch, stopped, ctx.run_dir)
+            checkpoints.save(epoch, stopped, accum.reduced(dist))
+            raise Interrupted(stop.signum or 15, epoch, stopped, run.run_dir)
         lrs = {g["role"]: g["lr"] for g in optimizer.param_groups}
         scheduler.step()
         done = epoch + 1
-        row = {"epoch": done, "wall_time_s": time.perf_counter() - wall0 + prior_wall, "lr": lrs,
-               "train": accum.reduced(dist).result()}
+        row = {"epoch": done, "wall_time_s": checkpoints.elapsed(), "lr": lrs, "train": accum.reduced(dist).result()}
         if evaluated_at(done, tr.eval_every, tr.epochs):
-            result = run_eval()
-            row.update(test=result["roles"], **run_val(), compare=result["compare"])
+            row.update(scores())
         history.append(row)
-        best = "test" in row and _best_epoch(history, method.primary) == done
-        # a best epoch writes last.pt too: best.pt never holds a state that a resumed run, going
-        # back to last.pt, would not pass through again (nor disagree with its summary)
-        saved = best or saved_at(done, cfg.output.save_every, tr.epochs, first=epoch == start_epoch)
-        if saved:
-            save(done, 0, None)
+        best = "test" in row and best_epoch(history, method.primary) == done
+        if best or saved_at(done, cfg.output.save_every, tr.epochs, first=epoch == start.epoch):
+            checkpoints.save(done, 0)
         if logger:
             logger.log(row)
         if dist.is_main and best:
-            write_best(ctx.run_dir)
+            checkpoints.write_best()
         dist.print(_epoch_line(row))
         if epoch + 1 < tr.epochs and dist.any_flag(stop.requested):
-            raise Interrupted(stop.signum or 15, epoch + 1, 0, ctx.run_dir)
+            raise Interrupted(stop.signum or 15, epoch + 1, 0, run.run_dir)
 
     # a signal arriving from now on changes nothing: the run is complete, finish writing it
     stop.finish()
-    summary = _summary(cfg, method, data, history, ctx, device)
+    summary = _summary(run, method, data, history)
     if dist.is_main:
-        _save_standalone(method, data, ctx)
+        checkpoints.save_standalone()
         logger.summary(summary)
         logger.close()
     return summary
 
 
 def _run_epoch(step_module, data, optimizer, scaler, accum: EpochAccumulator, step: int, total: int,
-               bar, stop, every: int, ctx: FitContext, device, epoch: int) -> int | None:
+               bar, stop, run: RunContext, epoch: int) -> int | None:
     """The steps of one epoch from `step` to `total`; the step a stop was requested at, else None.
 
     The step itself never reads a device tensor on the host: statistics and the non-finite record
@@ -288,8 +249,8 @@ def _run_epoch(step_module, data, optimizer, scaler, accum: EpochAccumulator, st
     flag every step (a Python flag); a distributed run exchanges it in the same read, so every
     process stops at the same step. `accum.seconds` gains the epoch's training time.
     """
-    cfg, dist = ctx.cfg, ctx.dist
-    clock = EpochClock(device)
+    cfg, dist, every = run.cfg, run.dist, run.sync_every
+    clock = EpochClock(run.device)
     done = step
     try:
         for batch in data.train.iter_from(step):
@@ -297,7 +258,7 @@ def _run_epoch(step_module, data, optimizer, scaler, accum: EpochAccumulator, st
                 break
             images, labels = batch[0], batch[1]
             extra = {"index": batch[2]} if data.train.with_index else {}
-            with autocast(device, ctx.precision):
+            with autocast(run.device, run.precision):
                 out = step_module(images, labels, **extra)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
@@ -318,7 +279,7 @@ def _run_epoch(step_module, data, optimizer, scaler, accum: EpochAccumulator, st
             if seen.bad_step is not None:
                 raise NonFiniteLoss(
                     f"non-finite loss in term '{seen.bad_term}' at epoch {epoch + 1} step {seen.bad_step}; "
-                    f"{_recovery(stop.saved, cfg.optim.lr)} (or use fp32/bf16 instead of fp16)")
+                    f"{recovery(stop.saved, cfg.optim.lr)} (or use fp32/bf16 instead of fp16)")
             bar.update(step - done)
             done = step
             elapsed = accum.seconds + clock.peek()
@@ -336,53 +297,6 @@ def evaluated_at(epoch: int, every: int, epochs: int) -> bool:
     return epoch % every == 0 or epoch == epochs
 
 
-def saved_at(epoch: int, every: int, epochs: int, first: bool) -> bool:
-    """Whether last.pt is written at the end of `epoch`: every `every` epochs, the last epoch,
-    and the first epoch this process trains (so a run directory holds a checkpoint, and a
-    resumed run a fresh one, as soon as possible)."""
-    return first or epoch % every == 0 or epoch == epochs
-
-
-def write_best(run_dir: Path) -> None:
-    """best.pt as a byte copy of the last.pt just written (a best epoch always writes last.pt),
-    atomic like every checkpoint write: no second serialisation of the same tensors."""
-    atomic_write_bytes(run_dir / artifacts.BEST, (run_dir / artifacts.LAST).read_bytes())
-
-
-def _saved_note(epoch: int, step: int) -> str:
-    return f"last.pt holds the run at {position(epoch, step)} (its last finite state)"
-
-
-def selection_split(history: list[dict]) -> str:
-    """The split that picks the best epoch: "val" when the run evaluates one, else "test"."""
-    return "val" if any("val" in r for r in history) else "test"
-
-
-def _best_epoch(history: list[dict], primary: str) -> int | None:
-    """The epoch best.pt should hold: the latest epoch with the best primary top-1 on the
-    validation split when there is one, else on the test split."""
-    split = selection_split(history)
-    scored = [(r[split][primary]["top1"], r["epoch"]) for r in history[1:] if primary in r.get(split, {})]
-    return max(scored)[1] if scored else None
-
-
-def _repair_best(run_dir: Path, ckpt: dict, history: list[dict], primary: str) -> None:
-    """A kill between the last.pt and best.pt writes leaves best.pt one epoch behind: rewrite it
-    from last.pt when the history says last.pt's epoch is the best one."""
-    best_epoch = _best_epoch(history, primary)
-    if best_epoch is None or best_epoch != ckpt["epoch"] or ckpt["step"] != 0:
-        return
-    path = run_dir / artifacts.BEST
-    try:
-        current = safe_load(path).get("epoch") if path.exists() else None
-    except SokdError:
-        current = None
-    if current != best_epoch:
-        atomic_save(ckpt, path)
-        print(f"note: best.pt repaired: it now holds epoch {best_epoch} (was "
-              f"{'missing' if current is None else f'epoch {current}'})", flush=True)
-
-
 def _epoch_line(row: dict) -> str:
     tests = "  ".join(f"{r} {m['top1']:.2f}" for r, m in row.get("test", {}).items()) or "not evaluated"
     vals = "  ".join(f"{r} {m['top1']:.2f}" for r, m in row.get("val", {}).items())
@@ -390,37 +304,29 @@ def _epoch_line(row: dict) -> str:
             f"{row['train']['images_per_s']:.0f} img/s  test top-1: {tests}" + (f"  val top-1: {vals}" if vals else ""))
 
 
-def _save_standalone(method, data, ctx: FitContext) -> None:
-    """Each network worth shipping as its own classifier file (`sokd eval` / `sokd export` read it)."""
-    for name, (arch_role, module) in method.standalone().items():
-        atomic_save(artifacts.model_file(name, module, method.nets[arch_role], data, ctx.cfg.to_dict()),
-                    ctx.run_dir / artifacts.model_file_name(name))
-
-
-def _summary(cfg, method, data, history, ctx, device) -> dict:
+def _summary(run: RunContext, method, data, history: list[dict]) -> dict:
+    cfg = run.cfg
     trained_rows = [r for r in history if "train" in r]
     samples = sum(r["train"]["samples"] for r in trained_rows)
     seconds = sum(r["train"]["seconds"] for r in trained_rows)
     nets = {}
     evaluated = [r for r in history if "test" in r]
     for role in evaluated[-1]["test"] if evaluated else []:
-        curve = [(r["epoch"], r["test"][role]) for r in history if role in r.get("test", {})]
-        trained = [(e, m) for e, m in curve if e > 0] or curve
-        # the latest among ties, as best.pt holds (`_best_epoch`)
-        best_epoch, best = max(trained, key=lambda em: (em[1]["top1"], em[0]))
+        curve = [r for r in history if role in r.get("test", {})]
+        best = best_row(history, role, "test") or curve[0]   # before training when nothing trained
         info = artifacts.network_info(method.nets[role]) if role in method.nets else {}
         nets[role] = {
             "arch": info.get("arch"), "params": info.get("params"),
-            "top1_final": curve[-1][1]["top1"], "top5_final": curve[-1][1]["top5"],
-            "top1_best": best["top1"], "best_epoch": best_epoch,
-            "top1_initial": curve[0][1]["top1"] if curve[0][0] == 0 else None,
+            "top1_final": curve[-1]["test"][role]["top1"], "top5_final": curve[-1]["test"][role]["top5"],
+            "top1_best": best["test"][role]["top1"], "best_epoch": best["epoch"],
+            "top1_initial": curve[0]["test"][role]["top1"] if curve[0]["epoch"] == 0 else None,
         }
-        nets[role].update(_selected(history, role))
+        nets[role].update(selected(history, role))
     return {
         "method": cfg.method.name, "name": cfg.name, "dataset": data.name,
         "epochs": history[-1]["epoch"] if history else 0, "seed": cfg.train.seed,
-        "precision": ctx.precision, "channels_last": cfg.train.channels_last,
-        "device": str(device), "world_size": ctx.dist.world_size,
+        "precision": run.precision, "channels_last": cfg.train.channels_last,
+        "device": str(run.device), "world_size": run.dist.world_size,
         "wall_time_s": history[-1].get("wall_time_s", 0.0) if history else 0.0,
         "train_images_per_s": samples / seconds if seconds else None,
         "primary_role": method.primary, "networks": nets, "term_weights": method.term_weights,
@@ -431,13 +337,3 @@ def _summary(cfg, method, data, history, ctx, device) -> dict:
                     "the honest pick" if selection_split(history) == "val"
                     else "no validation split (data.val_split) for an honest selected epoch")),
     }
-
-
-def _selected(history: list[dict], role: str) -> dict:
-    """Test top-1 at the epoch the validation split picks (latest among ties), when there is one."""
-    rows = [r for r in history if r["epoch"] > 0 and role in r.get("val", {}) and role in r.get("test", {})]
-    if not rows:
-        return {}
-    pick = max(rows, key=lambda r: (r["val"][role]["top1"], r["epoch"]))
-    return {"top1_val_best": pick["val"][role]["top1"], "selected_epoch": pick["epoch"],
-            "top1_selected": pick["test"][role]["top1"]}

@@ -20,7 +20,7 @@ from sokd.data.config import DataConfig
 from sokd.engine import Interrupted, safe_load
 from sokd.engine import loop as loop_mod
 from sokd.errors import SokdError
-from sokd.methods import crd
+from sokd.methods.features import crd
 
 from .conftest import stop_after_checks, tiny_config, write_config
 from .test_distributed import failure, torchrun
@@ -202,7 +202,7 @@ RECORD_PLUGIN = '''
 """Each rank records the indices its crd term is called with and, at exit, the term's state."""
 import atexit, os
 import torch
-from sokd.methods import crd
+from sokd.methods.features import crd
 
 _seen, _term = [], []
 _forward = crd.CRDTerm.forward

@@ -12,7 +12,7 @@ import sokd
 from sokd.cli import main
 from sokd.errors import SokdError
 from sokd.methods.features import KINDS, FeatureSpec, FeatureTerms
-from sokd.methods.reviewkd import ReviewKDTerm, hcl_level
+from sokd.methods.features.reviewkd import ReviewKDTerm, hcl_level
 
 from .conftest import tiny_config, write_config
 

@@ -9,8 +9,8 @@ from torch import nn
 
 from ..errors import SokdError
 from ..validation import validate
-from . import crd  # noqa: F401  (registers the "crd" feature kind)
 from . import losses
+from . import features  # noqa: F401  (registers every built-in feature kind)
 from .base import UNDECLARED, Method, MethodOptions, Role
 from .dml import DML
 from .kbm import KnowledgeBridge, build_kbm, teacher_branch
@@ -18,7 +18,6 @@ from .kd import KD
 from .kd_dml import KDDML
 from .kdcl import KDCL, KDCLOptions
 from .one import ONE, ONEOptions
-from . import reviewkd  # noqa: F401  (registers the "reviewkd" feature kind)
 from .registry import _REGISTRY, config_roles, get, list_methods, needs_trained_teacher, options_model, register, \
     with_features
 from .sokd import SOKD, SOKDOptions

@@ -309,13 +309,4 @@ def roles_required(method: str, given: dict[str, object], required: Iterable[str
         raise SokdError(f"method '{method}' needs a {' and a '.join(missing)} network; {how} in the config")
 
 
-def student_and_peers(method: str, student, peers=None, peer=None) -> tuple[dict[str, nn.Module], list[str]]:
-    """The networks of a method that trains a student with peers from scratch: ({"student": ...,
-    "peer" or "peer1", "peer2", ...}, peer role names); a clear error when a network is missing."""
-    peers = list(peers or []) + ([peer] if peer is not None else [])
-    roles_required(method, {"student": student, "peer": peers[0] if peers else None}, ["student", "peer"])
-    names = ["peer"] if len(peers) == 1 else [f"peer{i + 1}" for i in range(len(peers))]
-    return {"student": student, **dict(zip(names, peers))}, names
-
-
 Method._derive_from_roles()

@@ -33,8 +33,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from . import losses
-from .base import Method, MethodOptions, Role, student_and_peers
+from .base import MethodOptions
+from .peers import PeerGroup
 from .registry import register
 
 
@@ -63,18 +63,9 @@ ENSEMBLES = {"minlogit": minlogit_ensemble, "naive": naive_ensemble}
 
 
 @register("kdcl")
-class KDCL(Method):
+class KDCL(PeerGroup):
     Options = KDCLOptions
-    roles = {"student": Role(), "peers": Role(many=True, like="teacher")}
-    aliases = {"peer": "peers"}
-    accepts_features = False
-
-    def __init__(self, student=None, peers=None, peer=None, options: KDCLOptions | None = None,
-                 input_shape=None):
-        nets, names = student_and_peers(self.name, student, peers, peer)
-        self.term_names = tuple(t for r in nets for t in (f"{r}_ce", f"{r}_kl_ensemble"))
-        self.comparisons = ((names[0], "student"),)
-        super().__init__(nets, options or KDCLOptions())
+    term = "ensemble"
 
     def ensemble_target(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """The ensemble soft target z_t (fp32, no gradient)."""
@@ -82,11 +73,7 @@ class KDCL(Method):
             stacked = torch.stack([z.detach().float() for z in logits.values()])
             return ENSEMBLES[self.options.ensemble](stacked, labels)
 
-    def forward(self, images, labels):
-        logits = {role: net(images) for role, net in self.nets.items()}
-        z_t = self.ensemble_target(logits, labels)
-        terms = {}
-        for role, z in logits.items():
-            terms[f"{role}_ce"] = losses.cross_entropy(z, labels)
-            terms[f"{role}_kl_ensemble"] = self.distill(z_t, z, labels)
-        return self.combine(terms, logits)
+    group_target = ensemble_target
+
+    def peer_loss(self, role, logits, labels, target):
+        return self.distill(target, logits[role], labels)

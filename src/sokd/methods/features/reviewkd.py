@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from ..errors import SokdError
-from .features import TermContext, _Kind, register_kind
+from ...errors import SokdError
+from .terms import TermContext, _Kind, register_kind
 
 
 class ReviewKDOptions(BaseModel):

@@ -18,11 +18,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from ..errors import SokdError, suggest
-from ..models.staged import StagedNet, dry_forward
-from ..registry import Registry
-from ..validation import validate
-from . import losses
+from ...errors import SokdError, suggest
+from ...models.staged import StagedNet, dry_forward
+from ...registry import Registry
+from ...validation import validate
+from .. import losses
 
 
 @dataclass

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ..errors import SokdError
-from . import losses
-from .features import TermContext, _Kind, register_kind
+from ...errors import SokdError
+from .. import losses
+from .terms import TermContext, _Kind, register_kind
 
 EPS = 1e-7
 #: score every anchor against the whole bank with one matmul when B x N stays below this many

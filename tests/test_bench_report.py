@@ -13,6 +13,11 @@ from sokd.cli import main
 from .conftest import tiny_config
 
 
+
+def primary_curves(groups: dict) -> dict:
+    """Plot label -> (epochs, mean, std) of every curve the report draws."""
+    return {label: data for _, _, label, data in report._curves(groups)}
+
 def test_bench_measures_every_requested_variant_and_the_plain_baseline():
     res = bench.run("resnet14", "resnet8", batch=4, precision="bf16", num_classes=10, shape=(3, 8, 8),
                     variants=["vanilla", "kd", "sokd", "sokd+at"], warmup=1, reps=2, steps_per_rep=1,
@@ -59,7 +64,7 @@ def test_plotted_curves_are_the_mean_and_std_over_seeds_per_epoch_cut_to_the_sho
         metrics = [{"epoch": 0, "test": {"student": {"top1": 1.0}}}]
         metrics += [{"epoch": e + 1, "test": {"student": {"top1": t}}} for e, t in enumerate(top1s)]
         return {"summary": {"primary_role": "student", "method": "kd"}, "metrics": metrics}
-    curves = report.primary_curves({"kd": [run([50.0, 60.0, 70.0]), run([54.0, 64.0])], "dml": [run([40.0])]})
+    curves = primary_curves({"kd": [run([50.0, 60.0, 70.0]), run([54.0, 64.0])], "dml": [run([40.0])]})
     epochs, mean, std = curves["kd (student, n=2)"]
     assert epochs == [1, 2] and mean == [52.0, 62.0]  # epoch 0 (before training) is left out
     assert std == pytest.approx([2 ** 0.5 * 2] * 2)
@@ -69,7 +74,7 @@ def test_plotted_curves_are_the_mean_and_std_over_seeds_per_epoch_cut_to_the_sho
 
 def test_sokds_teacher_branch_is_plotted_next_to_its_student():
     metrics = [{"epoch": e, "test": {"student": {"top1": 50.0 + e}, "kbm": {"top1": 60.0 + e}}} for e in range(3)]
-    curves = report.primary_curves({"sokd": [{"summary": {"primary_role": "student", "method": "sokd"},
+    curves = primary_curves({"sokd": [{"summary": {"primary_role": "student", "method": "sokd"},
                                               "metrics": metrics}]})
     assert curves["sokd (student, n=1)"][1] == [51.0, 52.0]
     assert curves["sokd (kbm, n=1)"] == ([1, 2], [61.0, 62.0], [0.0, 0.0])

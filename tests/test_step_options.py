@@ -22,6 +22,11 @@ from .conftest import tiny_config, write_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+
+def primary_curves(groups: dict) -> dict:
+    """Plot label -> (epochs, mean, std) of every curve the report draws."""
+    return {label: data for _, _, label, data in report._curves(groups)}
+
 def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -61,7 +66,7 @@ def test_eval_every_evaluates_every_nth_and_the_last_epoch_and_reports_read_it(t
     assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == best
     assert summary["networks"]["model"]["top1_final"] == history[-1]["test"]["model"]["top1"]
     loaded = report.load(run_dir)  # the report reads such a run, and plots evaluated epochs only
-    curves = report.primary_curves({"vanilla": [loaded]})
+    curves = primary_curves({"vanilla": [loaded]})
     assert [list(c[0]) for c in curves.values()] == [[2, 4, 5]]
 
 

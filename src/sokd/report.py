@@ -250,11 +250,6 @@ def _curves(groups: dict[str, list[dict]]):
             yield name, role, f"{name} ({role}, n={len(runs)})", (epochs[:n], mean, std)
 
 
-def primary_curves(groups: dict[str, list[dict]]) -> dict[str, tuple[list, list, list]]:
-    """Plot label -> epochs, mean and std over seeds of the test top-1 (primary role, teacher branch)."""
-    return {label: data for _, _, label, data in _curves(groups)}
-
-
 def plot(groups: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")

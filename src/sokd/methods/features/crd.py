@@ -65,17 +65,11 @@ class CRDOptions(BaseModel):
     momentum: float = Field(0.5, ge=0, lt=1, description="memory-bank momentum m")
 
 
-def nce_loss(p: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """L(p) of paper Eq. 18 for p (B, K+1): column 0 the positive, the rest negatives."""
-    b, k = p.shape[0], p.shape[1] - 1
-    noise = k / float(num_samples)  # K * P_n
-    log_pos = torch.log(p[:, 0] / (p[:, 0] + noise + EPS))
-    log_neg = torch.log(noise / (p[:, 1:] + noise + EPS))
-    return -(log_pos.sum() + log_neg.sum()) / b
-
-
 def _nce_and_grad(p: torch.Tensor, num_samples: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(L(p), d L / d scores) with p = exp(scores / tau) / Z (Z constant), in few passes over p.
+
+    L(p) is paper Eq. 18 for p (B, K+1), column 0 the positive, the rest negatives:
+    -(1/B) sum_b [log(p_b0 / (p_b0 + K P_n)) + sum_k log(K P_n / (p_bk + K P_n))], P_n = 1 / N.
 
     With q = p + K P_n + eps and r = p / q: the positive's term is log r_0, a negative's
     log(K P_n) - log q; d/ds is (r_0 - 1) / (B tau) for the positive and r / (B tau) for a negative.

@@ -286,6 +286,48 @@ def pair_networks(method_name: str, teacher, student) -> dict:
     return nets
 
 
+def _step_results(timed, rates, batch: int, precision: str, peak: float, peak_fp32: float, memory: bool,
+                  dev, log) -> list["StepResult"]:
+    """One StepResult per timed step, from its measured rate (images per second), logged."""
+    results = []
+    for (name, step, prec, cl, flops, compile_s), ips in zip(timed, rates):
+        ms = 1000.0 * batch / ips
+        gflops = flops / 1e9 * ips / batch
+        ref_peak = peak if prec == precision else peak_fp32
+        mem = peak_memory_mb(step, dev) if memory and compile_s is None else None
+        compile_s = max(compile_s - ms / 1000.0, 0.0) if compile_s is not None else None
+        r = StepResult(name, ips, ms, flops / 1e9, gflops, gflops / ref_peak, mem, prec, cl, compile_s)
+        results.append(r)
+        log(f"{name:>16}: {ips:8.1f} img/s  {ms:7.1f} ms/step  {flops / 1e9:7.2f} GFLOP/step  "
+            f"{gflops:6.0f} GFLOP/s ({100 * r.peak_fraction:.0f}% of matmul peak)"
+            + (f"  peak mem {mem:.0f} MB" if mem is not None else "")
+            + (f"  compiled in {compile_s:.0f} s" if compile_s is not None else ""))
+    return results
+
+
+def _ratios(results: list["StepResult"]) -> dict:
+    """The ratios the docs quote, between the variants that were timed (by variant name)."""
+    ratios = {}
+    for r_eager, r_comp in zip(results, results[1:]):
+        if r_comp.name == f"{r_eager.name} compiled":
+            ratios[f"{r_eager.name}_compiled_speedup"] = r_comp.images_per_s / r_eager.images_per_s
+    by = {r.name: r for r in results}
+    if "sokd" in by and "plain sokd" in by:
+        ratios["sokd_vs_plain_speedup"] = by["sokd"].images_per_s / by["plain sokd"].images_per_s
+        best = max((r for r in results if r.name in ("sokd", "sokd compiled")), key=lambda r: r.images_per_s)
+        ratios["best_sokd_step"] = best.name
+        ratios["best_sokd_vs_plain_speedup"] = best.images_per_s / by["plain sokd"].images_per_s
+        ratios["best_sokd_peak_fraction"] = best.peak_fraction
+    if "sokd" in by and "kd" in by:
+        ratios["sokd_over_kd_time"] = by["sokd"].step_ms / by["kd"].step_ms
+        ratios["sokd_over_kd_flops"] = by["sokd"].gflop_per_step / by["kd"].gflop_per_step
+    if "vanilla" in by:
+        ratios["student_step_peak_fraction"] = by["vanilla"].peak_fraction
+    if "vanilla" in by and "vanilla (fp32)" in by:
+        ratios["student_bf16_cl_over_fp32"] = by["vanilla"].images_per_s / by["vanilla (fp32)"].images_per_s
+    return ratios
+
+
 def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "cpu",
         precision: str = "bf16", channels_last: bool = True, num_classes: int = 100,
         shape=(3, 32, 32), variants=None, warmup: int = 3, reps: int = 5, steps_per_rep: int = 3,
@@ -313,7 +355,6 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
             log(f"{name:>16}: compiled in {compile_s:.0f} s")
         timed.append((name, step, prec, cl, count_flops(flops_step or step), compile_s))
 
-    ratios = {}
     if variants and list(variants) == ["all"]:
         variants = list(VARIANTS)
     runs = [(name, precision, channels_last) for name in variants or DEFAULT_VARIANTS]
@@ -358,37 +399,8 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
     peak, peak_fp32 = gflops_of[precision], gflops_of["fp32"]
     log(f"matmul peak (median over the same rounds): {peak:.0f} GFLOP/s ({precision}), {peak_fp32:.0f} GFLOP/s (fp32)")
 
-    results = []
-    for (name, step, prec, cl, flops, compile_s), ips in zip(timed, rates):
-        ms = 1000.0 * batch / ips
-        gflops = flops / 1e9 * ips / batch
-        ref_peak = peak if prec == precision else peak_fp32
-        mem = peak_memory_mb(step, dev) if memory and compile_s is None else None
-        compile_s = max(compile_s - ms / 1000.0, 0.0) if compile_s is not None else None
-        r = StepResult(name, ips, ms, flops / 1e9, gflops, gflops / ref_peak, mem, prec, cl, compile_s)
-        results.append(r)
-        log(f"{name:>16}: {ips:8.1f} img/s  {ms:7.1f} ms/step  {flops / 1e9:7.2f} GFLOP/step  "
-            f"{gflops:6.0f} GFLOP/s ({100 * r.peak_fraction:.0f}% of matmul peak)"
-            + (f"  peak mem {mem:.0f} MB" if mem is not None else "")
-            + (f"  compiled in {compile_s:.0f} s" if compile_s is not None else ""))
-    for r_eager, r_comp in zip(results, results[1:]):
-        if r_comp.name == f"{r_eager.name} compiled":
-            ratios[f"{r_eager.name}_compiled_speedup"] = r_comp.images_per_s / r_eager.images_per_s
-
-    by = {r.name: r for r in results}
-    if "sokd" in by and "plain sokd" in by:
-        ratios["sokd_vs_plain_speedup"] = by["sokd"].images_per_s / by["plain sokd"].images_per_s
-        best = max((r for r in results if r.name in ("sokd", "sokd compiled")), key=lambda r: r.images_per_s)
-        ratios["best_sokd_step"] = best.name
-        ratios["best_sokd_vs_plain_speedup"] = best.images_per_s / by["plain sokd"].images_per_s
-        ratios["best_sokd_peak_fraction"] = best.peak_fraction
-    if "sokd" in by and "kd" in by:
-        ratios["sokd_over_kd_time"] = by["sokd"].step_ms / by["kd"].step_ms
-        ratios["sokd_over_kd_flops"] = by["sokd"].gflop_per_step / by["kd"].gflop_per_step
-    if "vanilla" in by:
-        ratios["student_step_peak_fraction"] = by["vanilla"].peak_fraction
-    if "vanilla" in by and "vanilla (fp32)" in by:
-        ratios["student_bf16_cl_over_fp32"] = by["vanilla"].images_per_s / by["vanilla (fp32)"].images_per_s
+    results = _step_results(timed, rates, batch, precision, peak, peak_fp32, memory, dev, log)
+    ratios = _ratios(results)
     return {"teacher": teacher_arch, "student": student_arch, "batch": batch, "device": str(dev),
             "precision": precision, "channels_last": channels_last, "shape": list(shape),
             "threads": torch.get_num_threads(), "matmul_peak_gflops": peak,

@@ -12,6 +12,18 @@ import yaml
 from sokd import methods
 
 torch.set_num_threads(2)
+# property tests (tests/test_properties.py) never depend on the machine's speed (no per-example
+# deadline, no "too slow" health check) and draw the same examples every run;
+# SOKD_HYPOTHESIS_PROFILE=explore draws new ones (still without time limits)
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # only tests/test_properties.py needs it (a dev dependency)
+    pass
+else:
+    settings.register_profile("deterministic", deadline=None, derandomize=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("explore", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("SOKD_HYPOTHESIS_PROFILE", "deterministic"))
 # decoded image folders (data.in_memory) are cached here, never in the user's ~/.cache
 os.environ.setdefault("SOKD_FOLDER_CACHE", tempfile.mkdtemp(prefix="sokd-test-folder-cache-"))
 

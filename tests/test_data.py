@@ -7,7 +7,6 @@ import os
 import pickle
 import socket
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -614,24 +613,6 @@ def test_synthetic_is_learnable_and_fixed():
     assert b.train_size == 400 and b.test_size == 100 and b.class_names[0] == "class_0"
     again = make_synthetic(400, [3, 12, 12], 5)
     assert torch.equal(again.x_train, b.train.images)
-
-
-def test_augmentation_throughput(capsys):
-    """Not an assertion on speed: prints the per-batch cost for the report (pytest -s)."""
-    g = torch.Generator().manual_seed(0)
-    src = TensorBatches(torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=g),
-                        torch.zeros(2048, dtype=torch.int64), 128, (0.5,) * 3, (0.25,) * 3,
-                        crop_padding=4, hflip=True)
-    list(src)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(5):
-        for _ in src:
-            pass
-    n = 5 * len(src)
-    wall, cpu = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
-    with capsys.disabled():
-        print(f"\n[data] augmented 128x3x32x32 batch: {wall * 1e3:.3f} ms wall, {cpu * 1e3:.3f} ms CPU "
-              f"({1 / wall:.0f} batches/s)")
 
 
 # ---------------------------------------------------------------------------------- image folders

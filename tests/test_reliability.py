@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import pickle
 import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from sokd.files import atomic_save
 from sokd.errors import SokdError
 
 from .conftest import tiny_config, write_config
+from .test_reliability_files import GatedRun, gated_config, metric_rows
 
 PY = [sys.executable, "-m", "sokd"]
 
@@ -29,41 +28,47 @@ def sokd_cli(*args, timeout=300):
     return subprocess.run(PY + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
 
 
-def final_metrics(run_dir: Path) -> list[dict]:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{"epoch": r["epoch"], "test": r["test"], "loss": r.get("train", {}).get("loss")} for r in rows]
+# -- kill -9 at named points, resume, same final metrics -----------------------------------------
+# 3 epochs of 8 steps; the gated_resnet8 plugin pauses the run at an exact forward and the test
+# kills it there: (gate, the epoch last.pt holds at that moment; None: no checkpoint yet)
+KILL_POINTS = {
+    "before-first-checkpoint": ("train:4", None),    # epoch 1 step 4: the run starts again
+    "mid-epoch": ("train:12", 1),                    # epoch 2 step 4
+    "during-evaluation": ("aftertrain:16", 1),       # epoch 2 trained, evaluated, not yet saved
+    "epoch-boundary": ("train:17", 2),               # epoch 3 step 1: epoch 2's files all written
+    "during-last-evaluation": ("aftertrain:24", 2),  # epoch 3 trained, the run's final files to come
+}
 
 
-def run_config(tmp_path, name, **kw):
-    cfg = tiny_config(tmp_path, "vanilla", name=name, train={"epochs": 5, "seed": 11, "threads": 1}, **kw)
-    cfg["data"]["synthetic_size"] = 768  # 24 steps an epoch: a few seconds of training to interrupt
-    cfg["output"]["dir"] = str(tmp_path / "runs" / name)
-    return write_config(tmp_path, cfg, f"{name}.yaml"), Path(cfg["output"]["dir"])
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    cfg, run_dir = gated_config(tmp, "reference")
+    proc = sokd_cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
 
 
-# -- kill -9 at a random moment, resume, same final metrics --------------------------------------
-def test_sigkill_at_random_moment_then_resume_matches_uninterrupted(tmp_path):
-    ref_cfg, ref_dir = run_config(tmp_path, "reference")
-    cut_cfg, cut_dir = run_config(tmp_path, "killed")
-    assert sokd_cli("train", ref_cfg).returncode == 0
-    proc = subprocess.Popen(PY + ["train", str(cut_cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (cut_dir / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    moment = random.uniform(0.0, 3.0)
-    time.sleep(moment)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    print(f"killed after {moment:.2f} s of training")
-    if (cut_dir / "last.pt").exists():
-        safe_load(cut_dir / "last.pt")  # the last good checkpoint always loads
-        resumed = sokd_cli("train", cut_cfg, "output.resume=true")
-    else:  # killed before the first checkpoint: start again
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_at_a_named_point_then_resume_matches_uninterrupted(tmp_path, uninterrupted, point):
+    gate, saved_epoch = KILL_POINTS[point]
+    cut_cfg, cut_dir = gated_config(tmp_path, "killed")
+    run = GatedRun(tmp_path, cut_cfg, gate)
+    run.wait_reached()
+    run.proc.send_signal(signal.SIGKILL)
+    code, _, _ = run.finish()
+    assert code == -signal.SIGKILL
+    if saved_epoch is None:  # killed before the first checkpoint: start again
+        assert not (cut_dir / "last.pt").exists()
         resumed = sokd_cli("train", cut_cfg, "output.overwrite=true")
+    else:
+        last = safe_load(cut_dir / "last.pt")  # the last good checkpoint always loads
+        assert (last["epoch"], last["step"]) == (saved_epoch, 0)
+        resumed = sokd_cli("train", cut_cfg, "output.resume=true")
     assert resumed.returncode == 0, resumed.stderr
-    assert final_metrics(cut_dir) == final_metrics(ref_dir)
-    a, b = safe_load(ref_dir / "last.pt")["method"], safe_load(cut_dir / "last.pt")["method"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metric_rows(cut_dir) == metric_rows(uninterrupted)
+    a, b = safe_load(uninterrupted / "last.pt")["method"], safe_load(cut_dir / "last.pt")["method"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # SIGTERM / SIGINT at exact steps (first, second, late, early): tests/test_reliability_files.py

@@ -42,7 +42,10 @@ def gated_config(tmp_path, name, epochs=3, **sections):
 
 
 class GatedRun:
-    """A `sokd train` subprocess paused at an exact step until `release()`."""
+    """A `sokd train` subprocess paused at an exact step until `release()`.
+
+    Every wait is on something the child does (a file the gate touches, the process ending),
+    never on time: the timeouts only turn a hang into a failure."""
 
     def __init__(self, tmp_path, cfg_path, gate, *args):
         self.dir = tmp_path / f"gate_{gate.replace(':', '_')}_{time.monotonic_ns()}"
@@ -51,19 +54,32 @@ class GatedRun:
         self.proc = subprocess.Popen(PY + ["train", str(cfg_path), *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env)
 
-    def wait_reached(self, timeout=240):
-        deadline = time.time() + timeout
-        while not (self.dir / "reached").exists():
+    def _wait_for(self, name, what, timeout):
+        deadline = time.monotonic() + timeout
+        while not (self.dir / name).exists():
             if self.proc.poll() is not None:
-                raise AssertionError(f"run ended before the gate: {self.proc.stderr.read()}")
-            assert time.time() < deadline, "gate not reached"
+                raise AssertionError(f"run ended before {what}: {self.proc.stderr.read()}")
+            assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
             time.sleep(0.02)
+
+    def wait_reached(self, timeout=240):
+        self._wait_for("reached", "the gate", timeout)
+
+    def wait_signalled(self, timeout=240):
+        """Until the paused run has taken in the SIGINT/SIGTERM sent to it: its handler has run
+        and recorded the signal (the gate then touches `signalled`, see tests/plugins/gated_net.py)."""
+        self._wait_for("signalled", "acknowledging the signal", timeout)
 
     def release(self):
         (self.dir / "go").touch()
 
     def finish(self, timeout=240):
-        out, err = self.proc.communicate(timeout=timeout)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()   # a hung run fails the test and leaves no process behind
+            self.proc.communicate()
+            raise
         return self.proc.returncode, out, err.strip()
 
 
@@ -180,15 +196,15 @@ def test_resume_with_a_lower_lr_continues_the_run(tmp_path):
 
 def test_weights_are_checked_before_every_save(make_config, monkeypatch):
     from sokd import config, runner
-    from sokd.engine import loop
-    real = loop.non_finite_tensors
+    from sokd.engine import checkpointing, loop
+    real = checkpointing.non_finite_tensors
     calls = {"n": 0}
 
     def poisoned(state):  # the state turns non-finite in epoch 2
         calls["n"] += 1
         return ["nets.model.stem.0.weight"] if calls["n"] >= 2 else real(state)
 
-    monkeypatch.setattr(loop, "non_finite_tensors", poisoned)
+    monkeypatch.setattr(checkpointing, "non_finite_tensors", poisoned)
     cfg = config.build(make_config("vanilla", train={"epochs": 3}))
     with pytest.raises(loop.NonFiniteState, match=r"by epoch 2 .*last.pt holds the run at epoch 1"):
         runner.train(cfg)
@@ -277,7 +293,7 @@ def test_signal_at_an_exact_step_checkpoints_and_resumes_identically(tmp_path, s
     run = GatedRun(tmp_path, cut_cfg, "train:11")   # epoch 2, step 3
     run.wait_reached()
     run.proc.send_signal(sig)
-    time.sleep(0.2)
+    run.wait_signalled()   # the stop request is set while the step is still paused
     run.release()
     code, _, err = run.finish()
     assert code == 128 + sig and len(err.splitlines()) == 1, err
@@ -292,7 +308,7 @@ def test_second_signal_stops_at_once_and_names_the_last_checkpoint(tmp_path):
     run = GatedRun(tmp_path, cfg, "train:11")
     run.wait_reached()
     run.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
+    run.wait_signalled()   # the first signal is recorded: the next one is a second signal
     run.proc.send_signal(signal.SIGTERM)
     code, _, err = run.finish()
     assert code == 128 + signal.SIGTERM and len(err.splitlines()) == 1, err
@@ -306,7 +322,7 @@ def test_signal_after_the_last_epoch_lets_the_run_complete(tmp_path):
     run = GatedRun(tmp_path, cfg, "aftertrain:8")   # the evaluation after the last epoch
     run.wait_reached()
     run.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
+    run.wait_signalled()   # recorded during the last epoch's evaluation, before the run finishes
     run.release()
     code, _, err = run.finish()
     assert code == 0, err
@@ -320,8 +336,7 @@ def test_signal_before_training_starts_writes_nothing(tmp_path):
     run = GatedRun(tmp_path, cfg, "eval:1")   # the forward check, before the directory is made
     run.wait_reached()
     run.proc.send_signal(signal.SIGTERM)
-    run.release()
-    code, _, err = run.finish()
+    code, _, err = run.finish()   # it ends in the signal handler, still paused: nothing to release
     assert code == 128 + signal.SIGTERM and err == "sokd: stopped by SIGTERM", err
     assert not run_dir.exists()
 

@@ -10,6 +10,7 @@ import shutil
 import socket
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -246,40 +247,75 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_mlflow_server_is_one_line_at_once_and_nothing_written(tmp_path, capsys):
+def test_unreachable_mlflow_server_is_one_line_at_once_and_nothing_written(tmp_path, capsys, monkeypatch):
     pytest.importorskip("mlflow")
     uri = f"http://127.0.0.1:{_closed_port()}"
     cfg = tiny_config(tmp_path, "vanilla", train={"epochs": 1, "steps_per_epoch": 2})
     cfg["output"]["mlflow"] = {"uri": uri}
-    start = time.monotonic()
+    # "at once": one probe (one TCP connection, bounded by its timeout), no MLflow request and no
+    # waiting (MLflow's retries back off with time.sleep). The probe waits for its connection here,
+    # so the line does not depend on how soon its thread runs on a busy machine.
+    from sokd.engine.tracking import mlflow_tracker as mt
+    probes, sleeps, real_probe, real_sleep = [], [], mt.probe, time.sleep
+
+    def probe(host, port, timeout=mt.PROBE_TIMEOUT):
+        probes.append((host, port, timeout))
+        return real_probe(host, port, timeout=None)
+
+    def sleep(seconds):
+        if threading.current_thread() is threading.main_thread():
+            sleeps.append(seconds)
+        real_sleep(seconds)
+    monkeypatch.setattr(mt, "probe", probe)
+    monkeypatch.setattr(time, "sleep", sleep)
     line = refused(capsys, "train", write_config(tmp_path, cfg))
-    assert time.monotonic() - start < 10
+    monkeypatch.undo()
+    assert probes == [("127.0.0.1", int(uri.rsplit(":", 1)[1]), mt.PROBE_TIMEOUT)] and sleeps == []
     assert line == (f"sokd: error: cannot reach MLflow at {uri} (connection refused); start the server, fix "
                     f"output.mlflow.uri, or drop it for a local store")
     assert not (tmp_path / "runs").exists()
 
 
 def test_mlflow_probe_gives_up_within_its_timeout(monkeypatch):
+    """The probe's only wait is one join of its connection thread, bounded by its timeout, and it
+    answers while a connection attempt that ignores the timeout is still hanging (asserted on
+    what the probe waits for, not on the clock)."""
     from sokd.engine.tracking import mlflow_tracker as mt
-    start = time.monotonic()
-    mt.probe("10.255.255.1", 9, timeout=0.5)  # a non-routable address (a proxy may answer for it)
-    assert time.monotonic() - start < 2
+    joins = []
 
-    hang = threading.Event()
+    class Thread(threading.Thread):
+        def join(self, timeout=None):
+            joins.append(timeout)
+            assert timeout is not None, "the probe waits for its connection without a bound"
+            super().join(timeout)
+    monkeypatch.setattr(mt, "threading", types.SimpleNamespace(Thread=Thread))
+    reason = mt.probe("10.255.255.1", 9, timeout=0.5)  # a non-routable address (a proxy may answer for it)
+    assert joins == [0.5] and (reason is None or isinstance(reason, str))
 
-    def hanging(*args, **kwargs):  # a name lookup or SYN that gets no answer
-        hang.wait(60)
+    # a name lookup or SYN that gets no answer (the thread of the probe above may still be
+    # connecting to its own address: only attempts on mlflow.example count here)
+    hang, started, ended, connects = threading.Event(), threading.Event(), threading.Event(), []
+
+    def hanging(address, timeout=None, *args, **kwargs):
+        if address[0] == "mlflow.example":
+            connects.append((address, timeout))
+            started.set()
+        hang.wait()
+        ended.set()
         raise socket.timeout("timed out")
     monkeypatch.setattr(mt.socket, "create_connection", hanging)
-    start = time.monotonic()
-    assert mt.probe("mlflow.example", 5000, timeout=0.3) == "no answer within 0.3 s"
-    assert time.monotonic() - start < 2
-    hang.set()
-    hang.clear()
-    with pytest.raises(SokdError, match=r"^cannot reach MLflow at http://me:\*\*\*@mlflow.example:5000 "
-                                        r"\(no answer within 0\.3 s\); start the server"):
-        mt.check_reachable("http://me:secret@mlflow.example:5000", timeout=0.3)
-    hang.set()
+    try:
+        joins.clear()
+        assert mt.probe("mlflow.example", 5000, timeout=0.3) == "no answer within 0.3 s"
+        assert not ended.is_set()   # it answered without waiting for the attempt to end
+        started.wait()              # the attempt itself was bounded by the same timeout
+        assert joins == [0.3] and connects == [(("mlflow.example", 5000), 0.3)]
+        with pytest.raises(SokdError, match=r"^cannot reach MLflow at http://me:\*\*\*@mlflow.example:5000 "
+                                            r"\(no answer within 0\.3 s\); start the server"):
+            mt.check_reachable("http://me:secret@mlflow.example:5000", timeout=0.3)
+        assert not ended.is_set() and joins == [0.3, 0.3]
+    finally:
+        hang.set()   # the abandoned attempts end
     assert mt.server_address("https://mlflow.example/x") == ("mlflow.example", 443)
     assert mt.server_address("postgresql+psycopg2://u:p@db:6543/m") == ("db", 6543)
     assert mt.server_address("sqlite:///x.db") is None and mt.server_address("file:///tmp/m") is None

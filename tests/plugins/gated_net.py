@@ -7,6 +7,14 @@ SOKD_TEST_GATE="aftertrain:K" waits at the first evaluation forward after K trai
 forwards; SOKD_TEST_GATE="fail:K" raises at the K-th training forward; SOKD_TEST_GATE="nan:K" makes
 the K-th and every later training forward non-finite (a blow-up at a known step). Without the variable it is
 exactly resnet8 (the gate has no parameters and changes nothing).
+
+While paused, the gate acknowledges a SIGINT/SIGTERM: once the process's signal handling has
+recorded it (the run's active `StopRequest` has its `signum`, or a signal after the last epoch
+was recorded as late) it touches `$SOKD_TEST_GATE_DIR/signalled`, so a test waits for that file
+(`GatedRun.wait_signalled`) instead of sleeping before its next action. Python runs signal
+handlers in the main thread, which is the thread waiting here, so the file appears only after
+the handler has finished. A gate never released fails the run after 300 s (a test that forgot
+to release it), it never goes on by itself.
 """
 from __future__ import annotations
 
@@ -17,6 +25,30 @@ from pathlib import Path
 from torch import nn
 
 import sokd
+
+RELEASE_TIMEOUT_S = 300
+
+
+def signal_taken() -> bool:
+    """Whether this process has taken in a SIGINT/SIGTERM: the active run's stop request is set,
+    or a signal was recorded after the last epoch (`sokd.engine.signals`)."""
+    from sokd.engine import signals
+    active = getattr(signals, "_active", None)
+    return ((active is not None and getattr(active, "signum", None) is not None)
+            or getattr(signals, "_late", None) is not None)
+
+
+def wait_for_release(folder: Path, where: str) -> None:
+    (folder / "reached").touch()
+    acknowledged = False
+    deadline = time.monotonic() + RELEASE_TIMEOUT_S
+    while not (folder / "go").exists():
+        if not acknowledged and signal_taken():
+            (folder / "signalled").touch()
+            acknowledged = True
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"test gate at {where} was never released ({folder / 'go'} missing)")
+        time.sleep(0.01)
 
 
 class Gate(nn.Module):
@@ -38,11 +70,7 @@ class Gate(nn.Module):
             if after:
                 kind, at = "eval", self.calls["eval"]
             if kind == mode and self.calls[mode] == int(at):
-                folder = Path(os.environ["SOKD_TEST_GATE_DIR"])
-                (folder / "reached").touch()
-                deadline = time.time() + 300
-                while not (folder / "go").exists() and time.time() < deadline:
-                    time.sleep(0.01)
+                wait_for_release(Path(os.environ["SOKD_TEST_GATE_DIR"]), spec)
         return x
 
 

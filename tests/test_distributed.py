@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import sokd
 from sokd.engine import safe_load
 
 from .conftest import tiny_config, write_config
+from .test_reliability_files import GATE_PLUGIN
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
@@ -214,28 +214,37 @@ def _worker_pids(marker: str) -> dict[int, int]:
 
 @pytest.mark.slow
 def test_killed_rank_restarts_from_checkpoint_and_matches(tmp_path, teacher_file):
-    ref = tiny_config(tmp_path, "sokd", name="ref", train={"epochs": 4, "threads": 1, "seed": 2})
+    """Rank 1 is SIGKILLed at a named point (epoch 2, step 10: both ranks paused there by the
+    gated_resnet8 student), torchrun restarts the job from last.pt, and the run ends as an
+    uninterrupted one does."""
+    ref = tiny_config(tmp_path, "sokd", name="ref", train={"epochs": 4, "threads": 1, "seed": 2},
+                      student={"arch": "gated_resnet8"}, imports=[GATE_PLUGIN])
     ref["teacher"]["checkpoint"] = str(teacher_file)
-    ref["data"].update(batch_size=16, synthetic_size=1024)
+    ref["data"].update(batch_size=16, synthetic_size=1024)     # 32 steps an epoch on each of 2 ranks
     ref["output"]["dir"] = str(tmp_path / "runs" / "ref")
     cut = json.loads(json.dumps(ref))
     cut["name"], cut["output"]["dir"] = "cut", str(tmp_path / "runs" / "cut")
     proc = torchrun(2, write_config(tmp_path, ref, "ref.yaml"))
     assert proc.returncode == 0, failure(proc.stderr)
     cut_yaml = write_config(tmp_path, cut, "cut.yaml")
+    gate = tmp_path / "gate"
+    gate.mkdir()
     # 3 restarts: ours uses one; a restarted gloo group sometimes fails its first connect
     # (pytorch/pytorch#167288) and then needs another
     cmd = TORCHRUN + ["--nproc_per_node=2", "--max-restarts=3", "-m", "sokd", "train", str(cut_yaml)]
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "SOKD_TEST_GATE": "train:42",
+                                "SOKD_TEST_GATE_DIR": str(gate)})
     run_dir = Path(cut["output"]["dir"])
     deadline = time.time() + 300
-    while time.time() < deadline and not (run_dir / "last.pt").exists():
-        time.sleep(0.1)  # wait for the first checkpoint, then kill mid-epoch
-    time.sleep(random.uniform(0.3, 1.5))
+    while not (gate / "reached").exists():
+        assert job.poll() is None and time.time() < deadline, "the run never reached epoch 2 step 10"
+        time.sleep(0.05)
+    assert safe_load(run_dir / "last.pt")["epoch"] == 1   # the checkpoint the restart continues from
     pids = _worker_pids("cut.yaml")
     assert 1 in pids, pids
     os.kill(pids[1], signal.SIGKILL)
+    (gate / "go").touch()   # rank 0 goes on, meets the dead peer; the restarted ranks pass the gate
     out, err = job.communicate(timeout=600)
     assert job.returncode == 0, failure(err)
     a, b = rows(Path(ref["output"]["dir"])), rows(run_dir)

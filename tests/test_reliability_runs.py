@@ -18,11 +18,10 @@ import yaml
 
 from sokd import config, runner
 from sokd.engine import rundir, safe_load
-from sokd.files import atomic_save
 from sokd.errors import SokdError
+from sokd.files import atomic_save
 
-from .conftest import tiny_config
-from .test_reliability_files import GATE_PLUGIN, GatedRun, gated_config, metric_rows, sokd_cli, tree
+from .test_reliability_files import GatedRun, gated_config, metric_rows, sokd_cli, tree
 
 
 def train(cfg: dict) -> dict:
@@ -285,7 +284,8 @@ def test_a_second_signal_always_ends_in_one_line(tmp_path, gap):
     run.wait_reached()
     run.proc.send_signal(signal.SIGINT)
     if gap == "after-ack":
-        run.release()   # the first signal is seen; the run heads for its checkpoint
+        run.wait_signalled()   # the first signal is taken in; then the run heads for its checkpoint
+        run.release()
     run.proc.send_signal(signal.SIGINT)
     run.release()
     code, _, err = run.finish()

@@ -266,3 +266,16 @@ def load_state_strict(module: nn.Module, state: dict, what: str) -> None:
     if error is not None:
         raise error
     module.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------- who wrote it
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one we may not signal counts as alive): a lock
+    or temporary file whose writer is gone may be taken over or removed."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

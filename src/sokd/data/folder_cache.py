@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SokdError
+from ..files import pid_alive
 from .digest import tensor_digest, update_folder_samples
 from .paths import CACHE
 from .sources import UnreadableImage
@@ -186,20 +187,10 @@ def _remove_stale_temps(path: Path) -> None:
     for tmp in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
         pid = os.path.basename(tmp)[len(path.name) + 2:-4]
         try:
-            if pid.isdigit() and not _alive(int(pid)) and time.time() - os.stat(tmp).st_mtime > STALE_TEMP_AGE:
+            if pid.isdigit() and not pid_alive(int(pid)) and time.time() - os.stat(tmp).st_mtime > STALE_TEMP_AGE:
                 os.unlink(tmp)
         except OSError:
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 class _Decode(torch.utils.data.Dataset):

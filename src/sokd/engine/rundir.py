@@ -32,7 +32,7 @@ import yaml
 
 from .. import artifacts
 from ..errors import SokdError
-from ..files import atomic_write_text, safe_load, temp_target
+from ..files import atomic_write_text, pid_alive, safe_load, temp_target
 from .tracking.stored import DIRNAMES as TRACKER_DIRS, is_tracker_dir
 
 RUN_FILES = artifacts.RUN_FILES
@@ -116,16 +116,6 @@ def check_writable(run_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------- locking
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunLock:
     """An exclusive, crash-safe lock on a run directory (`.sokd.lock`).
 
@@ -193,7 +183,7 @@ class RunLock:
     def _acquire_by_pid(self) -> int:
         holder = self._holder()
         if holder and holder.get("pid") != os.getpid():
-            if holder.get("host") != socket.gethostname() or _pid_alive(int(holder.get("pid", 0))):
+            if holder.get("host") != socket.gethostname() or pid_alive(int(holder.get("pid", 0))):
                 raise self._refuse(holder)
         return self._open()
 

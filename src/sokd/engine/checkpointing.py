@@ -90,8 +90,8 @@ class Resumed:
 
 
 class Checkpointer:
-    """The run's checkpoint files (see module doc). Only the main process writes; every process
-    builds the state, so all of them check it is finite and report the same note."""
+    """The run's checkpoint files (see module doc). Only the main process builds and writes a
+    checkpoint; every process checks the state is finite and keeps the same note."""
 
     def __init__(self, run, method, data, optimizer, scheduler, scaler, resumed: Resumed | None, run_dir, stop):
         self.run, self.method, self.data = run, method, data
@@ -113,6 +113,10 @@ class Checkpointer:
     def saved(self, note: str) -> None:
         self.stop.saved = note
 
+    def start_clock(self) -> None:
+        """The run's wall time counts from now (after set-up, compilation excluded)."""
+        self.wall0 = time.perf_counter()
+
     def elapsed(self) -> float:
         """Wall time of the whole run so far, across resumptions."""
         return self.prior_wall + time.perf_counter() - self.wall0
@@ -125,12 +129,12 @@ class Checkpointer:
             raise NonFiniteState(
                 f"{len(bad)} weight/buffer tensor(s) became non-finite by {position(epoch, step)} (e.g. {bad[0]}), so "
                 f"nothing was saved; {recovery(self.saved, run.cfg.optim.lr)}")
-        state = artifacts.run_state(
-            method=self.method, epoch=epoch, step=step, data=self.data, config=run.cfg.to_dict(),
-            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict(), wall_time_s=self.elapsed(), rng=rng_state(run.device),
-            history=self.history, accum=accum.state() if accum else None)
-        if run.dist.is_main:
+        if run.dist.is_main:  # only the writer builds the file's state
+            state = artifacts.run_state(
+                method=self.method, epoch=epoch, step=step, data=self.data, config=run.cfg.to_dict(),
+                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(), wall_time_s=self.elapsed(), rng=rng_state(run.device),
+                history=self.history, accum=accum.state() if accum else None)
             atomic_save(state, run.run_dir / artifacts.LAST)
             self.run_dir.commit()
         self.saved = saved_note(epoch, step)

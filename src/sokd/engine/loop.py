@@ -7,7 +7,6 @@ checkpoint (`checkpointing.Checkpointer`, best epochs by `selection`), and write
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -182,7 +181,7 @@ def _fit(method, data, run: RunContext, ckpt, run_dir, stop, trackers) -> dict:
                if getattr(data, "val", None) is not None else {})
         return {"test": result["roles"], **val, "compare": result["compare"]}
 
-    checkpoints.wall0 = time.perf_counter()
+    checkpoints.start_clock()
     if ckpt is None:
         row = {"epoch": 0, **scores()}
         history.append(row)

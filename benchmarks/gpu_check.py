@@ -2,6 +2,7 @@
 """What sokd's training step does on a GPU, in one command: one JSON line per measurement.
 
     .venv/bin/python benchmarks/gpu_check.py [--data ../shared/data/cifar100.npz] [--out FILE]
+    .venv/bin/python benchmarks/gpu_check.py --quick        # about 4 minutes of GPU time
     .venv/bin/python benchmarks/gpu_check.py --smoke        # the same code on a CPU, in seconds
 
 Sections, each printed as {"what": ..., ...} (a failing section prints {"what": ..., "error":
@@ -16,7 +17,12 @@ Sections, each printed as {"what": ..., ...} (a failing section prints {"what": 
   its metrics against the `step` figure, evaluation and checkpoint seconds;
 - `imagenet_step`: tv.resnet34 -> tv.resnet18 at 224x224, batch 256, kd and sokd, eager and
   compiled.
-It is meant to take at most 5 minutes on one GPU (an estimate until it has run on one).
+- `peers`: benchmarks/peers.py's side-by-side kd step against timm and torchdistill (when the
+  `peers` extra is installed), eager settings only.
+Frozen networks are prepared as `sokd train` prepares them (`engine.frozen`). It is meant to take
+at most 5 minutes on one GPU (an estimate until it has run on one). `--quick` keeps what fits in
+about 4 minutes: versions, the kd and sokd steps eager and compiled (no CUDA graphs, no
+ImageNet-sized step), the peers in 3 rounds, and a fit of 2 epochs of 50 steps.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from sokd import bench, methods, models  # noqa: E402
+from sokd.engine import frozen  # noqa: E402
 from sokd.engine.compiled import compile_step  # noqa: E402
 
 
@@ -100,14 +107,18 @@ def matmul_peak(rep: Report, device: torch.device, smoke: bool) -> None:
     rep.line("matmul_peak", gflops={k: round(v) for k, v in fields.items()}, size=n)
 
 
-def build(variant: str, teacher: str, student: str, classes: int, shape, device, layout):
-    """A method of `variant` (a `sokd bench` variant) on fresh networks, and its optimizer."""
+def build(variant: str, teacher: str, student: str, classes: int, shape, device, layout, precision="bf16",
+          x=None, compile_mode=False):
+    """A method of `variant` (a `sokd bench` variant) on fresh networks, its frozen networks
+    prepared as `sokd train` prepares them (given a batch `x`), and its optimizer."""
     method_name, opts = bench.VARIANTS[variant]
     t = models.create(teacher, num_classes=classes, in_channels=shape[0])
     s = models.create(student, num_classes=classes, in_channels=shape[0])
     nets = bench.pair_networks(method_name, t, s)
     method = methods.create(method_name, input_shape=shape, num_samples=1024, **nets, **opts)
     method = method.to(device, memory_format=layout).train()
+    if x is not None:
+        frozen.prepare(method, x[:8], precision, compile=compile_mode)
     opt = torch.optim.SGD(method.param_groups(lr=0.01), momentum=0.9, weight_decay=5e-4,
                           **({"fused": True} if device.type == "cuda" else {}))
     return method, opt
@@ -156,10 +167,14 @@ def steps(rep: Report, device: torch.device, sz: dict, what: str, variants, teac
                 continue
 
             def one(variant=variant, mode=mode):
-                method, opt = build(variant, teacher, student, classes, shape, device, layout)
-                fields = {}
+                compiled = False if mode == "eager" else (True if mode == "compiled" else mode)
                 if mode != "eager":
-                    fields.update(graph_breaks(method, x, y))
+                    bare, _ = build(variant, teacher, student, classes, shape, device, layout)
+                    fields = graph_breaks(bare, x, y)
+                    del bare
+                else:
+                    fields = {}
+                method, opt = build(variant, teacher, student, classes, shape, device, layout, precision, x, compiled)
                 forward = method if mode == "eager" else compile_step(method, True if mode == "compiled" else mode,
                                                                       device, note=lambda *_: None)
                 step = bench.make_train_step(method, opt, x, y, device, precision, forward)
@@ -176,6 +191,25 @@ def steps(rep: Report, device: torch.device, sz: dict, what: str, variants, teac
                          **{k: round(v, 2) if isinstance(v, float) else v for k, v in fields.items()})
                 torch._dynamo.reset()
             rep.section(what, one)
+
+
+def peers(rep: Report, device: torch.device, rounds: int) -> None:
+    """benchmarks/peers.py (wrn pair, eager settings): sokd's kd step against timm's and torchdistill's."""
+    try:
+        import timm.task  # noqa: F401
+        import torchdistill  # noqa: F401
+    except ImportError as err:
+        rep.line("peers", skipped=f"{err}; pip install -e '.[peers]'")
+        return
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers as peer_bench
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peers.json"
+        peer_bench.main(["--pair", "wrn", "--rounds", str(rounds), "--warmup", "2", "--json", str(out)])
+        result = json.loads(out.read_text())
+    rep.line("peers", rows=[{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
+                            for r in result["rows"]],
+             ratios={k: round(v, 3) for k, v in result["ratios"].items()}, step0_losses=result["step0_losses"])
 
 
 def fit(rep: Report, device: torch.device, sz: dict, data_path: Path | None, smoke: bool, bench_ms) -> None:
@@ -200,8 +234,8 @@ def fit(rep: Report, device: torch.device, sz: dict, data_path: Path | None, smo
                      "synthetic_classes": sz["fit_classes"], "batch_size": sz["batch"]} if smoke else
                     {"name": "cifar100", "root": str(data_path), "batch_size": sz["batch"], "pad_mode": "zeros"})
             common = {"data": data, "optim": {"lr": 0.1}, "schedule": {"name": "constant"},
-                      "train": {"epochs": 1, "seed": 0, "device": str(device), "precision": "bf16",
-                                "channels_last": True, "steps_per_epoch": sz["fit_steps"]},
+                      # every speed setting at its default: the fit shows what `auto` picks here
+                      "train": {"epochs": 1, "seed": 0, "device": str(device), "steps_per_epoch": sz["fit_steps"]},
                       "output": {"tensorboard": False, "progress": False}}
             teacher_cfg = {**common, "name": "teacher", "method": {"name": "vanilla"},
                            "model": {"arch": sz["teacher"]}}
@@ -214,7 +248,7 @@ def fit(rep: Report, device: torch.device, sz: dict, data_path: Path | None, smo
             sokd_cfg["train"] = {**common["train"], "epochs": 2}
             sokd_cfg["output"] = {**common["output"], "dir": f"{tmp}/sokd"}
             t0 = time.perf_counter()
-            runner.train(config.build(sokd_cfg))
+            summary = runner.train(config.build(sokd_cfg))
             wall = time.perf_counter() - t0
             rows = [json.loads(line) for line in Path(f"{tmp}/sokd/metrics.jsonl").read_text().splitlines()]
     finally:
@@ -227,12 +261,14 @@ def fit(rep: Report, device: torch.device, sz: dict, data_path: Path | None, smo
     rep.line("fit", method="sokd", teacher=sz["teacher"], student=sz["student"], epochs=len(trained),
              steps=int(steps_done), ms_per_step=round(1000 * train_s / max(steps_done, 1), 2),
              bench_ms_per_step=bench_ms, eval_and_other_s=round(sum(epoch_walls) - train_s - checkpoint_s, 2),
-             checkpoint_s=round(checkpoint_s, 3), checkpoints=[n for n, _ in saves], wall_s=round(wall, 1))
+             checkpoint_s=round(checkpoint_s, 3), checkpoints=[n for n, _ in saves], wall_s=round(wall, 1),
+             defaults={k: summary.get(k) for k in ("precision", "channels_last", "compiled")})
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the code, measures nothing")
+    ap.add_argument("--quick", action="store_true", help="what fits in about 4 minutes of GPU time (see above)")
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar100.npz")
     ap.add_argument("--out", type=Path, default=None, help="also append the JSON lines to this file")
@@ -245,8 +281,12 @@ def main(argv=None) -> int:
     if args.smoke:
         torch.set_num_threads(1)
     sz = sizes(args.smoke)
+    if args.quick:
+        sz.update(reps=10, fit_steps=50)
     rep = Report(args.out)
     modes = ("eager", "compiled", "reduce-overhead") if not args.smoke else ("eager", "reduce-overhead")
+    if args.quick:
+        modes = ("eager",) if args.smoke else ("eager", "compiled")
     rep.section("versions", lambda: versions(rep, device))
     rep.section("matmul_peak", lambda: matmul_peak(rep, device, args.smoke))
     if args.smoke:
@@ -267,9 +307,14 @@ def main(argv=None) -> int:
         original(what, **fields)
 
     rep.line = keep
-    steps(rep, device, sz, "step", ("vanilla", "kd", "sokd"), sz["teacher"], sz["student"], sz["batch"],
-          sz["shape"], sz["classes"], modes)
+    steps(rep, device, sz, "step", ("kd", "sokd") if args.quick else ("vanilla", "kd", "sokd"), sz["teacher"],
+          sz["student"], sz["batch"], sz["shape"], sz["classes"], modes)
     rep.section("fit", lambda: fit(rep, device, sz, args.data, args.smoke, lines_before[0] if lines_before else None))
+    if not args.smoke:
+        rep.section("peers", lambda: peers(rep, device, 3))
+    if args.quick:
+        rep.line("done", failed_sections=rep.failed)
+        return 1 if rep.failed else 0
     t, s, b, shape, classes = sz["imagenet"]
     steps(rep, device, sz, "imagenet_step", ("kd", "sokd"), t, s, b, shape, classes,
           ("eager",) if args.smoke else ("eager", "compiled"))

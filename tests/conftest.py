@@ -37,7 +37,7 @@ def tiny_config(tmp_path: Path, method: str = "vanilla", **sections) -> dict:
                  "synthetic_classes": 4, "batch_size": 32, "eval_batch_size": 64},
         "optim": {"lr": 0.05},
         "schedule": {"name": "multistep", "milestones": [2]},
-        "train": {"epochs": 2, "seed": 0},
+        "train": {"epochs": 2, "seed": 0, "precision": "fp32"},  # numerics independent of the CPU
         "output": {"dir": str(tmp_path / "runs" / method), "tensorboard": False, "progress": False},
     }
     networks = {  # every network section a method may take, at toy size

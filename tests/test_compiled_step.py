@@ -45,25 +45,28 @@ def _kd(tmp_path, teacher_file, **train):
 
 def test_bad_compile_values_are_one_line_and_exit_2(tmp_path, capsys):
     path = write_config(tmp_path, tiny_config(tmp_path))
-    for value, expected in (("fast", "use false, true, max-autotune or reduce-overhead (got 'fast')"),
+    for value, expected in (("fast", "use auto, false, true, max-autotune or reduce-overhead (got 'fast')"),
                             ("1", "(got 1)")):
         assert cli.main(["train", str(path), f"train.compile={value}"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "train.compile" in err and expected in err, err
     assert not (tmp_path / "runs").exists()
-    for value in (False, True, "max-autotune", "reduce-overhead"):
+    for value in (False, True, "auto", "max-autotune", "reduce-overhead"):
         assert config.build(tiny_config(tmp_path, train={"compile": value})).train.compile == value
     with pytest.raises(SokdError, match="train.compile"):
         config.build(tiny_config(tmp_path, train={"compile": None}))
 
 
 def _graphs_per_epoch(tmp_path, teacher_file, monkeypatch) -> list[int]:
-    """Graphs dynamo compiled during each epoch of a compiled kd fit."""
+    """Graphs dynamo compiled during each epoch of a compiled kd fit, after those compiled before
+    the first epoch (the frozen teacher's inference graph, compiled by epoch 0's evaluation)."""
     per_epoch = []
     run_epoch = loop_mod._run_epoch
 
     def watched(*a, **k):
         before = _graphs()
+        if not per_epoch:
+            per_epoch.append(before)
         out = run_epoch(*a, **k)
         per_epoch.append(_graphs() - before)
         return out
@@ -75,9 +78,10 @@ def _graphs_per_epoch(tmp_path, teacher_file, monkeypatch) -> list[int]:
 def test_a_compiled_fit_compiles_in_its_first_steps_only(tmp_path, teacher_file, one_thread, monkeypatch,
                                                          fresh_dynamo):
     monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
-    per_epoch = _graphs_per_epoch(tmp_path, teacher_file, monkeypatch)
+    before, *per_epoch = _graphs_per_epoch(tmp_path, teacher_file, monkeypatch)
+    assert before == 1   # the frozen teacher's forward, compiled on its own for evaluation
     assert per_epoch[0] >= 1 and per_epoch[1:] == [0, 0], per_epoch   # 8 steps an epoch, 3 epochs
-    assert counters["stats"]["unique_graphs"] == per_epoch[0]
+    assert counters["stats"]["unique_graphs"] == before + per_epoch[0]
     assert not counters["recompiles"], dict(counters["recompiles"])
 
 
@@ -114,6 +118,6 @@ def test_an_inductor_compiled_run_resumes_bit_identically(tmp_path, teacher_file
 @pytest.mark.slow
 def test_an_inductor_compiled_fit_compiles_in_its_first_steps_only(tmp_path, teacher_file, one_thread,
                                                                    monkeypatch, fresh_dynamo):
-    per_epoch = _graphs_per_epoch(tmp_path, teacher_file, monkeypatch)
-    assert per_epoch[0] >= 1 and per_epoch[1:] == [0, 0], per_epoch
+    before, *per_epoch = _graphs_per_epoch(tmp_path, teacher_file, monkeypatch)
+    assert before == 1 and per_epoch[0] >= 1 and per_epoch[1:] == [0, 0], (before, per_epoch)
     assert not counters["recompiles"], dict(counters["recompiles"])

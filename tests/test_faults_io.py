@@ -196,7 +196,8 @@ def test_eval_and_export_refuse_non_finite_weights(tmp_path, nan_model, teacher_
     # a run checkpoint with one infinite value: its name includes the role
     run = torch.load(teacher_file.parent / "last.pt", weights_only=True)
     name = next(k for k in run["method"] if k.endswith("weight"))
-    run["method"][name].view(-1)[0] = float("inf")
+    tensor = run["method"][name]
+    tensor[(0,) * tensor.dim()] = float("inf")
     torch.save(run, tmp_path / "last.pt")
     line = refused_in_process(capsys, "eval", tmp_path / "last.pt")
     assert f"(1 tensor, e.g. {name})" in line

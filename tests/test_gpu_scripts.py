@@ -38,6 +38,18 @@ def test_gpu_check_smoke_prints_every_section_as_json(tmp_path):
     assert fit["steps"] == 4 and fit["ms_per_step"] > 0 and fit["checkpoint_s"] > 0
     assert {l["variant"] for l in by["imagenet_step"] if l["ms_per_step"] > 0} == {"kd", "sokd"}
     assert by["done"] == [{"what": "done", "failed_sections": 0}]
+    # the fit runs every speed setting at its default and says what `auto` chose
+    assert set(fit["defaults"]) == {"precision", "channels_last", "compiled"} and fit["defaults"]["channels_last"]
+
+
+def test_gpu_check_quick_keeps_to_its_short_list(tmp_path):
+    proc = script("gpu_check.py", "--smoke", "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    whats = [l["what"] for l in lines]
+    assert "imagenet_step" not in whats and whats[-1] == "done" and "fit" in whats
+    assert {(l["variant"], l["mode"]) for l in lines if l["what"] == "step" and "variant" in l} == \
+        {("kd", "eager"), ("sokd", "eager")}
 
 
 def test_paper_gpu_smoke_runs_resumes_and_skips_and_prints_the_same_table(tmp_path):

@@ -203,7 +203,7 @@ def bad_inputs(tmp_path_factory, teacher_file):
         ("unknown config key", ["vanilla", "train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'epochs'?)"),
         ("wrong value type", ["vanilla", "train.epochs=many"], "bad value for 'train.epochs'"),
         ("unknown compile mode", ["vanilla", "train.compile=fast"],
-         "bad value for 'train.compile': use false, true, max-autotune or reduce-overhead (got 'fast')"),
+         "bad value for 'train.compile': use auto, false, true, max-autotune or reduce-overhead (got 'fast')"),
         ("zero sync_every", ["vanilla", "train.sync_every=0"], "bad value for 'train.sync_every'"),
         ("unknown model", ["vanilla", "model.arch=resnet9"], "unknown model 'resnet9'"),
         ("unknown method", ["vanilla", "method.name=sokdd"], "unknown method 'sokdd'"),

@@ -8,10 +8,13 @@ whose stage output feeds the KBM), so our speed-up is a ratio measured in the sa
 With `compile`, each variant is also timed with its forward compiled as `train.compile` compiles
 it (`engine.compiled.compile_step`); its compile time is the first compiled step's wall time less
 one compiled step, and the gain is compiled over eager images/s, both measured in the same run.
+Frozen networks are prepared as `sokd train` prepares them (`engine.frozen`: BatchNorm folded,
+weights cast once; compiled as frozen inference graphs in the compiled variants).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import statistics
 import sys
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import methods, models
+from .engine import frozen
 from .engine.compiled import check_setting, compile_step
 from .engine.precision import autocast
 from .errors import SokdError
@@ -378,11 +382,16 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
             xs = x.contiguous(memory_format=layout)
             method.train()
             label = name if (prec, cl) == (precision, channels_last) else f"{name} ({prec})"
+            twin = copy.deepcopy(method) if compile else None   # the compiled variant's own networks
+            # frozen networks run as `sokd train` runs them (engine.frozen)
+            frozen.prepare(method, xs[:8], prec)
             eager = make_train_step(method, opt, xs, y, dev, prec)
             prepare(label, eager, prec, cl)
             if compile:
-                forward = compile_step(method, compile, dev, log)
-                prepare(f"{label} compiled", make_train_step(method, opt, xs, y, dev, prec, forward), prec, cl,
+                twin_opt = torch.optim.SGD(twin.param_groups(lr=0.01), momentum=0.9, weight_decay=5e-4)
+                frozen.prepare(twin, xs[:8], prec, compile=compile)
+                forward = compile_step(twin, compile, dev, log)
+                prepare(f"{label} compiled", make_train_step(twin, twin_opt, xs, y, dev, prec, forward), prec, cl,
                         flops_step=eager, compiled=True)
         if plain:
             teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0]).to(dev)

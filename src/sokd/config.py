@@ -106,11 +106,17 @@ class TrainSpec(Strict):
     seed: int = Field(0, ge=-MAX_SEED, le=MAX_SEED)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
-        "fp32", description="auto: bf16 where the hardware computes it natively, else fp32")
-    channels_last: bool = False
-    compile: Literal[False, True, "max-autotune", "reduce-overhead"] = Field(
-        False, description="torch.compile the method's forward and losses (engine/compiled.py): "
-                           "false | true | max-autotune | reduce-overhead")
+        "auto", description="auto: bf16 where the hardware computes it natively, else fp32 (engine/settings.py)")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="NHWC activations and weights; auto: on (faster convolutions; engine/settings.py)")
+    compile: Literal[False, True, "auto", "max-autotune", "reduce-overhead"] = Field(
+        "auto", description="torch.compile the method's forward and losses (engine/compiled.py): "
+                            "false | true | max-autotune | reduce-overhead | auto (on for runs long enough "
+                            "to repay compiling: engine/settings.py)")
+    frozen_inference: bool = Field(
+        True, description="run frozen networks as inference networks: BatchNorm folded into the convolution "
+                          "before it where they never use batch statistics, weights cast once to the step's "
+                          "precision (engine/frozen.py); false runs them as plain modules")
     sync_every: int | None = Field(
         None, ge=1, le=1_000_000, description="steps between host reads of the loss health, statistics and stop "
                                 "flag (default per device: SYNC_EVERY in engine/stepstats.py)")
@@ -135,9 +141,9 @@ class TrainSpec(Strict):
     @field_validator("compile", mode="before")
     @classmethod
     def _compile_mode(cls, value: Any) -> Any:
-        if isinstance(value, bool) or value in ("max-autotune", "reduce-overhead"):
+        if isinstance(value, bool) or value in ("auto", "max-autotune", "reduce-overhead"):
             return value
-        raise invalid(f"bad value for 'train.compile': use false, true, max-autotune or reduce-overhead "
+        raise invalid(f"bad value for 'train.compile': use auto, false, true, max-autotune or reduce-overhead "
                       f"(got {value!r})")
 
 

@@ -134,6 +134,7 @@ class Checkpointer:
                 method=self.method, epoch=epoch, step=step, data=self.data, config=run.cfg.to_dict(),
                 optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                 scaler=self.scaler.state_dict(), wall_time_s=self.elapsed(), rng=rng_state(run.device),
+                settings=run.settings.record(),
                 history=self.history, accum=accum.state() if accum else None)
             atomic_save(state, run.run_dir / artifacts.LAST)
             self.run_dir.commit()

@@ -1,19 +1,60 @@
 """Test-set evaluation of every role a method reports, plus agreement/KL between role pairs."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
 from .precision import autocast
 
 
+class FrozenLogits:
+    """The evaluation logits of roles that never change (`Method.inference_roles`: frozen, on
+    running statistics), kept batch by batch from the first evaluation of a split, so later
+    evaluations run only the networks that learn. The evaluation data come in the same order
+    every time (no shuffling, no augmentation); a batch whose size differs from the kept one is
+    computed again. Nothing is kept past `limit` elements (a large test set on a small device
+    is evaluated in full each time instead)."""
+
+    def __init__(self, roles, limit: int = 2 ** 26):
+        self.roles, self.limit = tuple(roles), limit
+        self.batches: list[dict[str, torch.Tensor]] = []
+        self.size = 0
+        self.full = False
+
+    def known(self, index: int, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if index >= len(self.batches):
+            return None
+        kept = self.batches[index]
+        return kept if all(t.shape[0] == images.shape[0] for t in kept.values()) else None
+
+    def keep(self, index: int, logits: dict[str, torch.Tensor]) -> None:
+        if self.full or index != len(self.batches):
+            return
+        kept = {r: logits[r].detach() for r in self.roles if r in logits}
+        self.size += sum(t.numel() for t in kept.values())
+        if self.size > self.limit:
+            self.full, self.batches = True, []
+            return
+        self.batches.append(kept)
+
+
+def _accepts_known(method) -> bool:
+    try:
+        return "known" in inspect.signature(method.predict).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
-def evaluate(method, source, device, precision: str = "fp32", reduce=None) -> dict:
+def evaluate(method, source, device, precision: str = "fp32", reduce=None, cache: FrozenLogits | None = None) -> dict:
     """{"roles": {role: {top1, top5}}, "compare": {"a->b": {agreement, kl}}, "n": samples}.
 
     Accuracies in percent. KL(a || b) at T=1, mean over samples. `reduce(tensor)` sums counts across
-    processes (distributed evaluation over disjoint shards).
+    processes (distributed evaluation over disjoint shards). `cache`: the split's FrozenLogits.
     """
+    cache = cache if cache is not None and cache.roles and _accepts_known(method) else None
     was_training = method.training
     method.eval()
     sums: dict[str, torch.Tensor] = {}
@@ -23,9 +64,12 @@ def evaluate(method, source, device, precision: str = "fp32", reduce=None) -> di
         sums[key] = sums.get(key, 0) + value.double()
 
     try:
-        for images, labels in source:
+        for index, (images, labels) in enumerate(source):
+            known = cache.known(index, images) if cache is not None else None
             with autocast(device, precision):
-                logits = method.predict(images)
+                logits = method.predict(images, known=known) if known else method.predict(images)
+            if cache is not None and known is None:
+                cache.keep(index, logits)
             n += labels.numel()
             for role, z in logits.items():
                 z = z.float()

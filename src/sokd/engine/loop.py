@@ -18,13 +18,14 @@ from ..errors import SokdError
 from ..files import load_state_strict
 from . import rundir, tracking
 from .checkpointing import Checkpointer, NonFiniteState, Resumed, recovery, saved_at
+from . import frozen, settings as speed
 from .compiled import check_setting, compile_step
 from .ddp import sync_buffers
 from .distributed import DistContext
-from .evaluate import evaluate
+from .evaluate import FrozenLogits, evaluate
 from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler
-from .precision import autocast, configure_cuda, emulation_note, grad_scaler, resolve_device, resolve_precision
+from .precision import autocast, configure_cuda, emulation_note, grad_scaler, resolve_device
 from .progress import epoch_progress
 from .selection import best_epoch, best_row, selected, selection_split
 from .signals import ForcedStop, Interrupted, Stopped, StopRequest
@@ -58,35 +59,48 @@ class RunContext:
     run_dir: Path
     dist: DistContext
     device: torch.device
-    precision: str                   # train.precision with `auto` resolved for the device
+    settings: speed.Settings          # precision, channels_last and compile with `auto` resolved
     sync_every: int                  # steps between host reads of the step statistics
 
+    @property
+    def precision(self) -> str:
+        return self.settings.precision
+
     @classmethod
-    def resolve(cls, ctx: FitContext) -> "RunContext":
+    def resolve(cls, ctx: FitContext, steps: int, recorded: dict | None = None) -> "RunContext":
+        """Settings for a run of `steps` optimizer steps; `recorded`: a resumed run's settings."""
         tr, dist = ctx.cfg.train, ctx.dist
         device = ctx.device or (dist.device if dist.enabled else resolve_device(tr.device))
-        return cls(ctx.cfg, Path(ctx.run_dir), dist, device, resolve_precision(tr.precision, device),
+        return cls(ctx.cfg, Path(ctx.run_dir), dist, device, speed.resolve(tr, device, steps, recorded),
                    tr.sync_every or default_sync_every(device))
+
+
+def steps_per_epoch(train_spec, data) -> int:
+    return len(data.train) if train_spec.steps_per_epoch is None else min(len(data.train), train_spec.steps_per_epoch)
+
+
+def _apply_layout(method, data, run: RunContext) -> None:
+    method.to(device=run.device, memory_format=run.settings.memory_format)
+    for source in (data.train, data.test, data.val):
+        if source is not None:
+            source.channels_last = run.settings.channels_last
 
 
 def fit(method, data, ctx: FitContext) -> dict:
     """Train `method` on `data` per the config; returns the summary dict (also summary.json)."""
-    run = RunContext.resolve(ctx)
+    steps = ctx.cfg.train.epochs * steps_per_epoch(ctx.cfg.train, data)
+    run = RunContext.resolve(ctx, steps)
     cfg, dist, device, tr = run.cfg, run.dist, run.device, run.cfg.train
     if tr.threads:
         torch.set_num_threads(tr.threads)
-    memory_format = torch.channels_last if tr.channels_last else torch.contiguous_format
-    method.to(device=device, memory_format=memory_format)
-    for source in (data.train, data.test, data.val):
-        if source is not None:
-            source.channels_last = tr.channels_last
+    _apply_layout(method, data, run)
     data.train.with_index = method.needs_index  # training batches then carry each sample's index
 
     note = emulation_note(tr.precision, device)
     if note:
         dist.print(note)
     # everything that can be checked is checked before the run directory is touched
-    check_setting(tr.compile, device)
+    check_setting(run.settings.compile, device)
     configure_cuda(device, tr.tf32, tr.cudnn_benchmark)
     method.param_groups(cfg.optim.lr, cfg.optim.lr_per_role)
     _check_forward(method, data, device, run.precision)
@@ -103,6 +117,9 @@ def fit(method, data, ctx: FitContext) -> dict:
         ckpt = dist.broadcast_object(ckpt)
         if ckpt is not None:
             check_same_data(ckpt, data, run.run_dir, cfg.output.allow_data_change)
+            if ckpt.get("settings"):   # `auto` resolves as it did when the run began
+                run = RunContext.resolve(ctx, steps, ckpt["settings"])
+                _apply_layout(method, data, run)
         with StopRequest() as stop:
             try:
                 summary = _fit(method, data, run, ckpt, run_dir, stop, trackers)
@@ -157,6 +174,24 @@ def _fit(method, data, run: RunContext, ckpt, run_dir, stop, trackers) -> dict:
         load_state_strict(method, ckpt["method"], f"'{run.run_dir / artifacts.LAST}' (for "
                           f"{ckpt['data'].get('train_size')} training images; the data now have {data.train_size})")
     step_module = dist.wrap(method, sync_bn=cfg.distributed.sync_bn, static_graph=cfg.distributed.static_graph)
+    # after the wrap: the inference copies are buffers DDP need not know
+    inference = frozen.prepare(method, _probe_batch(data, run.device), run.precision, tr.frozen_inference,
+                               compile=run.settings.compile)
+    try:
+        return _fit_prepared(method, data, run, ckpt, run_dir, stop, trackers, step_module, inference)
+    finally:
+        inference.release()
+
+
+def _probe_batch(data, device) -> torch.Tensor:
+    """A few test images, as the step will see them (device, layout), to find and check folds."""
+    images, _ = next(iter(data.test))
+    return images[:8].to(device)
+
+
+def _fit_prepared(method, data, run: RunContext, ckpt, run_dir, stop, trackers, step_module, inference) -> dict:
+    cfg, dist, tr = run.cfg, run.dist, run.cfg.train
+    dist.print(run.settings.line(run.device, tuple(inference.notes)))
     optimizer = build_optimizer(method, cfg.optim, run.device)
     scheduler = build_scheduler(optimizer, cfg.schedule, tr.epochs)
     scaler = grad_scaler(run.device, run.precision)
@@ -172,12 +207,16 @@ def _fit(method, data, run: RunContext, ckpt, run_dir, stop, trackers) -> dict:
     start = resumed or Resumed()
 
     logger = RunLogger(run.run_dir, trackers, cfg.to_dict(), history if ckpt else None) if dist.is_main else None
-    step_module = compile_step(step_module, tr.compile, run.device, dist.print)
+    step_module = compile_step(step_module, run.settings.compile, run.device, dist.print)
+
+    kept = {split: FrozenLogits(method.inference_roles) for split in ("test", "val")}
 
     def scores() -> dict:
         """Test accuracy of every role and the role comparisons, plus the validation split's."""
-        result = evaluate(method, data.test, run.device, run.precision, reduce=dist.all_reduce_sum)
-        val = ({"val": evaluate(method, data.val, run.device, run.precision, reduce=dist.all_reduce_sum)["roles"]}
+        result = evaluate(method, data.test, run.device, run.precision, reduce=dist.all_reduce_sum,
+                          cache=kept["test"])
+        val = ({"val": evaluate(method, data.val, run.device, run.precision, reduce=dist.all_reduce_sum,
+                                cache=kept["val"])["roles"]}
                if getattr(data, "val", None) is not None else {})
         return {"test": result["roles"], **val, "compare": result["compare"]}
 
@@ -199,7 +238,7 @@ def _fit(method, data, run: RunContext, ckpt, run_dir, stop, trackers) -> dict:
         accum = EpochAccumulator(**accum_at, step=step_at) if keep else EpochAccumulator(step=step_at)
         step = step_at
         step_at, accum_at = 0, None
-        total = len(data.train) if tr.steps_per_epoch is None else min(len(data.train), tr.steps_per_epoch)
+        total = steps_per_epoch(tr, data)
         bar = epoch_progress(total, step, f"epoch {epoch + 1}/{tr.epochs}", cfg.output.progress and dist.is_main)
         method.train()
         try:
@@ -324,7 +363,8 @@ def _summary(run: RunContext, method, data, history: list[dict]) -> dict:
     return {
         "method": cfg.method.name, "name": cfg.name, "dataset": data.name,
         "epochs": history[-1]["epoch"] if history else 0, "seed": cfg.train.seed,
-        "precision": run.precision, "channels_last": cfg.train.channels_last,
+        "precision": run.precision, "channels_last": run.settings.channels_last,
+        "compiled": bool(run.settings.compile),
         "device": str(run.device), "world_size": run.dist.world_size,
         "wall_time_s": history[-1].get("wall_time_s", 0.0) if history else 0.0,
         "train_images_per_s": samples / seconds if seconds else None,

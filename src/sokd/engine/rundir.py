@@ -271,7 +271,11 @@ class RunDirectory:
             old = with_added_defaults(old, cfg, self.default_of)
             if _strip(old) != _strip(cfg):
                 diff = _first_difference(_strip(old), _strip(cfg))
-                raise SokdError(f"cannot resume '{path}': config differs at '{diff}'; only "
+                then, now = _value_at(old, diff), _value_at(cfg, diff)
+                was = (f" ({diff}={yaml.safe_dump(then, default_flow_style=True).strip().removesuffix('...').strip()}"
+                       f" when the run began, {yaml.safe_dump(now, default_flow_style=True).strip().removesuffix('...').strip()}"
+                       f" now)") if not isinstance(then, dict) and not isinstance(now, dict) else ""
+                raise SokdError(f"cannot resume '{path}': config differs at '{diff}'{was}; only "
                                 f"{', '.join(RESUMABLE_CHANGES)} may change (or use output.overwrite=true)")
             return ckpt
         if _holds_run(path) and not overwrite:
@@ -446,6 +450,12 @@ def with_added_defaults(old: dict, new: dict, default_of, path: tuple = ()) -> d
         elif isinstance(value, dict) and isinstance(old[key], dict):
             filled[key] = with_added_defaults(old[key], value, default_of, here)
     return filled
+
+
+def _value_at(tree, dotted: str):
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
 
 
 def _first_difference(a, b, prefix="") -> str:

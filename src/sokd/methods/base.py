@@ -287,14 +287,25 @@ class Method(nn.Module):
 
     frozen_bn_train: bool = False
 
+    @property
+    def inference_roles(self) -> tuple[str, ...]:
+        """Frozen roles that run in inference mode in every call, training and evaluation alike
+        (BatchNorm on running statistics): the engine may run them as inference networks, with
+        BatchNorm folded into the convolutions (`engine.frozen`). A method whose frozen networks
+        use batch statistics while it trains (`frozen_bn_train`) has none."""
+        return () if self.frozen_bn_train else tuple(r for r in self.frozen if r in self.nets)
+
     def combine(self, terms: dict[str, torch.Tensor], logits: dict[str, torch.Tensor]) -> dict:
         loss = sum(self.weight(k) * v for k, v in terms.items())
         return {"loss": loss, "terms": terms, "logits": logits}
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Test-time logits of every role worth reporting (the engine puts us in eval mode)."""
-        return {role: net(images) for role, net in self.nets.items()}
+    def predict(self, images: torch.Tensor, known: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Test-time logits of every role worth reporting (the engine puts us in eval mode).
+        `known`: logits of roles the engine kept from an earlier evaluation of the same images
+        (roles that never change); they are returned as given instead of computed again."""
+        known = known or {}
+        return {role: known[role] if role in known else net(images) for role, net in self.nets.items()}
 
     def standalone(self) -> dict[str, tuple[str, nn.Module]]:
         """Classifiers worth saving on their own: name -> (role whose architecture it has, module)."""

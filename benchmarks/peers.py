@@ -230,13 +230,23 @@ def main(argv=None) -> int:
             print(f"{name}: first step (compiling) {time.perf_counter() - t0:.0f} s", flush=True)
             variants.append((lib, name, step))
 
-    rates = bench.time_interleaved([v[2] for v in variants], args.batch, dev, args.warmup, args.rounds, 1)
-    rows = [{"library": lib, "variant": name, "images_per_s": r, "ms": 1000.0 * args.batch / r}
-            for (lib, name, _), r in zip(variants, rates)]
+    flops = [bench.count_flops(step) for _, _, step in variants]
+    # the bf16 and fp32 matmul ceilings join the rounds, so their drift is the steps' drift
+    peaks = {p: bench.matmul_step(dev, p) for p in dict.fromkeys(prec for _, prec, _ in settings(dev))}
+    rates = bench.time_interleaved([v[2] for v in variants] + [step for step, _ in peaks.values()], 1, dev,
+                                   args.warmup, args.rounds, 1)
+    peak = {p: flop * rate / 1e9 for (p, (_, flop)), rate in zip(peaks.items(), rates[len(variants):])}
+    rows = []
+    for (lib, name, _), rate, flop in zip(variants, rates, flops):
+        prec = "bf16" if "bf16" in name else "fp32"
+        rows.append({"library": lib, "variant": name, "images_per_s": rate * args.batch, "ms": 1000.0 / rate,
+                     "gflop": flop / 1e9, "gflop_per_s": flop * rate / 1e9,
+                     "peak_fraction": flop * rate / 1e9 / peak[prec]})
     print(f"\n{t_arch} -> {s_arch}, batch {args.batch}, {shape[1]} px, {dev}, {torch.get_num_threads()} threads; "
-          f"median of {args.rounds} rounds")
+          f"median of {args.rounds} rounds; matmul peak " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peak.items()))
     for r in rows:
-        print(f"  {r['variant']:<36} {r['ms']:8.1f} ms/step  {r['images_per_s']:8.1f} img/s")
+        print(f"  {r['variant']:<36} {r['ms']:8.1f} ms/step  {r['images_per_s']:8.1f} img/s  {r['gflop']:6.1f} GFLOP  "
+              f"{100 * r['peak_fraction']:4.0f}% of matmul peak")
 
     def best(prefix_lib, exclude=()):
         cands = [r for r in rows if r["library"] == prefix_lib[0] and r["variant"].startswith(prefix_lib[1])
@@ -262,6 +272,7 @@ def main(argv=None) -> int:
     result = {"pair": [t_arch, s_arch], "shape": list(shape), "batch": args.batch, "device": str(dev),
               "threads": torch.get_num_threads(), "rounds": args.rounds, "machine": machine(),
               "torch": torch.__version__, "versions": versions(), "step0_losses": losses, "rows": rows,
+              "matmul_peak_gflops": peak,
               "ratios": ratios}
     if args.json:
         with open(args.json, "w") as f:

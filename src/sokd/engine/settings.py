@@ -12,8 +12,9 @@ The rules and the measurements behind them (docs/training-step.md, "Defaults"):
 - precision: bf16 where the device computes it natively (Ampere+ GPUs, CPUs with AMX or
   AVX-512 BF16), else fp32; a CPU that emulates bf16 runs a WRN step about 10x slower in it.
 - channels_last: on. Convolutions in NHWC are faster on GPUs' tensor cores and on oneDNN CPUs
-  (2-core EPYC, fp32, batch 128: wrn_40_1 step 1.4x, wrn_40_2 teacher forward 1.4x, resnet20
-  1.08x; resnet8x4 0.96x and wrn_16_1 0.97x are the worst cases seen).
+  (2-core AVX-512 BF16 EPYC, a vanilla step at batch 128 timed in rounds,
+  `benchmarks/layout_precision.py`: 1.35-1.87x fp32 NCHW for resnet20, resnet8x4, wrn_16_1 and
+  wrn_40_1; bf16 channels_last 1.36-2.40x fp32 channels_last on the same networks).
 - compile: on when the run is long enough to repay compiling its step (`COMPILE_AFTER_STEPS`
   per device kind: compiling a CIFAR step costs about 1 minute on a GPU and 3-5 minutes on a
   2-core CPU, and saves 10-40% of every step after), and the device can compile (a C++ compiler

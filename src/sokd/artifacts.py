@@ -345,3 +345,14 @@ def refuse_export(path: str | os.PathLike, command: str) -> None:
              f"; sokd {command} reads run checkpoints (last.pt / best.pt) and model files (student.pt, ...)")
     raise SokdError(f"'{path}' is {describe_export(fmt, meta)}, not a checkpoint sokd {command} "
                     f"reads; {_how_to_run(Path(path), fmt, meta)}{retry}")
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a result depends on (a comparison pairs only runs that share them)."""
+    import importlib.metadata
+    import torch
+    try:
+        ours = importlib.metadata.version("sokd")
+    except importlib.metadata.PackageNotFoundError:
+        ours = "unknown"
+    return {"sokd": ours, "torch": torch.__version__}

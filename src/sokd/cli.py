@@ -13,7 +13,7 @@ import traceback
 
 from .errors import SokdError
 
-COMMANDS = ("train", "eval", "models", "demo", "bench", "report", "export")
+COMMANDS = ("train", "eval", "models", "demo", "bench", "report", "compare", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

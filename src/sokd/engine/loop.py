@@ -362,6 +362,7 @@ def _summary(run: RunContext, method, data, history: list[dict]) -> dict:
         nets[role].update(selected(history, role))
     return {
         "method": cfg.method.name, "name": cfg.name, "dataset": data.name,
+        "data_fingerprint": getattr(data, "fingerprint", None), "versions": artifacts.software_versions(),
         "epochs": history[-1]["epoch"] if history else 0, "seed": cfg.train.seed,
         "precision": run.precision, "channels_last": run.settings.channels_last,
         "compiled": bool(run.settings.compile),

@@ -1,0 +1,228 @@
+"""Running a grid: workers claim runs with lock files, so any number of them — threads of one
+`sokd compare --workers N`, or `sokd compare --worker` processes on machines sharing the folder
+(NFS), e.g. a SLURM job array — run every run exactly once.
+
+This coordinates independent runs; one run spread over several machines is torchrun's job.
+
+A claim is a file `<out>/.claims/<run>.claim` created exclusively (O_EXCL), holding the host,
+the worker's pid and its training process's pid. The holder touches it every HEARTBEAT_S seconds
+while the run trains. A claim is stale when its host is this one and neither pid is alive, or
+when its host is another and it has not been touched for STALE_S seconds; a stale claim is taken
+over, and the run resumes from its last.pt. A finished run (summary.json) is never run again. A
+failed run leaves `<run>.failed` with its last error line; the next `sokd compare` retries it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from ..files import atomic_write_text, pid_alive
+from .spec import Grid
+
+HEARTBEAT_S = 30.0
+STALE_S = 300.0
+POLL_S = 5.0
+
+
+class Claims:
+    def __init__(self, out: Path):
+        self.dir = out / ".claims"
+        self.host = socket.gethostname()
+
+    def path(self, run: str) -> Path:
+        return self.dir / f"{run}.claim"
+
+    def holder(self, run: str) -> dict | None:
+        """The live claim on `run`, or None (no claim, or a stale one)."""
+        path = self.path(run)
+        try:
+            info = json.loads(path.read_text())
+            age = time.time() - path.stat().st_mtime
+        except (OSError, ValueError):
+            return None
+        if info.get("host") == self.host:
+            alive = any(pid_alive(p) for p in (info.get("pid"), info.get("child")) if isinstance(p, int))
+            return info if alive else None
+        return info if age < STALE_S else None
+
+    def take(self, run: str, worker: str) -> bool:
+        """Claim `run` for this worker; False when another live worker holds it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.path(run)
+        if path.exists() and self.holder(run) is None:
+            stale = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.stale")
+            try:
+                os.replace(path, stale)   # one taker wins the stale claim
+                stale.unlink()
+            except OSError:
+                pass
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": self.host, "pid": os.getpid(), "worker": worker, "since": time.time()}, f)
+        return True
+
+    def note_child(self, run: str, worker: str, child: int) -> None:
+        atomic_write_text(self.path(run), json.dumps({"host": self.host, "pid": os.getpid(), "worker": worker,
+                                                      "child": child, "since": time.time()}))
+
+    def touch(self, run: str) -> None:
+        try:
+            os.utime(self.path(run))
+        except OSError:
+            pass
+
+    def release(self, run: str) -> None:
+        self.path(run).unlink(missing_ok=True)
+
+
+def run_name(name: str, seed: int) -> str:
+    return f"{name}-s{seed}"
+
+
+def finished(grid: Grid, name: str, seed: int) -> bool:
+    return (grid.run_dir(name, seed) / "summary.json").is_file()
+
+
+def failed_note(grid: Grid, name: str, seed: int) -> Path:
+    return grid.out / ".claims" / f"{run_name(name, seed)}.failed"
+
+
+class Worker:
+    """Takes runnable runs of `grid` one at a time until none is left for it."""
+
+    def __init__(self, grid: Grid, label: str, threads: int | None, log=print, stop: threading.Event | None = None):
+        self.grid, self.label, self.threads, self.log = grid, label, threads, log
+        self.claims = Claims(grid.out)
+        self.stop = stop or threading.Event()
+        self.failures: list[str] = []
+
+    def pick(self, tried: set) -> tuple[str, int] | None | bool:
+        """A run to do now; None when everything left is held or waits on a held teacher (worth
+        waiting for); False when nothing is left for this worker."""
+        waiting = False
+        for name, seed in self.grid.runs():
+            run = run_name(name, seed)
+            if finished(self.grid, name, seed) or run in tried:
+                continue
+            dep = self.grid.depends_on(name, seed)
+            if dep and not finished(self.grid, *dep):
+                if run_name(*dep) in tried:   # its teacher failed in this invocation
+                    continue
+                waiting = True
+                continue
+            if self.claims.holder(run) is not None:
+                waiting = True
+                continue
+            if self.claims.take(run, self.label):
+                return name, seed
+            waiting = True
+        return None if waiting else False
+
+    def work(self) -> None:
+        tried: set = set()
+        while not self.stop.is_set():
+            pick = self.pick(tried)
+            if pick is False:
+                return
+            if pick is None:
+                if self._all_left_held_by_others(tried):
+                    return
+                self.stop.wait(POLL_S)
+                continue
+            name, seed = pick
+            tried.add(run_name(name, seed))
+            self.run(name, seed)
+
+    def _all_left_held_by_others(self, tried: set) -> bool:
+        """True when every unfinished run this worker has not tried is held by another live
+        worker (nothing here will become runnable for us): a cluster worker then ends."""
+        for name, seed in self.grid.runs():
+            run = run_name(name, seed)
+            if finished(self.grid, name, seed) or run in tried:
+                continue
+            holder = self.claims.holder(run)
+            if holder is None or holder.get("worker") == self.label:
+                dep = self.grid.depends_on(name, seed)
+                if dep and not finished(self.grid, *dep) and run_name(*dep) in tried:
+                    continue
+                return False
+        return True
+
+    def run(self, name: str, seed: int) -> None:
+        run = run_name(name, seed)
+        grid = self.grid
+        try:
+            tree = grid.config(name, seed)
+            if self.threads:
+                tree["train"]["threads"] = self.threads
+            cfg_path = grid.out / ".configs" / f"{run}.yaml"
+            cfg_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cfg_path, yaml.safe_dump(tree, sort_keys=False))
+            failed_note(grid, name, seed).unlink(missing_ok=True)
+            from .results import record_start
+            record_start(grid, name, seed, tree)
+            verb = "resume" if tree["output"]["resume"] else "run"
+            self.log(f"{verb:<7}{run} ({self.label})")
+            t0 = time.time()
+            log_path = grid.out / ".logs" / f"{run}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as log:
+                child = subprocess.Popen([sys.executable, "-m", "sokd", "train", str(cfg_path)], stdout=log,
+                                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                self.claims.note_child(run, self.label, child.pid)
+                while True:
+                    try:
+                        code = child.wait(timeout=HEARTBEAT_S)
+                        break
+                    except subprocess.TimeoutExpired:
+                        self.claims.touch(run)
+                        if self.stop.is_set():
+                            child.terminate()   # sokd train saves a resumable last.pt and exits
+            if code == 0 and finished(grid, name, seed):
+                self.log(f"done   {run} in {time.time() - t0:.0f} s")
+            else:
+                last = _last_line(log_path)
+                atomic_write_text(failed_note(grid, name, seed), last + "\n")
+                self.failures.append(f"{run}: {last}")
+                self.log(f"FAILED {run} (exit {code}): {last}; its log: {log_path}")
+        finally:
+            self.claims.release(run)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1][:300] if lines else "no output"
+
+
+def run_workers(grid: Grid, count: int, threads: int | None, log=print) -> list[str]:
+    """Run the grid with `count` workers in this process (threads); returns the failures."""
+    label = f"{socket.gethostname()}:{os.getpid()}"
+    stop = threading.Event()
+    workers = [Worker(grid, f"{label}/{i}" if count > 1 else label, threads, log, stop) for i in range(count)]
+    threads_ = [threading.Thread(target=w.work, daemon=True) for w in workers]
+    for t in threads_:
+        t.start()
+    try:
+        while any(t.is_alive() for t in threads_):
+            for t in threads_:
+                t.join(timeout=1.0)
+    except KeyboardInterrupt:
+        stop.set()
+        for t in threads_:
+            t.join()
+        raise
+    return [f for w in workers for f in w.failures]

@@ -1,0 +1,183 @@
+"""sokd compare: one teacher per seed shared by every variant, every run once (resumable, several
+workers), and a table whose pairs are honest. Tiny synthetic grids; every run is a real
+`sokd train` subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sokd import cli, compare
+from sokd.compare import results, workers
+from sokd.compare.spec import TEACHER_RUN
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(400)
+
+
+def write_spec(tmp_path: Path, seeds=(0, 1), variants=None, **extra) -> Path:
+    spec = {
+        "name": "tiny",
+        "config": {
+            "data": {"name": "synthetic", "synthetic_size": 128, "synthetic_shape": [3, 16, 16],
+                     "synthetic_classes": 4, "batch_size": 32, "eval_batch_size": 64},
+            "optim": {"lr": 0.05}, "schedule": {"name": "constant"},
+            "train": {"epochs": 1, "precision": "fp32", "threads": 1},
+            "output": {"tensorboard": False},
+            "student": {"arch": "resnet8"},
+        },
+        "seeds": list(seeds),
+        "teacher": {"arch": "resnet14"},
+        "baseline": "kd",
+        "variants": variants or {"kd": {"method": {"name": "kd"}}, "sokd": {"method": {"name": "sokd"}}},
+        "out": str(tmp_path / "grid"),
+        **extra,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sokd(*args, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen([sys.executable, "-m", "sokd", *map(str, args)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def test_a_grid_trains_one_teacher_per_seed_shares_it_and_writes_table_and_plots(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    assert cli.main(["compare", str(spec)]) == 0
+    out = capsys.readouterr().out
+    grid = tmp_path / "grid"
+    # the teacher of each seed trained once, first; both variants of the seed read its model.pt
+    assert out.count(f"run    {TEACHER_RUN}-s0") == 1 and out.index("teacher-s1") < out.index("kd-s0")
+    for seed in (0, 1):
+        teacher = grid / f"teacher-s{seed}" / "model.pt"
+        digest = results.file_digest(teacher)
+        for variant in ("kd", "sokd"):
+            used = yaml.safe_load((grid / f"{variant}-s{seed}" / "config.yaml").read_text())["teacher"]["checkpoint"]
+            assert Path(used) == teacher
+            assert json.loads((grid / ".records" / f"{variant}-s{seed}.json").read_text())["teacher_sha256"] == digest
+    table = (grid / "compare.md").read_text()
+    assert "4 of 4 runs finished" in table and "| sokd | 2 |" in table and "(n=2)" in table
+    result = json.loads((grid / "compare.json").read_text())
+    row = next(r for r in result["rows"] if r["variant"] == "sokd")
+    assert row["vs_baseline"]["n"] == 2 and len(row["vs_baseline"]["ci95"]) == 2 and row["vs_baseline"]["p"] is not None
+    assert {p.name for p in (grid / "plots").iterdir()} >= {"test_top1.png"}
+    # a second run recomputes nothing
+    stamps = {p: p.stat().st_mtime_ns for p in grid.glob("*-s*/summary.json")}
+    assert cli.main(["compare", str(spec)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in grid.glob("*-s*/summary.json")} == stamps
+    assert "run    " not in capsys.readouterr().out
+
+
+def test_a_killed_grid_finishes_on_rerun_without_recomputing_finished_runs(tmp_path):
+    spec = write_spec(tmp_path)
+    grid = tmp_path / "grid"
+    proc = sokd("compare", spec, start_new_session=True)
+    first = grid / "teacher-s0" / "summary.json"
+    while not first.exists():   # kill the whole grid (the worker and its training process) once a run is done
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stamp = first.stat().st_mtime_ns
+    done_before = {p.parent.name for p in grid.glob("*-s*/summary.json")}
+    rerun = sokd("compare", spec)
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    assert first.stat().st_mtime_ns == stamp
+    for name in done_before:
+        assert f"run    {name}" not in out and f"resume {name}" not in out
+    assert len(list(grid.glob("*-s*/summary.json"))) == 6
+    assert "4 of 4 runs finished" in (grid / "compare.md").read_text()
+
+
+def test_two_workers_share_a_grid_and_never_run_the_same_run(tmp_path):
+    spec = write_spec(tmp_path, variants={"kd": {"method": {"name": "kd"}}, "sokd": {"method": {"name": "sokd"}},
+                                          "vanilla": {"method": {"name": "vanilla"}}})
+    procs = [sokd("compare", spec, "--worker") for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    started = [line.split()[1] for out in outs for line in out.splitlines() if line.startswith(("run ", "resume "))]
+    assert sorted(started) == sorted(set(started)) and len(started) == 8, outs   # 2 teachers + 3 x 2, once each
+    table = tmp_path / "grid" / "compare.md"
+    assert table.exists() and "6 of 6 runs finished" in table.read_text()
+
+
+def test_claims_of_dead_or_silent_workers_are_taken_over(tmp_path):
+    claims = workers.Claims(tmp_path)
+    assert claims.take("kd-s0", "me") and not claims.take("kd-s0", "other")   # a live claim holds
+    claims.release("kd-s0")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claims.dir.mkdir(parents=True, exist_ok=True)
+    claims.path("kd-s1").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "worker": "x"}))
+    assert claims.holder("kd-s1") is None and claims.take("kd-s1", "me")   # its process is gone
+    claims.path("kd-s2").write_text(json.dumps({"host": "elsewhere", "pid": 1, "worker": "y"}))
+    assert claims.holder("kd-s2") is not None and not claims.take("kd-s2", "me")   # another machine, recent
+    old = time.time() - workers.STALE_S - 1
+    os.utime(claims.path("kd-s2"), (old, old))
+    assert claims.take("kd-s2", "me")   # another machine, silent for too long
+
+
+def test_runs_with_another_precision_or_teacher_are_not_paired_and_say_why(tmp_path, capsys):
+    variants = {"kd": {"method": {"name": "kd"}},
+                "kd_bf16": {"method": {"name": "kd"}, "train": {"precision": "bf16"}}}
+    spec = write_spec(tmp_path, seeds=(0,), variants=variants)
+    assert cli.main(["compare", str(spec)]) == 0
+    table = (tmp_path / "grid" / "compare.md").read_text()
+    assert "kd_bf16 seed 0 is not paired with kd seed 0: precision bf16 vs fp32" in table
+    a = {"summary": {"precision": "fp32", "data_fingerprint": "d"}, "record": {"teacher_sha256": "t1"}}
+    b = {"summary": {"precision": "fp32", "data_fingerprint": "d"}, "record": {"teacher_sha256": "t2"}}
+    assert results.pair_problem(a, b) == "their teachers differ"
+    b["record"]["teacher_sha256"] = "t1"
+    b["summary"]["data_fingerprint"] = "e"
+    assert results.pair_problem(a, b) == "they were trained on different data"
+    b["summary"].update(data_fingerprint="d", versions={"sokd": "0.2", "torch": "2.14"})
+    a["summary"]["versions"] = {"sokd": "0.1", "torch": "2.14"}
+    assert results.pair_problem(a, b).startswith("software sokd 0.1/torch 2.14 vs sokd 0.2")
+
+
+def test_a_copied_run_folder_is_no_extra_seed(tmp_path, capsys):
+    spec = write_spec(tmp_path, seeds=(0,))
+    assert cli.main(["compare", str(spec)]) == 0
+    grid = tmp_path / "grid"
+    shutil.copytree(grid / "kd-s0", grid / "kd-s1")      # looks like seed 1 of kd
+    shutil.copytree(grid / "kd-s0", grid / "kd-s0-copy")
+    result = compare.summarise(compare.load(str(spec)))
+    assert next(r for r in result["rows"] if r["variant"] == "kd")["seeds"] == [0]
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"baseline": "dml"}, "baseline 'dml' is not one of the variants (kd, sokd)"),
+    ({"seeds": [0, 0]}, "seeds must be distinct"),
+    ({"variants": {"teacher": {"method": {"name": "kd"}}}, "baseline": "teacher"}, "variant name 'teacher'"),
+    ({"teacher": None}, "variant 'kd' distils from a trained teacher; add teacher: {arch: NAME}"),
+    ({"variants": {"kd": {"method": {"name": "kd", "T": -1}}}}, "method.T"),
+])
+def test_a_bad_spec_is_one_line_exit_2_and_runs_nothing(tmp_path, capsys, change, expected):
+    spec = write_spec(tmp_path)
+    tree = yaml.safe_load(spec.read_text())
+    tree.update(change)
+    spec.write_text(yaml.safe_dump(tree))
+    assert cli.main(["compare", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "grid").exists()
+
+
+def test_presets_load_and_name_the_unknown_ones(capsys):
+    for name in ("fmnist", "cifar100-cpu"):
+        grid = compare.load(f"preset:{name}")
+        assert grid.runs() and grid.spec.baseline in grid.spec.variants
+    assert cli.main(["compare", "preset:nope"]) == 2
+    assert "no compare preset 'nope'; the presets are: cifar100-cpu, fmnist" in capsys.readouterr().err

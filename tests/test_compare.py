@@ -59,7 +59,7 @@ def test_a_grid_trains_one_teacher_per_seed_shares_it_and_writes_table_and_plots
     out = capsys.readouterr().out
     grid = tmp_path / "grid"
     # the teacher of each seed trained once, first; both variants of the seed read its model.pt
-    assert out.count(f"run    {TEACHER_RUN}-s0") == 1 and out.index("teacher-s1") < out.index("kd-s0")
+    assert out.count(f"run    {TEACHER_RUN}-s0") == 1 and out.index("teacher-s0") < out.index("kd-s0")
     for seed in (0, 1):
         teacher = grid / f"teacher-s{seed}" / "model.pt"
         digest = results.file_digest(teacher)
@@ -84,7 +84,7 @@ def test_a_killed_grid_finishes_on_rerun_without_recomputing_finished_runs(tmp_p
     spec = write_spec(tmp_path)
     grid = tmp_path / "grid"
     proc = sokd("compare", spec, start_new_session=True)
-    first = grid / "teacher-s0" / "summary.json"
+    first = grid / "kd-s0" / "summary.json"
     while not first.exists():   # kill the whole grid (the worker and its training process) once a run is done
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)

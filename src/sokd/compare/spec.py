@@ -104,9 +104,14 @@ class Grid:
 
     # -- the runs ----------------------------------------------------------------------------
     def runs(self) -> list[tuple[str, int]]:
-        """(run name, seed) in the order workers take them: teachers first, then seed by seed."""
-        teachers = [(TEACHER_RUN, s) for s in self.spec.seeds] if self.needs_teacher else []
-        return teachers + [(v, s) for s in self.spec.seeds for v in self.spec.variants]
+        """(run name, seed) in the order workers take them: seed by seed, each seed's teacher
+        first, so a grid cut short holds whole seeds (every variant paired); a worker that finds
+        a seed's variants waiting on a teacher another worker trains moves on to the next seed."""
+        out = []
+        for s in self.spec.seeds:
+            out += [(TEACHER_RUN, s)] if self.needs_teacher else []
+            out += [(v, s) for v in self.spec.variants]
+        return out
 
     def run_dir(self, name: str, seed: int) -> Path:
         return self.out / f"{name}-s{seed}"

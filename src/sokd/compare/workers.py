@@ -191,6 +191,8 @@ class Worker:
                             child.terminate()   # sokd train saves a resumable last.pt and exits
             if code == 0 and finished(grid, name, seed):
                 self.log(f"done   {run} in {time.time() - t0:.0f} s")
+            elif self.stop.is_set():
+                self.log(f"stopped {run}; rerun the same command to resume it")
             else:
                 last = _last_line(log_path)
                 atomic_write_text(failed_note(grid, name, seed), last + "\n")

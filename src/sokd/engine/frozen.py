@@ -3,8 +3,8 @@
 A frozen teacher never learns, yet a plain training step runs it like any module: every
 BatchNorm is a separate pass over the activations, and under autocast every convolution casts
 its fp32 weights to bf16 again on every call (autocast caches casts of leaf tensors that require
-grad only; a frozen weight is cast anew each time). `InferenceNetworks.prepare` turns each frozen
-role of a method into an inference network for the duration of a run:
+grad only; a frozen weight is cast anew each time). `prepare` turns each frozen role of a method
+into an inference network for the duration of a run:
 
 - Roles the method runs in inference mode throughout (`Method.inference_roles`: frozen, BatchNorm
   on running statistics in training and evaluation alike, e.g. KD's teacher) get every
@@ -20,18 +20,19 @@ role of a method into an inference network for the duration of a run:
 When the run compiles its step (`train.compile`), each inference role is also compiled on its
 own, as an inference graph with inductor's freezing: its weights become constants, so inductor
 folds what is left of BatchNorm, fuses convolution, bias and ReLU and lays the weights out once
-for the CPU's or GPU's kernels (on a 2-core AVX-512 EPYC, bf16: wrn_40_2's forward 1.33x the eager
-one, 10 s to compile). The step's own graph calls it as an opaque function (a graph break
+for the CPU's or GPU's kernels (on a 2-core AVX-512 BF16 EPYC, bf16, timed in rounds: wrn_40_2's
+forward 1.07x the eager folded one, about 10 s to compile; its convolutions already run near the
+matmul peak there). The step's own graph calls it as an opaque function (a graph break
 around the teacher call), since a frozen graph cannot live inside a graph that also trains.
 Entry points compiled: `forward`, `forward_features`, `forward_trunk`, `forward_tail` (what methods
 call on a network), each when first called.
 
 The saved state is untouched: folded and cast weights are non-persistent buffers beside the
 original parameters, which stay as they were (checkpoints, model files and `state_dict` keys do
-not change). The folded network is checked against the original on the batch that found the
-pairs (every stage output and the logits, fp32) before it is used; a network that does not match
-(a convolution's raw output used elsewhere too) is left as it was, with a note. `release`
-restores every module at the end of the run.
+not change). The folds are checked against the original on the batch that found the pairs
+(every stage output and the logits, fp32) before they are used; a group of folds that changes
+them is split and retried, so a pair whose convolution output is also used elsewhere stays as it
+was (the run's first line counts it). `release` restores every module at the end of the run.
 """
 from __future__ import annotations
 

@@ -62,6 +62,18 @@ def layout(cl: bool):
     return torch.channels_last if cl else torch.contiguous_format
 
 
+def loss_dict_step(forward, opt, xs, y, precision):
+    """One step of a module returning {"loss": ...} (sokd's methods and timm's task alike)."""
+    def step():
+        with autocast(xs.device, precision):
+            out = forward(xs, y)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        return out["loss"].detach()
+    return step
+
+
 # ------------------------------------------------------------------------------------- sokd
 def sokd_step(method_name: str, teacher, student, x, y, precision, cl, prepare=True, compiled=False):
     nets = bench.pair_networks(method_name, copy.deepcopy(teacher), copy.deepcopy(student))
@@ -72,15 +84,7 @@ def sokd_step(method_name: str, teacher, student, x, y, precision, cl, prepare=T
     opt = torch.optim.SGD(method.param_groups(lr=SGD["lr"]), momentum=SGD["momentum"],
                           weight_decay=SGD["weight_decay"])
     forward = compile_step(method, True, x.device) if compiled else method
-
-    def step():
-        with autocast(x.device, precision):
-            out = forward(xs, y)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        return out["loss"].detach()
-    return step
+    return loss_dict_step(forward, opt, xs, y, precision)
 
 
 # ------------------------------------------------------------------------------------- timm
@@ -99,16 +103,7 @@ def timm_step(teacher, student, x, y, precision, cl, compiled=False):
     opt = torch.optim.SGD([p for p in s.parameters()], **SGD)
     if compiled:
         task.compile()
-    xs = x.contiguous(memory_format=layout(cl))
-
-    def step():
-        with autocast(x.device, precision):
-            out = task(xs, y)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        return out["loss"].detach()
-    return step
+    return loss_dict_step(task, opt, x.contiguous(memory_format=layout(cl)), y, precision)
 
 
 # ------------------------------------------------------------------------------ torchdistill

@@ -102,6 +102,39 @@ def test_a_killed_grid_finishes_on_rerun_without_recomputing_finished_runs(tmp_p
     assert "4 of 4 runs finished" in (grid / "compare.md").read_text()
 
 
+def test_a_terminated_compare_stops_its_training_run_which_then_resumes(tmp_path):
+    """SIGTERM to `sokd compare` alone (what a scheduler sends) reaches the run it trains once:
+    the run saves a resumable last.pt, no training process outlives its worker."""
+    spec = write_spec(tmp_path, seeds=(0,))
+    tree = yaml.safe_load(spec.read_text())
+    tree["config"]["train"]["epochs"] = 500   # the teacher is still training when the signal comes
+    spec.write_text(yaml.safe_dump(tree))
+    grid = tmp_path / "grid"
+    proc = sokd("compare", spec)
+    claim = grid / ".claims" / f"{TEACHER_RUN}-s0.claim"
+    child = None
+    while child is None or not (grid / f"{TEACHER_RUN}-s0" / "metrics.jsonl").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            child = json.loads(claim.read_text()).get("child")
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out, out
+    deadline = time.monotonic() + 300
+    while workers.pid_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not workers.pid_alive(child), "the training process outlived its worker"
+    assert (grid / f"{TEACHER_RUN}-s0" / "last.pt").is_file()
+    log = (grid / ".logs" / f"{TEACHER_RUN}-s0.log").read_text()
+    assert "SIGTERM received: stopped at" in log and "second SIGTERM" not in log, log
+    plan = sokd("compare", spec, "--plan")
+    listing, _ = plan.communicate(timeout=120)
+    assert f"{TEACHER_RUN}-s0" in listing and "started, will resume" in listing, listing
+
+
 def test_two_workers_share_a_grid_and_never_run_the_same_run(tmp_path):
     spec = write_spec(tmp_path, variants={"kd": {"method": {"name": "kd"}}, "sokd": {"method": {"name": "sokd"}},
                                           "vanilla": {"method": {"name": "vanilla"}}})

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     with signals.process_guard(restore=not real_process):
+        if real_process:
+            signals.stop_with_parent()
         try:
             code = _run(argv, debug)
             sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit

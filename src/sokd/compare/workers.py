@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
+from ..engine.signals import PARENT_ENV, Stopped
 from ..files import atomic_write_text, pid_alive
 from .spec import Grid
 
@@ -106,6 +109,13 @@ class Worker:
         self.claims = Claims(grid.out)
         self.stop = stop or threading.Event()
         self.failures: list[str] = []
+        self.child: subprocess.Popen | None = None   # the run training now
+
+    def stop_child(self) -> None:
+        """Ask the run training now to stop: `sokd train` saves a resumable last.pt and exits."""
+        child = self.child
+        if child is not None and child.poll() is None:
+            child.terminate()
 
     def pick(self, tried: set) -> tuple[str, int] | None | bool:
         """A run to do now; None when everything left is held or waits on a held teacher (worth
@@ -178,17 +188,26 @@ class Worker:
             log_path = grid.out / ".logs" / f"{run}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a") as log:
-                child = subprocess.Popen([sys.executable, "-m", "sokd", "train", str(cfg_path)], stdout=log,
-                                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                # its own session: a Ctrl-C or a scheduler's signal to the worker's group reaches
+                # the run once, from the worker (a second signal would stop it without saving);
+                # it stops with the worker if the worker dies (`signals.stop_with_parent`)
+                child = self.child = subprocess.Popen(
+                    [sys.executable, "-m", "sokd", "train", str(cfg_path)], stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())},
+                    start_new_session=True)
                 self.claims.note_child(run, self.label, child.pid)
+                beat = time.monotonic()
                 while True:
                     try:
-                        code = child.wait(timeout=HEARTBEAT_S)
+                        code = child.wait(timeout=POLL_S)
                         break
                     except subprocess.TimeoutExpired:
-                        self.claims.touch(run)
+                        if time.monotonic() - beat >= HEARTBEAT_S:
+                            self.claims.touch(run)
+                            beat = time.monotonic()
                         if self.stop.is_set():
-                            child.terminate()   # sokd train saves a resumable last.pt and exits
+                            self.stop_child()
+                self.child = None
             if code == 0 and finished(grid, name, seed):
                 self.log(f"done   {run} in {time.time() - t0:.0f} s")
             elif self.stop.is_set():
@@ -211,20 +230,52 @@ def _last_line(path: Path) -> str:
 
 
 def run_workers(grid: Grid, count: int, threads: int | None, log=print) -> list[str]:
-    """Run the grid with `count` workers in this process (threads); returns the failures."""
+    """Run the grid with `count` workers in this process (threads); returns the failures.
+
+    SIGINT and SIGTERM (what a scheduler sends before it kills a job) are passed on to the runs
+    in progress, which save a resumable last.pt and exit; then `Stopped` is raised. No training
+    process outlives its worker."""
     label = f"{socket.gethostname()}:{os.getpid()}"
     stop = threading.Event()
     workers = [Worker(grid, f"{label}/{i}" if count > 1 else label, threads, log, stop) for i in range(count)]
-    threads_ = [threading.Thread(target=w.work, daemon=True) for w in workers]
-    for t in threads_:
-        t.start()
-    try:
-        while any(t.is_alive() for t in threads_):
-            for t in threads_:
-                t.join(timeout=1.0)
-    except KeyboardInterrupt:
+    received: list[int] = []
+
+    def pass_on(signum, frame) -> None:
+        if not received:
+            log(f"{signal.Signals(signum).name} received: the runs in progress save a resumable last.pt and stop")
+        received.append(signum)
         stop.set()
+        for w in workers:
+            w.stop_child()
+
+    threads_ = [threading.Thread(target=w.work, daemon=True) for w in workers]
+    with _signals_to(pass_on):
         for t in threads_:
-            t.join()
-        raise
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads_):
+                for t in threads_:
+                    t.join(timeout=1.0)
+        except BaseException:
+            if not received:
+                pass_on(signal.SIGINT, None)
+            for t in threads_:
+                t.join()
+            raise
+    if received:
+        raise Stopped(received[0])
     return [f for w in workers for f in w.failures]
+
+
+@contextmanager
+def _signals_to(handler):
+    """`handler` for SIGINT and SIGTERM while the block runs (main thread only), then the old ones."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)

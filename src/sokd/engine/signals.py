@@ -182,3 +182,37 @@ def process_guard(restore: bool = True):
             _guarded = _exit_at_once = False
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+
+
+#: set by a process that starts `sokd` commands as its helpers (`sokd compare`) to its own pid:
+#: such a command stops, as on SIGTERM, when that process dies
+PARENT_ENV = "SOKD_STOP_WITH_PARENT"
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent() -> None:
+    """When PARENT_ENV names our parent, ask the kernel (Linux) for a signal when the parent dies,
+    so a helper never outlives the process that runs it, and stops the way one SIGTERM stops it
+    (a run saves a resumable last.pt). The kernel may send the parent-death signal more than once
+    (once per exiting thread of a threaded parent), so it comes as SIGHUP, which is turned into a
+    single SIGTERM. A parent that is gone already stops us at once."""
+    import os
+    import sys
+    parent = os.environ.pop(PARENT_ENV, "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    orphaned = []
+
+    def once(signum, frame) -> None:
+        if not orphaned:
+            orphaned.append(signum)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGHUP, once)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGHUP), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):
+        once(signal.SIGHUP, None)

@@ -16,7 +16,9 @@ from sokd.methods.features import KINDS
 from .conftest import tiny_config, write_config
 
 LOGIT_CHOICES = [{"logit_loss": "dkd"}, {"logit_loss": "dist"}, {"logit_standardize": True},
-                 {"logit_loss": "dkd", "logit_standardize": True, "warmup_epochs": 2}]
+                 {"logit_loss": "dkd", "logit_standardize": True, "warmup_epochs": 2}, {"logit_loss": "nkd"},
+                 {"logit_loss": "mlkd"}, {"logit_loss": "mlkd", "logit_standardize": True, "temperature": "ctkd"},
+                 {"temperature": "ctkd"}]
 
 
 def _distilling_methods():

@@ -66,10 +66,14 @@ class MethodSpec(BaseModel):
 
 
 class OptimSpec(Strict):
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw", "dot"] = Field(
+        "sgd", description="sgd | adamw | dot (SGD with separate momentum for the task and the distillation "
+                           "gradients, Zhao et al. ICCV 2023)")
     lr: float = Field(0.1, gt=0, le=MAX_LR)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
+    dot_delta: float = Field(0.075, ge=0, lt=1, description="dot: task momentum = momentum - dot_delta, "
+                             "distillation momentum = momentum + dot_delta (CIFAR-100: 0.075; ImageNet: 0.09)")
     weight_decay: float = Field(5e-4, ge=0, lt=1, description="L2 factor per step (scaled by the lr)")
     betas: Annotated[tuple[float, float], AfterValidator(_fraction_below_one)] = (0.9, 0.999)
     lr_per_role: dict[str, float] = Field(default_factory=dict, description="e.g. {teacher: 0.01}")

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..errors import SokdError
-from . import augment
+from . import augment, strong
 
 Batch = tuple[torch.Tensor, ...]  # (images, labels), or (images, labels, index) with `with_index`
 _MASK64 = (1 << 64) - 1
@@ -148,6 +148,9 @@ class TensorBatches:
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.channels_last = channels_last
         self.with_index = False
+        #: the engine sets this when the method trains on a strongly augmented second view
+        #: (`strong.strong_view`): training batches then end with it
+        self.strong_view = False
         self.epoch = -1
         self.set_epoch(0)
 
@@ -210,15 +213,26 @@ class TensorBatches:
         else:
             sel = self._index[lo:hi]
             x, y = self.images.index_select(0, sel), self.labels.index_select(0, sel)
+        raw = x
         if self.augment:
             x = self._augment(x, b)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         x = augment._affine(x, self._scale, self._shift, fmt)
-        return (x, y, sel) if self.with_index else (x, y)
+        batch = (x, y, sel) if self.with_index else (x, y)
+        if self.strong_view and self.mode == "train":
+            gen = self._generator(b, 0x5706)
+            xs = strong.strong_view(self._augment(raw, b, gen), gen)
+            batch = (*batch, augment._affine(xs, self._scale, self._shift, fmt))
+        return batch
 
-    def _augment(self, x: torch.Tensor, b: int) -> torch.Tensor:
+    def _generator(self, b: int, salt: int) -> torch.Generator:
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(mix_seed(self.seed, self.epoch, self.rank, b, 0xA06))
+        gen.manual_seed(mix_seed(self.seed, self.epoch, self.rank, b, salt))
+        return gen
+
+    def _augment(self, x: torch.Tensor, b: int, gen: torch.Generator | None = None) -> torch.Tensor:
+        """The usual crop and flip of batch `b` (drawn from `gen`: by default the batch's own)."""
+        gen = gen if gen is not None else self._generator(b, 0xA06)
         n = x.shape[0]
         p = self.crop_padding
         if p:

@@ -24,7 +24,9 @@ from .ddp import sync_buffers
 from .distributed import DistContext
 from .evaluate import FrozenLogits, evaluate
 from .logger import RunLogger
-from .optim import build_optimizer, build_scheduler
+from .dot import backward
+from .optim import build_optimizer, build_scheduler, check_optimizer
+from .views import step_inputs, usual_view
 from .precision import autocast, configure_cuda, emulation_note, grad_scaler, resolve_device
 from .progress import epoch_progress
 from .selection import best_epoch, best_row, selected, selection_split
@@ -86,6 +88,17 @@ def _apply_layout(method, data, run: RunContext) -> None:
             source.channels_last = run.settings.channels_last
 
 
+def set_views(source, views: int) -> None:
+    """Ask the training batches for `views` views of every image (a second one: strongly augmented)."""
+    if hasattr(source, "strong_view"):
+        source.strong_view = views == 2
+    elif views != 1:
+        raise SokdError(f"the method trains on {views} views of every image (method.mlkd.strong_view), which "
+                        f"this data source ({type(source).__name__}) cannot make; use data held in memory "
+                        f"or set method.mlkd.strong_view=false")
+    source.strong_view = True
+
+
 def fit(method, data, ctx: FitContext) -> dict:
     """Train `method` on `data` per the config; returns the summary dict (also summary.json)."""
     steps = ctx.cfg.train.epochs * steps_per_epoch(ctx.cfg.train, data)
@@ -95,12 +108,14 @@ def fit(method, data, ctx: FitContext) -> dict:
         torch.set_num_threads(tr.threads)
     _apply_layout(method, data, run)
     data.train.with_index = method.needs_index  # training batches then carry each sample's index
+    set_views(data.train, method.views)          # and a strong view of each image, for a method that asks
 
     note = emulation_note(tr.precision, device)
     if note:
         dist.print(note)
     # everything that can be checked is checked before the run directory is touched
     check_setting(run.settings.compile, device)
+    check_optimizer(cfg.optim, run.precision, dist.world_size)
     configure_cuda(device, tr.tf32, tr.cudnn_benchmark)
     method.param_groups(cfg.optim.lr, cfg.optim.lr_per_role)
     _check_forward(method, data, device, run.precision)
@@ -288,21 +303,21 @@ def _run_epoch(step_module, data, optimizer, scaler, accum: EpochAccumulator, st
     process stops at the same step. `accum.seconds` gains the epoch's training time.
     """
     cfg, dist, every = run.cfg, run.dist, run.sync_every
+    views = 2 if getattr(data.train, "strong_view", False) else 1
     clock = EpochClock(run.device)
     done = step
     try:
         for batch in data.train.iter_from(step):
             if step >= total:
                 break
-            images, labels = batch[0], batch[1]
-            extra = {"index": batch[2]} if data.train.with_index else {}
+            labels = batch[1]
+            images, step_labels, extra = step_inputs(batch, data.train.with_index, views)
             with autocast(run.device, run.precision):
-                out = step_module(images, labels, **extra)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
+                out = step_module(images, step_labels, **extra)
+            backward(out, optimizer, scaler)
             scaler.step(optimizer)
             scaler.update()
-            accum.add(out, labels)
+            accum.add(usual_view(out, len(labels), views), labels)
             del out
             step += 1
             due = step % every == 0 or step == total

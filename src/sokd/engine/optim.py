@@ -6,6 +6,8 @@ import math
 import torch
 
 from ..config import OptimSpec, ScheduleSpec
+from ..errors import SokdError
+from .dot import DOT
 
 
 def kernel_options(impl: str, device: torch.device) -> dict:
@@ -21,10 +23,29 @@ def kernel_options(impl: str, device: torch.device) -> dict:
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[impl]
 
 
+def check_optimizer(spec: OptimSpec, precision: str, world_size: int = 1) -> None:
+    """SokdError for an optimizer setting this run cannot use."""
+    if spec.name != "dot":
+        return
+    if spec.momentum - spec.dot_delta < 0 or spec.momentum + spec.dot_delta >= 1:
+        raise SokdError(f"optim.name=dot needs 0 <= optim.momentum - optim.dot_delta and optim.momentum + "
+                        f"optim.dot_delta < 1 (got {spec.momentum:g} and {spec.dot_delta:g}); lower optim.dot_delta")
+    if spec.nesterov:
+        raise SokdError("optim.name=dot has no Nesterov variant; set optim.nesterov=false")
+    if precision == "fp16":
+        raise SokdError("optim.name=dot takes the task and distillation gradients apart, which fp16's loss "
+                        "scaling does not; use train.precision=bf16 or fp32")
+    if world_size > 1:
+        raise SokdError("optim.name=dot runs two backward passes per step, which data-parallel training "
+                        "does not synchronise; train it on one process (or use optim.name=sgd)")
+
+
 def build_optimizer(method, spec: OptimSpec, device: torch.device | None = None) -> torch.optim.Optimizer:
     groups = method.param_groups(spec.lr, spec.lr_per_role)
     if device is None:
         device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
+    if spec.name == "dot":
+        return DOT(groups, lr=spec.lr, momentum=spec.momentum, delta=spec.dot_delta, weight_decay=spec.weight_decay)
     kernels = kernel_options(spec.impl, device)
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,

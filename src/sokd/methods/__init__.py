@@ -20,6 +20,7 @@ from .kdcl import KDCL, KDCLOptions
 from .one import ONE, ONEOptions
 from .registry import _REGISTRY, config_roles, get, list_methods, needs_trained_teacher, options_model, register, \
     with_features
+from .shake import SHAKE, SHAKEOptions
 from .sokd import SOKD, SOKDOptions
 from .vanilla import Vanilla
 
@@ -59,4 +60,4 @@ def create(name: str, *, input_shape=(3, 32, 32), num_samples: int | None = None
 __all__ = ["create", "register", "get", "list_methods", "options_model", "needs_trained_teacher",
            "config_roles", "role", "with_features", "Method", "MethodOptions", "Role", "losses", "build_kbm",
            "teacher_branch", "KnowledgeBridge", "SOKD", "SOKDOptions", "KD", "DML", "KDDML", "Vanilla",
-           "ONE", "ONEOptions", "KDCL", "KDCLOptions"]
+           "ONE", "ONEOptions", "KDCL", "KDCLOptions", "SHAKE", "SHAKEOptions"]

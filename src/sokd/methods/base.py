@@ -26,6 +26,7 @@ from ..models.staged import StagedNet
 from . import registry
 from . import losses
 from .features import FeatureSpec, FeatureTerms
+from .temperature import CTKDOptions, CurriculumTemperature
 
 
 class DKDOptions(BaseModel):
@@ -44,6 +45,22 @@ class DISTOptions(BaseModel):
     gamma: float = Field(2.0, ge=0, description="weight of the intra-class (per class) distance")
 
 
+class NKDOptions(BaseModel):
+    """Normalized KD's weight of the non-target part; its temperature is method.T."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    gamma: float = Field(3.5, ge=0, description="weight of the normalised non-target part (NKD's "
+                         "CIFAR-100 setting, with T = 3; ImageNet: 1.5 with T = 1)")
+
+
+class MLKDOptions(BaseModel):
+    """Multi-level logit distillation's views."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    strong_view: bool = Field(True, description="train on a strong (RandAugment + Cutout) view of every "
+                              "batch beside the usual one, as MLKD does; false: the usual view only")
+
+
 class MethodOptions(BaseModel):
     """Options every method accepts; methods extend this."""
 
@@ -52,12 +69,18 @@ class MethodOptions(BaseModel):
     weights: dict[str, float] = Field(default_factory=dict, description="per-term weights, default 1")
     features: list[FeatureSpec] = Field(default_factory=list,
                                         description="feature and relational terms (docs/methods.md)")
-    logit_loss: Literal["kl", "dkd", "dist"] = Field(
-        "kl", description="the distance every logit-distillation term uses: kl (Hinton), dkd, dist")
+    logit_loss: Literal["kl", "dkd", "dist", "nkd", "mlkd"] = Field(
+        "kl", description="the distance every logit-distillation term uses: kl (Hinton), dkd, dist, nkd, mlkd")
     logit_standardize: bool = Field(
         False, description="z-score both logit vectors before the softmax (Sun et al., CVPR 2024)")
     dkd: DKDOptions = Field(default_factory=DKDOptions)
     dist: DISTOptions = Field(default_factory=DISTOptions)
+    nkd: NKDOptions = Field(default_factory=NKDOptions)
+    mlkd: MLKDOptions = Field(default_factory=MLKDOptions)
+    temperature: Literal["fixed", "ctkd"] = Field(
+        "fixed", description="fixed: method.T; ctkd: a temperature learnt adversarially with a curriculum "
+                             "(Curriculum Temperature KD), shared by every distillation term")
+    ctkd: CTKDOptions = Field(default_factory=CTKDOptions)
     warmup_epochs: int = Field(0, ge=0, description="ramp every distillation term's weight linearly "
                                "over this many epochs (DKD: 20); 0 = off")
 
@@ -136,8 +159,11 @@ class Method(nn.Module):
     #: a reference baseline in comparisons (reports mark its plain runs with this label), or ""
     reference_label: str = ""
     #: whether the method has logit-distillation terms (`distill`); when not, the options that
-    #: shape them (logit_loss, logit_standardize, dkd, dist, warmup_epochs) are refused
+    #: shape them (logit_loss, logit_standardize, dkd, dist, nkd, mlkd, temperature, warmup_epochs)
+    #: are refused
     distills_logits: bool = True
+    #: the weight of a term when method.weights does not name it (terms not listed: 1)
+    default_weights: dict[str, float] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -168,7 +194,7 @@ class Method(nn.Module):
         self.nets = nn.ModuleDict(nets)
         self.options = options
         self._check_weights()
-        self._weights = {t: float(options.weights.get(t, 1.0)) for t in self.term_names}
+        self._weights = {t: float(options.weights.get(t, self.default_weights.get(t, 1.0))) for t in self.term_names}
         # warm-up factor of the distillation terms (set_epoch): a tensor, so a compiled forward
         # reads it as an input instead of recompiling for each new value; not saved (set_epoch
         # derives it from the epoch)
@@ -176,7 +202,9 @@ class Method(nn.Module):
         for role, net in self.nets.items():  # the method decides what learns, whatever came before
             net.requires_grad_(role not in self.frozen)
         self.features: FeatureTerms | None = None
-        shaping = {"logit_loss", "logit_standardize", "dkd", "dist", "warmup_epochs"} & options.model_fields_set
+        self.temperature = CurriculumTemperature(options.ctkd) if options.temperature == "ctkd" else None
+        shaping = ({"logit_loss", "logit_standardize", "dkd", "dist", "nkd", "mlkd", "warmup_epochs", "temperature",
+                    "ctkd"} & options.model_fields_set)
         if shaping and not self.distills_logits:
             raise SokdError(f"method '{self.name}' has no distillation term, so "
                             f"method.{sorted(shaping)[0]} does nothing; remove it or pick a method that distils")
@@ -200,6 +228,10 @@ class Method(nn.Module):
         if self.options.features:
             self.features = FeatureTerms(self.options.features, student, target, input_shape, num_samples)
             self._weights.update(self.features.weights)
+            if self.views > 1 and self.features.needs_index:
+                raise SokdError("a feature term that keeps one memory row per training sample (crd) cannot "
+                                "take the two views of each image method.logit_loss=mlkd trains on; set "
+                                "method.mlkd.strong_view=false or drop that term")
 
     def distill(self, target_logits: torch.Tensor, logits: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
@@ -209,13 +241,27 @@ class Method(nn.Module):
         and `method.logit_standardize` change all of them at once.
         """
         o = self.options
+        T = self.temperature() if self.temperature is not None else o.T
+        if o.logit_loss == "mlkd":   # standardises its instance level only, as MLKD + LS does
+            return losses.mlkd(target_logits, logits, T, self.views, o.logit_standardize)
         if o.logit_standardize:
             target_logits, logits = losses.standardize(target_logits.detach()), losses.standardize(logits)
         if o.logit_loss == "dkd":
-            return losses.dkd(target_logits, logits, labels, o.dkd.alpha, o.dkd.beta, o.T)
+            return losses.dkd(target_logits, logits, labels, o.dkd.alpha, o.dkd.beta, T)
         if o.logit_loss == "dist":
-            return losses.dist(target_logits, logits, o.dist.beta, o.dist.gamma, o.T)
-        return losses.soft_target(target_logits, logits, o.T)
+            return losses.dist(target_logits, logits, o.dist.beta, o.dist.gamma, T)
+        if o.logit_loss == "nkd":
+            return losses.nkd(target_logits, logits, labels, o.nkd.gamma, T)
+        return losses.soft_target(target_logits, logits, T)
+
+    @property
+    def views(self) -> int:
+        """How many views of each training batch the method trains on: 2 when its logit distance
+        asks for a strong view beside the usual one (MLKD). The engine then calls forward with
+        the views stacked along the batch (`torch.cat([usual, strong])`, labels and indices
+        repeated), and every term sees both; the distance splits them again."""
+        o = self.options
+        return 2 if self.distills_logits and o.logit_loss == "mlkd" and o.mlkd.strong_view else 1
 
     @staticmethod
     def is_label_term(term: str) -> bool:
@@ -228,6 +274,8 @@ class Method(nn.Module):
         term weights can warm up: the distillation terms are scaled by min(1, (epoch + 1) / W)."""
         w = self.options.warmup_epochs
         self.ramp.fill_(1.0 if not w else min(1.0, (float(epoch) + 1.0) / w))
+        if self.temperature is not None:
+            self.temperature.set_epoch(epoch)
 
     def weight(self, term: str) -> float | torch.Tensor:
         """The term's weight in the loss: a number, or (distillation terms while
@@ -258,6 +306,8 @@ class Method(nn.Module):
         mods: dict[str, nn.Module] = {r: self.nets[r] for r in self.learning}
         if self.features is not None and any(True for _ in self.features.parameters()):
             mods[FeatureTerms.group] = self.features
+        if self.temperature is not None:
+            mods["temperature"] = self.temperature
         return mods
 
     def param_groups(self, lr: float, lr_per_role: dict[str, float] | None = None,
@@ -274,7 +324,7 @@ class Method(nn.Module):
             params = [p for p in module.parameters() if p.requires_grad]
             if not params:
                 continue
-            base = role if role in self.nets else FeatureTerms.owner
+            base = role if role in self.nets or role == "temperature" else FeatureTerms.owner
             role_lr = lr_per_role.get(role, lr_per_role.get(base, lr))
             groups.append({"params": params, "lr": role_lr, "role": role, **group_options})
         return groups
@@ -296,8 +346,13 @@ class Method(nn.Module):
         return () if self.frozen_bn_train else tuple(r for r in self.frozen if r in self.nets)
 
     def combine(self, terms: dict[str, torch.Tensor], logits: dict[str, torch.Tensor]) -> dict:
-        loss = sum(self.weight(k) * v for k, v in terms.items())
-        return {"loss": loss, "terms": terms, "logits": logits}
+        """The step's result: the weighted loss, and the same loss in two parts, "task" (the
+        label terms) and "distill" (every other term), for optimizers that treat the gradients of
+        the two apart (`engine.dot`)."""
+        parts = {"task": 0.0, "distill": 0.0}
+        for k, v in terms.items():
+            parts["task" if self.is_label_term(k) else "distill"] += self.weight(k) * v
+        return {"loss": parts["task"] + parts["distill"], "loss_parts": parts, "terms": terms, "logits": logits}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, known: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -221,3 +221,106 @@ def rkd(student_emb: torch.Tensor, target_emb: torch.Tensor, w_dist: float = 25.
     if w_angle:
         loss = loss + w_angle * F.smooth_l1_loss(_angles(s), _angles(t))
     return loss
+
+
+# -- logit distances since 2023 ----------------------------------------------------------------
+
+def _label_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, C) boolean, true at each sample's label (a comparison: no host read of the labels)."""
+    return labels[:, None] == torch.arange(num_classes, device=labels.device)
+
+
+@fp32
+def nkd(target_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, gamma: float = 1.5,
+        T: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Normalized KD (Yang et al., ICCV 2023): a target part and a normalised non-target part.
+
+    With p = softmax(t) and q = softmax(s) at temperature 1:
+      target     = -mean_i p_iy · log q_iy
+      non-target = -gamma · T² · mean_i Σ_{j≠y} p̂_ij · log q̂_ij,
+    where p̂, q̂ are the non-target logits' softmax at temperature T, i.e. the non-target
+    probabilities renormalised to sum to one. The non-target part is a cross-entropy (its
+    gradient vanishes where q̂ = p̂, its value is the teacher's non-target entropy there).
+    The released code's CIFAR-100 setting is T = 3, gamma = 3.5; ImageNet T = 1, gamma = 1.5.
+    """
+    t, s = target_logits.detach().float(), logits.float()
+    is_label = _label_mask(labels, t.shape[1])
+    p_y = F.softmax(t, dim=1).gather(1, labels[:, None]).squeeze(1)
+    log_q_y = F.log_softmax(s, dim=1).gather(1, labels[:, None]).squeeze(1)
+    target = -(p_y * log_q_y).mean()
+    p_hat = F.softmax(t.masked_fill(is_label, -float("inf")) / T, dim=1)
+    log_q_hat = F.log_softmax(s.masked_fill(is_label, -float("inf")) / T, dim=1).masked_fill(is_label, 0.0)
+    non_target = -(p_hat * log_q_hat).sum(dim=1).mean()
+    return target + gamma * non_target * (T * T)
+
+
+#: MLKD's temperatures besides the configured one ("prediction augmentation", Jin et al. 2023)
+MLKD_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)
+
+
+def _class_gram_distance(p_t: torch.Tensor, p_s: torch.Tensor) -> torch.Tensor:
+    """MLKD's class level: ||P_tᵀP_t - P_sᵀP_s||²_F / C (C x C class-correlation matrices)."""
+    return (p_t.t() @ p_t - p_s.t() @ p_s).pow(2).sum() / p_t.shape[1]
+
+
+def _batch_gram_distance(p_t: torch.Tensor, p_s: torch.Tensor) -> torch.Tensor:
+    """MLKD's batch level: ||P_tP_tᵀ - P_sP_sᵀ||²_F / B (B x B sample-correlation matrices)."""
+    return (p_t @ p_t.t() - p_s @ p_s.t()).pow(2).sum() / p_t.shape[0]
+
+
+def _share_at_most_median(values: torch.Tensor) -> torch.Tensor:
+    """The fraction of `values` at or below their median (linear interpolation, as numpy's)."""
+    return (values <= torch.quantile(values, 0.5)).float().mean()
+
+
+@fp32
+def mlkd(target_logits: torch.Tensor, logits: torch.Tensor, T: float | torch.Tensor = 4.0, views: int = 1,
+         standardize_instance: bool = False) -> torch.Tensor:
+    """Multi-Level Logit Distillation (Jin, Wang & Lin, CVPR 2023), as its released code computes it.
+
+    The rows are `views` equal blocks of one batch: the weak view, then (views = 2) the strong
+    view of the same images. Over the temperatures {T, 3, 5, 2, 6}, with P = softmax(z / τ):
+      instance level  KL_τ(target → logits) · τ²        on every view (weak view weighted m̄)
+      class level     ||P_tᵀP_t − P_sᵀP_s||²_F / C       on the weak view, weighted c̄
+      batch level     ||P_tP_tᵀ − P_sP_sᵀ||²_F / B       on the weak view, weighted m̄
+    m̄ is the share of weak-view samples whose target confidence (max softmax at τ = 1) is at or
+    below the batch median, c̄ the share of classes whose summed target probability is at or below
+    the median over classes: the released code multiplies each scalar loss by its confidence mask
+    and averages, which weights the level by the mask's share (about one half).
+    `standardize_instance` z-scores both sides before the instance level only (MLKD + LS, Sun et
+    al., CVPR 2024). Target side detached, fp32.
+    """
+    t_all, s_all = target_logits.detach().float(), logits.float()
+    t_views, s_views = t_all.chunk(views, dim=0), s_all.chunk(views, dim=0)
+    t_weak, s_weak = t_views[0], s_views[0]
+    p_weak = F.softmax(t_weak, dim=1)
+    sample_share = _share_at_most_median(p_weak.max(dim=1).values)
+    class_share = _share_at_most_median(p_weak.sum(dim=0))
+    loss = s_all.new_zeros(())
+    for tau in (T, *MLKD_TEMPERATURES):
+        for v, (t, s) in enumerate(zip(t_views, s_views)):
+            ti, si = (standardize(t), standardize(s)) if standardize_instance else (t, s)
+            kl = soft_target(ti, si, tau)
+            loss = loss + (sample_share * kl if v == 0 else kl)
+        p_t, p_s = F.softmax(t_weak / tau, dim=1), F.softmax(s_weak / tau, dim=1)
+        loss = loss + class_share * _class_gram_distance(p_t, p_s) + sample_share * _batch_gram_distance(p_t, p_s)
+    return loss
+
+
+# -- feature norm and direction (KD++) ---------------------------------------------------------
+
+@fp32
+def norm_direction(student_emb: torch.Tensor, target_emb: torch.Tensor, centres: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """KD++'s ND loss (Wang et al., 2023): mean_i 1 − <s_i, c_y / ||c_y||> / max(||s_i||, ||t_i||).
+
+    Pulls each student embedding towards the direction of its class centre (`centres`, C x D,
+    from the target) and, while it is shorter than the target's embedding, lengthens it: where
+    ||s|| < ||t|| the loss is 1 − (||s|| / ||t||) cos(s, c_y), beyond it 1 − cos(s, c_y). A class
+    centre of zero (a class not seen yet) gives 1 with no gradient.
+    """
+    s = student_emb.float()
+    t_norm = target_emb.detach().float().norm(dim=1)
+    direction = F.normalize(centres.detach().float(), dim=1)[labels]
+    scale = torch.maximum(s.norm(dim=1), t_norm).clamp(min=1e-12)
+    return (1.0 - (s * direction).sum(dim=1) / scale).mean()

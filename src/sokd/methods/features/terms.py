@@ -98,7 +98,7 @@ def default_weight(kind: str) -> float:
 
 class FeatureSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    kind: str = Field(description="a registered feature kind: at, fitnet, sp, pkt, rkd, crd, reviewkd")
+    kind: str = Field(description="a registered feature kind: at, fitnet, sp, pkt, rkd, crd, nd, reviewkd")
     stages: list[int] | None = Field(None, min_length=1, description="student stage indices (default: the kind's)")
     target_stages: list[int] | None = Field(None, min_length=1, description="target stage indices (default: same)")
     weight: float | None = Field(None, ge=0, description="default: the kind's (docs/methods.md)")

@@ -214,3 +214,20 @@ def test_presets_load_and_name_the_unknown_ones(capsys):
         assert grid.runs() and grid.spec.baseline in grid.spec.variants
     assert cli.main(["compare", "preset:nope"]) == 2
     assert "no compare preset 'nope'; the presets are: cifar100-cpu, fmnist" in capsys.readouterr().err
+
+
+def test_variants_run_a_subset_first_and_the_table_reads_every_finished_run(tmp_path, capsys):
+    spec = write_spec(tmp_path, seeds=(0,), variants={"kd": {"method": {"name": "kd"}},
+                                                      "vanilla": {"method": {"name": "vanilla"}},
+                                                      "sokd": {"method": {"name": "sokd"}}})
+    assert cli.main(["compare", str(spec), "--variants", "vanilla"]) == 0
+    grid = tmp_path / "grid"
+    assert (grid / "vanilla-s0" / "summary.json").exists()
+    assert not (grid / f"{TEACHER_RUN}-s0").exists()   # no selected variant needs the teacher
+    assert cli.main(["compare", str(spec), "--variants", "kd"]) == 0
+    assert not (grid / "sokd-s0").exists()
+    table = (grid / "compare.md").read_text()
+    assert "2 of 3 runs finished" in table and "| vanilla | 1 |" in table
+    capsys.readouterr()
+    assert cli.main(["compare", str(spec), "--variants", "kd,nope"]) == 2
+    assert "--variants names nope" in capsys.readouterr().err

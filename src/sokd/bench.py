@@ -28,9 +28,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import methods, models
+from .config import OptimSpec
 from .engine import frozen
 from .engine.compiled import check_setting, compile_step
+from .engine.dot import backward
+from .engine.optim import build_optimizer
 from .engine.precision import autocast
+from .engine.views import step_inputs
 from .errors import SokdError
 
 VARIANTS = {
@@ -56,7 +60,16 @@ VARIANTS = {
     "sokd+dkd": ("sokd", {"logit_loss": "dkd"}),
     "sokd+crd": ("sokd", {"features": [{"kind": "crd"}]}),
     "sokd+reviewkd": ("sokd", {"features": [{"kind": "reviewkd"}]}),
+    "shake": ("shake", {}),
+    "kd+nkd": ("kd", {"logit_loss": "nkd", "T": 3.0}),
+    "kd+mlkd": ("kd", {"logit_loss": "mlkd"}),
+    "sokd+mlkd": ("sokd", {"logit_loss": "mlkd"}),
+    "kd+ctkd": ("kd", {"temperature": "ctkd"}),
+    "kd+nd": ("kd", {"features": [{"kind": "nd"}]}),
+    "kd+dot": ("kd", {}),
 }
+#: variants trained by another optimizer than SGD (optim overrides; the rest: SGD, momentum 0.9)
+OPTIMIZERS = {"kd+dot": {"name": "dot"}}
 #: what `sokd bench` times when no variant is named (`--methods all` times every one)
 DEFAULT_VARIANTS = ("vanilla", "kd", "kd+at", "kd+fitnet", "dml", "kd_dml", "sokd", "sokd+at", "sokd+fitnet")
 
@@ -201,17 +214,28 @@ def time_interleaved(steps, images: int, device, warmup: int, reps: int, steps_p
     return [statistics.median(r) for r in rates]
 
 
+def make_optimizer(method, variant: str | None = None) -> torch.optim.Optimizer:
+    """The optimizer a bench step of `variant` uses: SGD (lr 0.01, momentum 0.9, weight decay
+    5e-4), or what OPTIMIZERS names for it, built as `sokd train` builds it."""
+    spec = OptimSpec(lr=0.01, momentum=0.9, weight_decay=5e-4, **OPTIMIZERS.get(variant or "", {}))
+    return build_optimizer(method, spec)
+
+
 def make_train_step(method, optimizer, x, y, device, precision, forward=None):
-    """One training step of `method`; `forward`: what to call instead of the method (compiled)."""
-    # a method that needs each sample's training-set index (CRD) gets the batch's positions
-    extra = {"index": torch.arange(len(y), device=y.device)} if method.needs_index else {}
+    """One training step of `method`, as the training loop runs it (the views the method asks
+    for, the backward its optimizer needs); `forward`: what to call instead of the method (compiled)."""
+    # a method that needs each sample's training-set index (CRD) gets the batch's positions;
+    # one that trains on a strong view too gets a mirrored copy of the batch in its place
+    index = torch.arange(len(y), device=y.device)
+    batch = (x, y, *((index,) if method.needs_index else ()), *((x.flip(3),) if method.views == 2 else ()))
+    x, y, extra = step_inputs(batch, method.needs_index, method.views)
     forward = method if forward is None else forward
+    no_scaling = torch.amp.GradScaler(device.type if isinstance(device, torch.device) else str(device), enabled=False)
 
     def step():
         with autocast(device, precision):
             out = forward(x, y, **extra)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        backward(out, optimizer, no_scaling)
         optimizer.step()
     return step
 
@@ -378,7 +402,7 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
             layout = torch.channels_last if cl else torch.contiguous_format
             # num_samples: a CIFAR-sized training set for the terms that keep per-sample state (CRD)
             method = methods.create(method_name, input_shape=shape, num_samples=50_000, **nets, **opts).to(dev, memory_format=layout)
-            opt = torch.optim.SGD(method.param_groups(lr=0.01), momentum=0.9, weight_decay=5e-4)
+            opt = make_optimizer(method, name)
             xs = x.contiguous(memory_format=layout)
             method.train()
             label = name if (prec, cl) == (precision, channels_last) else f"{name} ({prec})"
@@ -388,7 +412,7 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
             eager = make_train_step(method, opt, xs, y, dev, prec)
             prepare(label, eager, prec, cl)
             if compile:
-                twin_opt = torch.optim.SGD(twin.param_groups(lr=0.01), momentum=0.9, weight_decay=5e-4)
+                twin_opt = make_optimizer(twin, name)
                 frozen.prepare(twin, xs[:8], prec, compile=compile)
                 forward = compile_step(twin, compile, dev, log)
                 prepare(f"{label} compiled", make_train_step(twin, twin_opt, xs, y, dev, prec, forward), prec, cl,

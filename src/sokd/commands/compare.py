@@ -15,6 +15,9 @@ def add_parser(sub) -> None:
                    help="one worker of many sharing --out (e.g. a SLURM array on NFS): run what no one else holds, "
                         "then stop; the table is written once everything is finished")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: CPUs / workers)")
+    p.add_argument("--variants", default=None, metavar="NAME,...",
+                   help="run only these variants (and the teachers they need), e.g. to finish some before "
+                        "others; the table covers every finished run")
     p.add_argument("--table", action="store_true", help="only write the table of what has finished")
     p.add_argument("--plan", action="store_true", help="list the runs and their state; run nothing")
     p.set_defaults(run=run)
@@ -22,6 +25,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import compare
+    from ..compare.workers import finished
     from ..data.config import usable_cpus
     from ..errors import SokdError
     if args.workers < 1:
@@ -29,6 +33,8 @@ def run(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise SokdError(f"--threads must be at least 1, got {args.threads}")
     grid = compare.load(args.spec, args.overrides, args.out)
+    if args.variants is not None:
+        grid.select([v.strip() for v in args.variants.split(",") if v.strip()])
     for name, seed in grid.runs():   # every run config is valid before anything starts
         grid.config(name, seed)
     if args.plan:
@@ -50,8 +56,9 @@ def run(args) -> int:
             for line in failures:
                 print(f"  {line}")
     result = compare.summarise(grid)
-    if args.worker and result["runs_finished"] < result["runs_expected"]:
+    selected_done = all(finished(grid, name, seed) for name, seed in grid.runs())
+    if args.worker and not selected_done:
         print(f"{result['runs_finished']} of {result['runs_expected']} runs finished; other workers hold the rest")
         return 0
     compare.write(grid)
-    return 0 if result["runs_finished"] == result["runs_expected"] or args.table else 1
+    return 0 if selected_done or args.table else 1

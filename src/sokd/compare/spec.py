@@ -85,6 +85,7 @@ class Grid:
 
     def __init__(self, spec: Spec, base: dict, source: Path | None, out: Path, overrides=()):
         self.spec, self.source, self.out = spec, source, out
+        self.selected: set[str] | None = None   # `select`: the variants to run (None: all)
         self.base = apply_overrides(base, list(overrides))
         if "student" not in self.base:
             raise SokdError(f"compare spec '{spec.name}': its config has no `student:` section; add "
@@ -107,11 +108,21 @@ class Grid:
         """(run name, seed) in the order workers take them: seed by seed, each seed's teacher
         first, so a grid cut short holds whole seeds (every variant paired); a worker that finds
         a seed's variants waiting on a teacher another worker trains moves on to the next seed."""
+        variants = [v for v in self.spec.variants if self.selected is None or v in self.selected]
+        teacher = any(v in self.needs_teacher for v in variants)
         out = []
         for s in self.spec.seeds:
-            out += [(TEACHER_RUN, s)] if self.needs_teacher else []
-            out += [(v, s) for v in self.spec.variants]
+            out += [(TEACHER_RUN, s)] if teacher else []
+            out += [(v, s) for v in variants]
         return out
+
+    def select(self, names: list[str]) -> None:
+        """Run only the variants `names` (`--variants`); the table still reads every variant."""
+        unknown = [n for n in names if n not in self.spec.variants]
+        if unknown or not names:
+            raise SokdError(f"--variants names {', '.join(unknown) or 'nothing'}, which is not a variant of "
+                            f"compare spec '{self.spec.name}'; its variants: {', '.join(self.spec.variants)}")
+        self.selected = set(names)
 
     def run_dir(self, name: str, seed: int) -> Path:
         return self.out / f"{name}-s{seed}"

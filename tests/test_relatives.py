@@ -395,3 +395,20 @@ def test_shake_without_normalisation_uses_raw_logits():
     out = shake(x, y)
     assert out["terms"]["student_ce"].item() == pytest.approx(
         F.cross_entropy(out["logits"]["student"], y).item(), rel=1e-6)
+
+
+def test_only_a_method_that_asks_gets_the_strong_view():
+    from sokd.engine.loop import set_views
+    source = _batches()
+    set_views(source, 2)
+    assert source.strong_view and len(next(iter(source))) == 3
+    set_views(source, 1)
+    assert not source.strong_view and len(next(iter(source))) == 2
+
+    class Streamed:   # a source that cannot make the view
+        pass
+    other = Streamed()
+    set_views(other, 1)
+    assert not hasattr(other, "strong_view")
+    with pytest.raises(SokdError, match="strong_view=false"):
+        set_views(other, 2)

@@ -96,7 +96,6 @@ def set_views(source, views: int) -> None:
         raise SokdError(f"the method trains on {views} views of every image (method.mlkd.strong_view), which "
                         f"this data source ({type(source).__name__}) cannot make; use data held in memory "
                         f"or set method.mlkd.strong_view=false")
-    source.strong_view = True
 
 
 def fit(method, data, ctx: FitContext) -> dict:

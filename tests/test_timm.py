@@ -128,18 +128,36 @@ def test_timm_drop_rate_is_kept_in_the_head():
     assert net.head[1].p == 0.5
 
 
-@pytest.mark.parametrize("name, kwargs, why", [
-    ("vit_tiny_patch16_224", {"depth": 1}, "vision transformer"),
-    ("deit_tiny_patch16_224", {"depth": 1}, "vision transformer"),
-    ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1), "embed_dim": 16, "num_heads": (1, 1, 1, 1)},
-     "NHWC"),
-])
-def test_transformers_are_refused_with_a_pointer_to_adapt(name, kwargs, why):
+def test_transformers_are_staged_and_reproduce_their_model():
+    """ViT and DeiT by block groups (token stage outputs), Swin by its layers (NCHW views); the
+    cut net computes the model's logits (checked at construction, and here)."""
+    timm = timm_or_skip()
+    vit = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 4, "num_heads": 2}
+    net = sokd.models.create("timm.vit_tiny_patch16_224", num_classes=10, **vit)
+    assert net.cut_source == "tokens" and net.num_stages == 4 and net.prefix_tokens == 1
+    deit = sokd.models.create("timm.deit_tiny_distilled_patch16_224", num_classes=10, stages=[1, 3], **vit)
+    assert deit.num_stages == 2 and deit.prefix_tokens == 2
+    swin = sokd.models.create("timm.swin_tiny_patch4_window7_224", num_classes=10, img_size=16, window_size=2,
+                              depths=(1, 1), embed_dim=16, num_heads=(1, 2))
+    x = torch.randn(2, 3, 16, 16)
+    logits, feats = swin.forward_features(x)
+    assert [tuple(f.shape) for f in feats] == [(2, 16, 4, 4), (2, 32, 2, 2)]
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, **vit).eval()
+    torch.manual_seed(0)
+    net = sokd.models.create("timm.vit_tiny_patch16_224", num_classes=10, **vit).eval()
+    assert torch.allclose(net(x), model(x), atol=1e-6)
+    assert [tuple(f.shape) for f in net.forward_features(x)[1]] == [(2, 17, 16)] * 4
+
+
+@pytest.mark.parametrize("stages", [[0, 2], [3, 1, 3], [0, 5], "1,3"])
+def test_bad_block_groups_are_refused_naming_the_default(stages):
     timm_or_skip()
-    with pytest.raises(sokd.SokdError) as err:
-        sokd.models.create(f"timm.{name}", num_classes=10, **kwargs)
-    msg = str(err.value)
-    assert "\n" not in msg and why in msg and "sokd.models.adapt" in msg and msg.startswith(f"timm.{name} is ")
+    with pytest.raises(sokd.SokdError, match=r"stages must be increasing block indices ending at the last block \(3\)"):
+        sokd.models.create("timm.vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, embed_dim=16,
+                           depth=4, num_heads=2, stages=stages)
+    with pytest.raises(sokd.SokdError, match="applies to vision transformers"):
+        sokd.models.create("timm.resnet10t", num_classes=10, stages=[1, 2])
 
 
 def test_unknown_timm_model_suggests_close_names():
@@ -186,13 +204,13 @@ def test_models_timm_pattern_lists_names_only_beyond_max(capsys):
     assert [line for line in out.splitlines() if line.startswith("timm.")] == [f"timm.{n}" for n in expected]
 
 
-def test_models_timm_lists_a_refused_model_with_the_reason(capsys):
+def test_models_timm_lists_a_transformer_that_needs_its_image_size(capsys):
     timm_or_skip()
     assert run_cli("models", "--timm", "vit_tiny_patch16_224", "--max", "1") == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| timm.vit_tiny_patch16_224 "))
-    assert "5.5" in row and "refused" in row  # uncut params; no MACs at 32x32 (it needs 224)
-    assert "vision transformer" in out and "sokd.models.adapt" in out
+    assert "5.5" in row and "tokens" in row  # params; no MACs at 32x32 (it is built for 224)
+    assert "does not run on 3x32x32 images" in out and "img_size" in out
 
 
 @pytest.mark.parametrize("argv, message", [

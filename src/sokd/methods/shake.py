@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import SokdError
 from ..models.staged import StagedNet, dry_forward
+from ..models.tokens import prefix_tokens, stage_map
 from . import losses
 from .base import Method, MethodOptions, Role
 from .registry import register
@@ -113,11 +114,13 @@ class SHAKE(Method):
         self.require(teacher=teacher, student=student)
         options = options or SHAKEOptions()
         k = min(options.shadow_stages, teacher.num_stages)
-        feats = dry_forward(teacher, tuple(input_shape), lambda n, x: n.forward_features(x)[1])[-k:]
+        prefix = prefix_tokens(teacher)   # a ViT teacher's stages reach the head as patch maps
+        feats = [stage_map(f, prefix) for f in
+                 dry_forward(teacher, tuple(input_shape), lambda n, x: n.forward_features(x)[1])[-k:]]
         classifier = final_linear(teacher)
         shadow = ShadowHead([tuple(f.shape[1:]) for f in feats], classifier.in_features, classifier)
         super().__init__({"teacher": teacher, "student": student, "shadow": shadow}, options)
-        self.fed = k
+        self.fed, self.prefix = k, prefix
         self._attach_features(student, teacher, input_shape, num_samples)
 
     def _norm(self, logits: torch.Tensor) -> torch.Tensor:
@@ -129,7 +132,7 @@ class SHAKE(Method):
     def _teacher_and_shadow(self, images):
         with torch.no_grad():
             t_logits, t_feats = self.nets["teacher"].forward_features(images)
-        h_logits = self.nets["shadow"]([f.detach() for f in t_feats[-self.fed:]])
+        h_logits = self.nets["shadow"]([stage_map(f.detach(), self.prefix) for f in t_feats[-self.fed:]])
         return t_logits, h_logits, t_feats
 
     def forward(self, images, labels, index=None):

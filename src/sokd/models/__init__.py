@@ -13,8 +13,8 @@ mobilenetv2, shufflenetv1, shufflenetv2, wrn_<depth>_<width> (`weights=PATH`: a 
 layout or a RepDistiller/mdistiller CIFAR teacher file, see `published`); `tv.<torchvision model>`
 (e.g. tv.resnet18, tv.mobilenet_v2; weights=<local state-dict path>, never downloaded) and
 `timm.<model>` (pip install sokd[timm]; stages from timm's feature_info; ResNet(-D),
-EfficientNet, MobileNetV3, ConvNeXt and RegNet are tested as SOKD teachers and students, vision
-transformers are refused). `sokd models --tv/--timm [PATTERN]` lists them (`info.listing`).
+EfficientNet, MobileNetV3, ConvNeXt and RegNet are tested as SOKD teachers and students; ViT,
+DeiT and Swin are staged by `tokens`). `sokd models --tv/--timm [PATTERN]` lists them (`info.listing`).
 """
 from __future__ import annotations
 

@@ -136,9 +136,18 @@ def describe(source: str, name: str, input_shape: tuple[int, int, int], num_clas
         except Exception:  # the uncut model does not run at this input size
             pass
         return row
-    info = model_info(net, input_shape)
+    cut = getattr(net, "cut_source", None) or "zoo"
+    try:
+        info = model_info(net, input_shape)
+    except (AssertionError, RuntimeError) as err:   # e.g. a ViT built for another image size
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        size = "x".join(map(str, input_shape))
+        return {"model": arch, "params": sum(p.numel() for p in net.parameters()), "macs": None,
+                "stages": net.num_stages, "cut": cut,
+                "note": f"does not run on {size} images ({first}); give --input at its image size, or build it "
+                        f"for yours (kwargs: {{img_size: N}} for a vision transformer)"}
     return {"model": arch, "params": info["params"], "macs": info["macs"], "stages": net.num_stages,
-            "cut": getattr(net, "cut_source", None) or "zoo", "note": None}
+            "cut": cut, "note": None}
 
 
 def listing(source: str, patterns: list[str], input_shape: tuple[int, int, int], num_classes: int,

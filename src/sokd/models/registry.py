@@ -81,7 +81,7 @@ def create(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> Stage
         name: a name from `list_models()`, any `wrn_<depth>_<width>`, `tv.<torchvision name>`
             (e.g. `tv.resnet18`; never downloads weights, `weights=<path to local state dict>`
             loads one) or `timm.<name>` (needs `pip install sokd[timm]`; stages from timm's
-            `feature_info`; ViT-style models are refused, see `torchvision_adapter.create_timm`).
+            `feature_info`; vision transformers by `models.tokens`, see `torchvision_adapter.create_timm`).
         num_classes: size of the classifier.
         in_channels: input channels (1 for MNIST-like data); CIFAR-zoo models work at any
             resolution >= 28 px thanks to global average pooling.

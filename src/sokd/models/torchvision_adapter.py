@@ -55,6 +55,7 @@ from torch import nn
 
 from ..errors import SokdError, unknown
 from ..files import does_not_fit
+from . import tokens
 from .staged import StagedNet
 
 PROBE_SIZES = (64, 224)
@@ -427,17 +428,6 @@ def create_torchvision(name: str, num_classes: int, in_channels: int = 3, weight
     return from_torchvision(model, constants=constants)
 
 
-def _is_token_model(model: nn.Module) -> bool:
-    """ViT-style: patch embedding + position embedding / class token, blocks on token sequences."""
-    return hasattr(model, "patch_embed") and any(hasattr(model, a) for a in ("pos_embed", "cls_token"))
-
-
-def _refuse_transformer(label: str, why: str) -> SokdError:
-    return SokdError(f"{label} is {why}, so sokd does not cut it into stem / stages / head automatically "
-                     "(SOKD's KBM and every feature term work on NCHW stage outputs); cut it yourself with "
-                     "sokd.models.adapt(stem, stages, head), see docs/byom.md")
-
-
 def _timm_head_dropout(net: StagedNet, model: nn.Module) -> None:
     """timm heads apply `drop_rate` functionally (F.dropout in forward_head): put it in the head."""
     p = float(getattr(model, "drop_rate", 0) or 0)
@@ -453,9 +443,10 @@ def create_timm(name: str, num_classes: int, in_channels: int = 3, weights=None,
     """`timm.<name>`: timm.create_model(name, pretrained=False, ...), adapted (needs sokd[timm]).
 
     Stages come from the model's own `feature_info` where it maps onto its chain of children
-    (see the module docstring), else from the heuristics. Vision transformers (token sequences:
-    ViT, DeiT, ...) and models with channels-last stage outputs (Swin) are refused with a pointer
-    to `sokd.models.adapt`. A `drop_rate` option is kept as a Dropout before the classifier.
+    (see the module docstring), else from the heuristics. Vision transformers (ViT, DeiT: token
+    sequences; `stages=[last block of each stage, ...]` groups their blocks) and Swin-style models
+    (channels-last maps) are cut by `models.tokens`. A `drop_rate` option is kept as a Dropout
+    before the classifier.
     """
     try:
         import timm
@@ -473,20 +464,50 @@ def create_timm(name: str, num_classes: int, in_channels: int = 3, weights=None,
         raise SokdError(f"unknown timm model '{label}'"
                         + (f" (close: {', '.join('timm.' + c for c in close)})" if close else "")
                         + "; see sokd models --timm PATTERN")
+    cuts = kwargs.pop("stages", None)
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
     except (TypeError, ValueError) as err:
         raise SokdError(f"{label}: invalid options {sorted(kwargs)}: {err}") from None
-    if _is_token_model(model):
-        raise _refuse_transformer(label, "a vision transformer (its blocks work on token sequences, "
-                                         "not feature maps)")
     fmt = getattr(model, "output_fmt", None) or "NCHW"
-    fmt = str(getattr(fmt, "value", fmt))  # a str or timm's Format enum
-    if fmt.upper() != "NCHW":
-        raise _refuse_transformer(label, f"a model whose stages output {fmt} (channels-last) feature maps")
+    fmt = str(getattr(fmt, "value", fmt)).upper()  # a str or timm's Format enum
+    token_model = tokens.is_token_model(model)
+    if cuts is not None and not token_model:
+        raise SokdError(f"{label}: `stages` (block groups) applies to vision transformers; this model's stages "
+                        f"come from its own structure, so remove it")
+    if fmt not in ("NCHW", "NHWC") or (fmt == "NHWC" and not token_model and not tokens.is_channels_last_stack(model)):
+        raise SokdError(f"{label} outputs {fmt} feature maps in a layout sokd does not cut automatically; cut it "
+                        f"yourself with sokd.models.adapt(stem, stages, head), see docs/byom.md")
     constants = constant_parameters(model)
     if weights is not None:
         load_weights(model, weights, label)
+    if token_model:
+        net = AdaptedNet(*tokens.staged_token_model(model, label, cuts), constants=constants, cut_source="tokens")
+        net.prefix_tokens = int(model.num_prefix_tokens)
+        _check_same_logits(net, model, label)
+        return net
+    if fmt == "NHWC":
+        net = AdaptedNet(*tokens.staged_nhwc_model(model), constants=constants, cut_source="channels-last layers")
+        _check_same_logits(net, model, label)
+        return net
     net = from_torchvision(model, constants=constants)
     _timm_head_dropout(net, model)
     return net
+
+
+def _check_same_logits(net: StagedNet, model: nn.Module, label: str) -> None:
+    """The cut net computes the model's logits (eval mode, one image of the model's input size)."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or (PROBE_SIZES[-1],) * 2
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0))
+            same = torch.allclose(net(x), model(x), atol=1e-5, rtol=1e-4)
+    finally:
+        model.train(was)
+    if not same:
+        raise SokdError(f"{label}: its stem / stages / head do not reproduce the model's logits, so sokd does "
+                        f"not cut it automatically; cut it with sokd.models.adapt, see docs/byom.md")

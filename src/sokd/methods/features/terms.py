@@ -1,5 +1,10 @@
 """Feature-based and relational terms between a student's stages and a target's stages.
 
+Stage outputs are compared as NCHW maps: a vision transformer's token sequences lose their prefix
+tokens and are laid out on their patch grid (`models.tokens.stage_map`), so any term pairs a ViT's
+stages with a CNN's (spatial sizes are matched by pooling the larger map, channels by each term's
+own means: regressors, embeddings, Gram matrices).
+
 Two shapes of term share one configuration (`method.features`):
 - pairwise kinds (at, fitnet, sp, pkt, rkd) compare student stage i with target stage j (default
   j = i, counted the same way, so negative indices pair the last stages of nets with different
@@ -20,6 +25,7 @@ from torch import nn
 
 from ...errors import SokdError, suggest
 from ...models.staged import StagedNet, dry_forward
+from ...models.tokens import prefix_tokens, stage_map
 from ...registry import Registry
 from ...validation import validate
 from .. import losses
@@ -121,9 +127,9 @@ def _resolve(idx: int, n: int, who: str, kind: str) -> int:
 
 
 def _stage_channels(net: StagedNet, input_shape) -> list[int]:
-    """Channels of each stage output, from one dry forward."""
+    """Channels of each stage output (as a map, `stage_map`), from one dry forward."""
     feats = dry_forward(net, input_shape, lambda n, x: n.forward_features(x)[1])
-    return [f.shape[1] for f in feats]
+    return [stage_map(f, prefix_tokens(net)).shape[1] for f in feats]
 
 
 class FeatureTerms(nn.Module):
@@ -142,6 +148,8 @@ class FeatureTerms(nn.Module):
         if len(set(kinds)) != len(kinds):
             raise SokdError("method.features lists the same kind twice; list all its stages in one entry")
         ctx = TermContext(student, target, tuple(input_shape), num_samples)
+        # a transformer's stage outputs are token sequences: every term compares them as maps
+        self.prefix = (prefix_tokens(student), prefix_tokens(target))
         ns, nt = student.num_stages, target.num_stages
         self.pairs: dict[str, list[tuple[int, int]]] = {}
         self.kinds: dict[str, _Kind] = {}
@@ -184,6 +192,8 @@ class FeatureTerms(nn.Module):
 
     def forward(self, student_feats: list[torch.Tensor], target_feats: list[torch.Tensor],
                 labels: torch.Tensor | None = None, index: torch.Tensor | None = None) -> dict:
+        student_feats = [stage_map(f, self.prefix[0]) for f in student_feats]
+        target_feats = [stage_map(f, self.prefix[1]) for f in target_feats]
         terms = {}
         for name, pairs in self.pairs.items():
             kind = self.kinds[name]

@@ -264,8 +264,10 @@ def test_method_output_contract():
                          ("kd_dml", {"teacher": teacher, "student": student}),
                          ("sokd", {"teacher": teacher, "student": student})]:
         out = sokd.methods.create(name, **kwargs)(x, y)
-        assert set(out) == {"loss", "terms", "logits"}
+        assert set(out) == {"loss", "loss_parts", "terms", "logits"}
         assert out["loss"].dim() == 0
+        parts = out["loss_parts"]   # the label terms and the rest, for DOT
+        assert torch.allclose(out["loss"], parts["task"] + parts["distill"])
         assert all(z.shape == (8, 10) for z in out["logits"].values())
 
 

@@ -101,3 +101,64 @@ def test_a_vit_teacher_and_a_vit_student_train_through_sokd_train(tmp_path):
         run["output"]["dir"] = str(out)
         assert cli.main(["train", str(write_config(tmp_path, run))]) == 0, (name, teacher, student)
         assert (out / "summary.json").exists() and (out / "student.pt").exists()
+
+
+def deit_student():
+    return sokd.models.create("timm.deit_tiny_distilled_patch16_224", num_classes=4, **VIT)
+
+
+def test_deit_distils_through_its_token_hard_or_soft_and_predicts_with_both_heads():
+    import torch.nn.functional as F
+    teacher, student = cnn(), deit_student()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    teacher.eval()
+    with torch.no_grad():
+        t_logits = teacher(x)
+    for target in ("hard", "soft"):
+        method = methods.create("deit", teacher=teacher, student=student, deit_target=target, T=2.0,
+                                input_shape=(3, 16, 16))
+        method.train()
+        out = method(x, y)
+        tokens, _ = student.forward_trunk(x, student.num_stages)
+        z_cls, z_dist = student.head.both_heads(tokens)
+        assert out["terms"]["student_ce"].item() == pytest.approx(F.cross_entropy(z_cls, y).item(), rel=1e-5)
+        if target == "hard":
+            expected = F.cross_entropy(z_dist, t_logits.argmax(1))
+        else:
+            expected = F.kl_div(F.log_softmax(z_dist / 2, 1), F.log_softmax(t_logits / 2, 1), reduction="sum",
+                                log_target=True) * 4 / z_dist.numel()
+        assert out["terms"]["student_dist_teacher"].item() == pytest.approx(expected.item(), rel=1e-4)
+        assert method.term_weights == {"student_ce": 0.5, "student_dist_teacher": 0.5}
+    student.eval()
+    tokens, _ = student.forward_trunk(x, student.num_stages)
+    z_cls, z_dist = student.head.both_heads(tokens)
+    assert torch.allclose(student(x), (z_cls + z_dist) / 2)
+    with pytest.raises(sokd.SokdError, match="distillation token and head"):
+        methods.create("deit", teacher=teacher, student=vit(), input_shape=(3, 16, 16))
+    with pytest.raises(sokd.SokdError, match="deit_target"):
+        methods.create("deit", teacher=teacher, student=student, logit_loss="dkd", input_shape=(3, 16, 16))
+
+
+def test_a_deit_student_trains_through_sokd_train(tmp_path):
+    t = tiny_config(tmp_path, "vanilla", data=_data(), train={"epochs": 1, "precision": "fp32"})
+    t["output"]["dir"] = str(tmp_path / "cnn_teacher")
+    assert cli.main(["train", str(write_config(tmp_path, t))]) == 0
+    run = tiny_config(tmp_path, "deit", data=_data(), train={"epochs": 1, "precision": "fp32"})
+    run["method"] = {"name": "deit", "deit_target": "soft"}
+    run["teacher"] = {"arch": "resnet8", "checkpoint": str(tmp_path / "cnn_teacher" / "model.pt")}
+    run["student"] = {"arch": "timm.deit_tiny_distilled_patch16_224", "kwargs": dict(VIT)}
+    run["output"]["dir"] = str(tmp_path / "deit")
+    assert cli.main(["train", str(write_config(tmp_path, run))]) == 0
+    assert (tmp_path / "deit" / "student.pt").exists()
+
+
+@pytest.mark.parametrize("arch, kwargs", [("timm.pvt_v2_b0", {}),
+                                          ("timm.swin_tiny_patch4_window7_224",
+                                           {"img_size": 32, "window_size": 2, "depths": (1, 1, 1),
+                                            "embed_dim": 16, "num_heads": (1, 2, 4)})])
+def test_hierarchical_transformers_are_sokd_teachers(arch, kwargs):
+    teacher = sokd.models.create(arch, num_classes=4, **kwargs)
+    method = methods.create("sokd", teacher=teacher, student=cnn(), kbm_init="teacher", input_shape=(3, 32, 32))
+    method.eval()
+    out = method.predict(torch.randn(2, 3, 32, 32))
+    assert torch.allclose(out["kbm"], out["teacher"], atol=1e-5)

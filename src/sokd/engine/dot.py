@@ -81,7 +81,12 @@ def backward(out: dict, optimizer: torch.optim.Optimizer, scaler) -> None:
     if not parts:
         scaler.scale(out["loss"]).backward()
         return
-    losses = out["loss_parts"]
+    losses = out.get("loss_parts")
+    if losses is None:
+        from ..errors import SokdError
+        raise SokdError(f"optim.name={type(optimizer).__name__.lower()} takes the loss in parts {parts}, but the "
+                        f"method returns only its total; build its result with Method.combine (see docs/byom.md) "
+                        f"or use optim.name=sgd")
     for i, part in enumerate(parts):
         loss = losses[part]
         last = i == len(parts) - 1

@@ -12,6 +12,7 @@ from ..validation import validate
 from . import losses
 from . import features  # noqa: F401  (registers every built-in feature kind)
 from .base import UNDECLARED, Method, MethodOptions, Role
+from .deit import DeiT, DeiTOptions
 from .dml import DML
 from .kbm import KnowledgeBridge, build_kbm, teacher_branch
 from .kd import KD
@@ -60,4 +61,4 @@ def create(name: str, *, input_shape=(3, 32, 32), num_samples: int | None = None
 __all__ = ["create", "register", "get", "list_methods", "options_model", "needs_trained_teacher",
            "config_roles", "role", "with_features", "Method", "MethodOptions", "Role", "losses", "build_kbm",
            "teacher_branch", "KnowledgeBridge", "SOKD", "SOKDOptions", "KD", "DML", "KDDML", "Vanilla",
-           "ONE", "ONEOptions", "KDCL", "KDCLOptions", "SHAKE", "SHAKEOptions"]
+           "ONE", "ONEOptions", "KDCL", "KDCLOptions", "SHAKE", "SHAKEOptions", "DeiT", "DeiTOptions"]

@@ -162,6 +162,8 @@ class Method(nn.Module):
     #: shape them (logit_loss, logit_standardize, dkd, dist, nkd, mlkd, temperature, warmup_epochs)
     #: are refused
     distills_logits: bool = True
+    logit_options_refused: str = ("has no distillation term, so method.{option} does nothing; remove it or pick "
+                                  "a method that distils")
     #: the weight of a term when method.weights does not name it (terms not listed: 1)
     default_weights: dict[str, float] = {}
 
@@ -206,8 +208,7 @@ class Method(nn.Module):
         shaping = ({"logit_loss", "logit_standardize", "dkd", "dist", "nkd", "mlkd", "warmup_epochs", "temperature",
                     "ctkd"} & options.model_fields_set)
         if shaping and not self.distills_logits:
-            raise SokdError(f"method '{self.name}' has no distillation term, so "
-                            f"method.{sorted(shaping)[0]} does nothing; remove it or pick a method that distils")
+            raise SokdError(f"method '{self.name}' " + self.logit_options_refused.format(option=sorted(shaping)[0]))
         if options.features and not self.accepts_features:
             users = registry.with_features()
             raise SokdError(f"method '{self.name}' " + self.features_refused.format(

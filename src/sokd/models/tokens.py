@@ -67,10 +67,16 @@ class TokenHead(nn.Module):
         self.prefix_tokens = int(vit.num_prefix_tokens)
         self.include_prefix = bool(getattr(vit, "pool_include_prefix", False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def both_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A distilled DeiT's (class-token logits, distillation-token logits)."""
         x = self.norm(x)
+        return self.head(self.head_drop(x[:, 0])), self.head_dist(self.head_drop(x[:, 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head_dist is not None:   # DeiT: the mean of the class and distillation heads
-            return (self.head(self.head_drop(x[:, 0])) + self.head_dist(self.head_drop(x[:, 1]))) / 2
+            cls, dist = self.both_heads(x)
+            return (cls + dist) / 2
+        x = self.norm(x)
         from timm.layers import global_pool_nlc
         x = global_pool_nlc(x, pool_type=self.global_pool, num_prefix_tokens=self.prefix_tokens,
                             reduce_include_prefix=self.include_prefix)

@@ -56,6 +56,21 @@ def model_file_name(name: str) -> str:
     return f"{name}.pt"
 
 
+#: a file inside a folder sokd wrote in its own format for another ecosystem (a Hugging Face
+#: folder of a network loaded from one): its presence says the folder is sokd's to replace
+NATIVE_MARK = ".sokd-written"
+
+
+def native_folder_name(name: str) -> str:
+    """The folder a standalone network `name` loaded from a Hugging Face folder is saved back as."""
+    return f"{name}_hf"
+
+
+def has_native_form(module) -> bool:
+    """Whether `module` came from another library's folder and is saved back in its format too."""
+    return bool(getattr(module, "native", None))
+
+
 # --------------------------------------------------------------------------------- writing
 def network_info(net: nn.Module) -> dict:
     """A network's spec plus its parameter count (what files and summaries record about it)."""

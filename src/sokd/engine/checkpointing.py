@@ -168,3 +168,23 @@ class Checkpointer:
         for name, (arch_role, module) in method.standalone().items():
             atomic_save(artifacts.model_file(name, module, method.nets[arch_role], self.data, cfg),
                         self.run.run_dir / artifacts.model_file_name(name))
+            if artifacts.has_native_form(module):
+                save_native_folder(module, self.run.run_dir / artifacts.native_folder_name(name), self.data)
+
+
+def save_native_folder(module, folder, data) -> None:
+    """The network in its source library's own format (a Hugging Face folder), written beside a
+    temporary name and moved into place; a folder there already is replaced only when sokd wrote it."""
+    import os
+    import shutil
+    from ..models.hf import save_native
+    if folder.is_symlink() or (folder.exists() and not (folder / artifacts.NATIVE_MARK).is_file()):
+        raise SokdError(f"'{folder}' exists and sokd did not write it; move it away to get the trained "
+                        f"network as a Hugging Face folder (the run's .pt files are written)")
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.sokd.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_native(module, staging, data.mean, data.std)
+    (staging / artifacts.NATIVE_MARK).write_text("written by sokd; replaced by its next run\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)

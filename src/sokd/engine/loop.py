@@ -124,7 +124,9 @@ def fit(method, data, ctx: FitContext) -> dict:
 
     run_dir = rundir.RunDirectory(run.run_dir, cfg.schema_default) if dist.is_main else None
     ckpt = (run_dir.open(cfg.to_dict(), cfg.output.resume, cfg.output.overwrite,
-                         outputs=[artifacts.model_file_name(n) for n in method.standalone()],
+                         outputs=[*(artifacts.model_file_name(n) for n in method.standalone()),
+                                  *(artifacts.native_folder_name(n) for n, (_, m) in method.standalone().items()
+                                    if artifacts.has_native_form(m))],
                          inputs=cfg.input_files())
             if run_dir else None)
     try:

@@ -81,6 +81,8 @@ def is_sokd_entry(path: Path) -> bool:
         return path.is_file()
     if name.endswith((".pt", ".onnx")):
         return path.is_file() and artifacts.is_sokd_file(path)
+    if name.endswith("_hf"):
+        return path.is_dir() and (path / artifacts.NATIVE_MARK).is_file()
     return False
 
 

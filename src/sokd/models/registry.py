@@ -21,7 +21,8 @@ _REGISTRY: Registry = Registry("model")
 WRN_PATTERN = re.compile(r"wrn_(\d+)_(\d+)")
 WRN_EXAMPLES = ("wrn_16_1", "wrn_16_2", "wrn_28_10", "wrn_40_1", "wrn_40_2")
 _PATTERN_HINT = ("; also accepted: wrn_<depth>_<width> with (depth - 4) % 6 == 0, "
-                 "tv.<torchvision classification model>, timm.<timm model>")
+                 "tv.<torchvision classification model>, timm.<timm model>, hf:<folder of a Hugging Face "
+                 "image classifier>")
 
 
 def register(name: str, *, overwrite: bool = False) -> Callable[[Constructor], Constructor]:
@@ -98,7 +99,7 @@ def create(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> Stage
     _check_int("in_channels", in_channels)
 
     weights = None
-    if "weights" in kwargs and not name.startswith(("tv.", "timm.")) and not _takes_weights(_REGISTRY.get(name)):
+    if "weights" in kwargs and not name.startswith(("tv.", "timm.", "hf:")) and not _takes_weights(_REGISTRY.get(name)):
         weights = kwargs.pop("weights")  # loaded below, in sokd's or a published layout
     if name in _REGISTRY:
         net = _call(name, _REGISTRY[name], num_classes, in_channels, kwargs)
@@ -112,6 +113,9 @@ def create(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> Stage
     elif name.startswith("timm."):
         from .torchvision_adapter import create_timm
         net = create_timm(name[5:], num_classes, in_channels, **kwargs)
+    elif name.startswith("hf:"):
+        from .hf import create_hf
+        net = create_hf(name, num_classes, in_channels, **kwargs)
     else:
         err = unknown("model", name, list_models())
         raise SokdError(str(err) + _PATTERN_HINT)

@@ -274,7 +274,8 @@ def plain_sokd_step(teacher, student, kbm_stages: int, T: float = 4.0, lr: float
 
 
 def check_args(teacher_arch: str, student_arch: str, batch, device: str, precision: str, num_classes,
-               shape, variants, warmup, reps, steps_per_rep, fp32_too) -> torch.device:
+               shape, variants, warmup, reps, steps_per_rep, fp32_too, teacher_kwargs=None,
+               student_kwargs=None) -> torch.device:
     """SokdError (naming the `sokd bench` option) for any argument `run` cannot use; the device."""
     for flag, value, low in (("--batch", batch, 1), ("--classes", num_classes, 1), ("--reps", reps, 1),
                              ("--steps-per-rep", steps_per_rep, 1), ("--warmup", warmup, 0)):
@@ -298,8 +299,8 @@ def check_args(teacher_arch: str, student_arch: str, batch, device: str, precisi
         raise SokdError("--device asks for CUDA but no GPU is visible; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise SokdError(f"--device '{device}' is not supported by sokd bench; use cpu or cuda")
-    for arch in (teacher_arch, student_arch):  # unknown names fail here, before any timing
-        models.create(arch, num_classes=num_classes, in_channels=shape[0])
+    for arch, kwargs in ((teacher_arch, teacher_kwargs), (student_arch, student_kwargs)):
+        models.create(arch, num_classes=num_classes, in_channels=shape[0], **(kwargs or {}))  # fails before timing
     return dev
 
 
@@ -359,9 +360,13 @@ def _ratios(results: list["StepResult"]) -> dict:
 def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "cpu",
         precision: str = "bf16", channels_last: bool = True, num_classes: int = 100,
         shape=(3, 32, 32), variants=None, warmup: int = 3, reps: int = 5, steps_per_rep: int = 3,
-        plain: bool = True, memory: bool = True, fp32_too=(), log=print, compile=False) -> dict:
+        plain: bool = True, memory: bool = True, fp32_too=(), log=print, compile=False,
+        teacher_kwargs: dict | None = None, student_kwargs: dict | None = None) -> dict:
+    """Time every variant's training step on one (teacher, student) pair; `*_kwargs`: the
+    networks' constructor options (e.g. a ViT's img_size and patch_size)."""
+    teacher_kwargs, student_kwargs = dict(teacher_kwargs or {}), dict(student_kwargs or {})
     dev = check_args(teacher_arch, student_arch, batch, device, precision, num_classes, shape, variants,
-                     warmup, reps, steps_per_rep, fp32_too)
+                     warmup, reps, steps_per_rep, fp32_too, teacher_kwargs, student_kwargs)
     if compile:
         check_setting(compile, dev, "--compile")
     torch.manual_seed(0)
@@ -396,8 +401,8 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
     with limits:
         for name, prec, cl in runs:
             method_name, opts = VARIANTS[name]
-            teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0])
-            student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0])
+            teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0], **teacher_kwargs)
+            student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0], **student_kwargs)
             nets = pair_networks(method_name, teacher, student)
             layout = torch.channels_last if cl else torch.contiguous_format
             # num_samples: a CIFAR-sized training set for the terms that keep per-sample state (CRD)
@@ -418,8 +423,10 @@ def run(teacher_arch: str, student_arch: str, batch: int = 128, device: str = "c
                 prepare(f"{label} compiled", make_train_step(twin, twin_opt, xs, y, dev, prec, forward), prec, cl,
                         flops_step=eager, compiled=True)
         if plain:
-            teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0]).to(dev)
-            student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0]).to(dev)
+            teacher = models.create(teacher_arch, num_classes=num_classes, in_channels=shape[0],
+                                    **teacher_kwargs).to(dev)
+            student = models.create(student_arch, num_classes=num_classes, in_channels=shape[0],
+                                    **student_kwargs).to(dev)
             teacher.requires_grad_(False)
             teacher.train()
             student.train()

@@ -10,6 +10,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time the training step of each method (images/s, FLOPs, peak)")
     p.add_argument("--teacher", default="wrn_40_2")
     p.add_argument("--student", default="wrn_40_1")
+    p.add_argument("--teacher-kwargs", default=None, metavar="YAML",
+                   help="the teacher's constructor options, e.g. '{img_size: 32, patch_size: 4}' for a ViT")
+    p.add_argument("--student-kwargs", default=None, metavar="YAML", help="the student's, the same way")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
@@ -42,11 +45,13 @@ def run(args) -> int:
         raise SokdError(f"--input must be CxHxW with integer sizes (e.g. 3x32x32), got '{args.input}'") from None
     if args.json:
         _check_json_path(Path(args.json))
+    kwargs = {role: _mapping(getattr(args, f"{role}_kwargs"), f"--{role}-kwargs") for role in ("teacher", "student")}
     res = bench.run(args.teacher, args.student, args.batch, args.device, args.precision,
                     not args.no_channels_last, args.classes, shape, args.methods, args.warmup,
                     args.reps, args.steps_per_rep, plain=not args.no_plain, memory=not args.no_memory,
                     fp32_too=args.fp32_too,
-                    compile={None: False, "true": True}.get(args.compile, args.compile))
+                    compile={None: False, "true": True}.get(args.compile, args.compile),
+                    teacher_kwargs=kwargs["teacher"], student_kwargs=kwargs["student"])
     rows = [[r["name"], r["precision"] + ("+CL" if r["channels_last"] else ""), f"{r['images_per_s']:.1f}",
              f"{r['step_ms']:.1f}", f"{r['gflop_per_step']:.2f}", f"{r['gflop_per_s']:.0f}",
              f"{100 * r['peak_fraction']:.0f}%",
@@ -70,6 +75,21 @@ def run(args) -> int:
                           default_file_mode())
         print(f"wrote {args.json}")
     return 0
+
+
+def _mapping(text: str | None, flag: str) -> dict:
+    """A YAML mapping given on the command line ({} when absent)."""
+    import yaml
+    from ..errors import SokdError
+    if text is None:
+        return {}
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise SokdError(f"{flag} must be a YAML mapping, e.g. '{{img_size: 32, patch_size: 4}}', got '{text}'")
+    return value
 
 
 def _check_json_path(path: Path) -> None:

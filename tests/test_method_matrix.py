@@ -18,7 +18,7 @@ from .conftest import tiny_config, write_config
 LOGIT_CHOICES = [{"logit_loss": "dkd"}, {"logit_loss": "dist"}, {"logit_standardize": True},
                  {"logit_loss": "dkd", "logit_standardize": True, "warmup_epochs": 2}, {"logit_loss": "nkd"},
                  {"logit_loss": "mlkd"}, {"logit_loss": "mlkd", "logit_standardize": True, "temperature": "ctkd"},
-                 {"temperature": "ctkd"}]
+                 {"temperature": "ctkd"}, {"logit_loss": "ofa", "T": 1.0}]
 
 
 def _distilling_methods():

@@ -412,3 +412,37 @@ def test_only_a_method_that_asks_gets_the_strong_view():
     assert not hasattr(other, "strong_view")
     with pytest.raises(SokdError, match="strong_view=false"):
         set_views(other, 2)
+
+
+# -- OFA-KD --------------------------------------------------------------------------------------
+
+def test_ofa_is_soft_target_cross_entropy_at_eps_1_and_enhances_the_label_class_beyond():
+    t, s, y = _logits(seed=20), _logits(seed=21), torch.tensor([0, 1, 2, 3, 4, 0])
+    p, log_q = torch.softmax(t, 1), torch.log_softmax(s, 1)
+    assert losses.ofa(t, s, y, eps=1.0).item() == pytest.approx(-(p * log_q).sum(1).mean().item(), rel=1e-6)
+    onehot = F.one_hot(y, 5).float()
+    w = (p + onehot) ** 2 - onehot      # label: (1 + p_y)^2 - 1, others p_c^2
+    assert losses.ofa(t, s, y, eps=2.0).item() == pytest.approx(-(w * log_q).sum(1).mean().item(), rel=1e-6)
+    s2 = s.clone().requires_grad_(True)
+    losses.ofa(t.requires_grad_(True), s2, y, eps=1.5).backward()
+    assert t.grad is None and s2.grad.abs().sum() > 0
+
+
+def test_ofa_branches_take_every_student_stage_to_the_logits():
+    teacher = sokd.models.create("resnet14", num_classes=4)
+    student = sokd.models.create("resnet8", num_classes=4)
+    kd = methods.create("kd", teacher=teacher, student=student, input_shape=(3, 16, 16),
+                        features=[{"kind": "ofa", "options": {"eps": 1.5}}])
+    term = kd.features.modules_by_term["student_ofa"]
+    assert term.stages == [0, 1, 2]
+    feats = student.forward_features(torch.randn(2, 3, 16, 16))[1]
+    # stage i of n: n - 1 - i halving blocks (the last stage: a 1x1 conv), then pooling and a classifier
+    assert [sum(isinstance(m, torch.nn.BatchNorm2d) for m in b.modules()) for b in term.branches] == [4, 2, 0]
+    assert all(b(f).shape == (2, 4) for b, f in zip(term.branches, feats))
+    kd.train()
+    out = kd(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
+    out["loss"].backward()
+    assert all(p.grad is not None for p in term.parameters())
+    with pytest.raises(SokdError, match="not its stages"):
+        methods.create("kd", teacher=teacher, student=student, input_shape=(3, 16, 16),
+                       features=[{"kind": "ofa", "target_stages": [0]}])

@@ -15,7 +15,7 @@ timm = pytest.importorskip("timm")
 
 VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 4, "num_heads": 2}
 VIT_ARCH = "timm.vit_tiny_patch16_224"
-FEATURE_KINDS = ["at", "fitnet", "sp", "pkt", "rkd", "crd", "nd"]
+FEATURE_KINDS = ["at", "fitnet", "sp", "pkt", "rkd", "crd", "nd", "ofa"]
 
 
 def vit(**extra):

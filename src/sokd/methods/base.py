@@ -61,6 +61,13 @@ class MLKDOptions(BaseModel):
                               "batch beside the usual one, as MLKD does; false: the usual view only")
 
 
+class OFALogitOptions(BaseModel):
+    """OFA-KD's loss on the final logits; its temperature is method.T (OFA's default: T = 1)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    eps: float = Field(1.0, gt=0, description="exponent enhancing the label class (ImageNet CNN students: 1.5)")
+
+
 class MethodOptions(BaseModel):
     """Options every method accepts; methods extend this."""
 
@@ -69,14 +76,15 @@ class MethodOptions(BaseModel):
     weights: dict[str, float] = Field(default_factory=dict, description="per-term weights, default 1")
     features: list[FeatureSpec] = Field(default_factory=list,
                                         description="feature and relational terms (docs/methods.md)")
-    logit_loss: Literal["kl", "dkd", "dist", "nkd", "mlkd"] = Field(
-        "kl", description="the distance every logit-distillation term uses: kl (Hinton), dkd, dist, nkd, mlkd")
+    logit_loss: Literal["kl", "dkd", "dist", "nkd", "mlkd", "ofa"] = Field(
+        "kl", description="the distance every logit-distillation term uses: kl (Hinton), dkd, dist, nkd, mlkd, ofa")
     logit_standardize: bool = Field(
         False, description="z-score both logit vectors before the softmax (Sun et al., CVPR 2024)")
     dkd: DKDOptions = Field(default_factory=DKDOptions)
     dist: DISTOptions = Field(default_factory=DISTOptions)
     nkd: NKDOptions = Field(default_factory=NKDOptions)
     mlkd: MLKDOptions = Field(default_factory=MLKDOptions)
+    ofa: OFALogitOptions = Field(default_factory=OFALogitOptions)
     temperature: Literal["fixed", "ctkd"] = Field(
         "fixed", description="fixed: method.T; ctkd: a temperature learnt adversarially with a curriculum "
                              "(Curriculum Temperature KD), shared by every distillation term")
@@ -205,7 +213,7 @@ class Method(nn.Module):
             net.requires_grad_(role not in self.frozen)
         self.features: FeatureTerms | None = None
         self.temperature = CurriculumTemperature(options.ctkd) if options.temperature == "ctkd" else None
-        shaping = ({"logit_loss", "logit_standardize", "dkd", "dist", "nkd", "mlkd", "warmup_epochs", "temperature",
+        shaping = ({"logit_loss", "logit_standardize", "dkd", "dist", "nkd", "mlkd", "ofa", "warmup_epochs", "temperature",
                     "ctkd"} & options.model_fields_set)
         if shaping and not self.distills_logits:
             raise SokdError(f"method '{self.name}' " + self.logit_options_refused.format(option=sorted(shaping)[0]))
@@ -253,6 +261,8 @@ class Method(nn.Module):
             return losses.dist(target_logits, logits, o.dist.beta, o.dist.gamma, T)
         if o.logit_loss == "nkd":
             return losses.nkd(target_logits, logits, labels, o.nkd.gamma, T)
+        if o.logit_loss == "ofa":
+            return losses.ofa(target_logits, logits, labels, o.ofa.eps, T)
         return losses.soft_target(target_logits, logits, T)
 
     @property

@@ -30,5 +30,5 @@ class KD(Method):
             "student_kl_teacher": self.distill(t_logits, s_logits, labels),
         }
         if self.features is not None:
-            terms.update(self.features(s_feats, t_feats, labels, index))
+            terms.update(self.features(s_feats, t_feats, labels, index, target_logits=t_logits))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits})

@@ -324,3 +324,18 @@ def norm_direction(student_emb: torch.Tensor, target_emb: torch.Tensor, centres:
     direction = F.normalize(centres.detach().float(), dim=1)[labels]
     scale = torch.maximum(s.norm(dim=1), t_norm).clamp(min=1e-12)
     return (1.0 - (s * direction).sum(dim=1) / scale).mean()
+
+
+@fp32
+def ofa(target_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, eps: float = 1.0,
+        T: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """OFA-KD's loss (Hao et al., NeurIPS 2023): a soft-target cross-entropy whose target class is
+    enhanced: -mean_i Σ_c w_ic log q_ic with w = (p + y)^eps − y, p = softmax(t / T), q = softmax(s / T)
+    and y the one-hot label: the label's weight is (1 + p_y)^eps − 1, every other class's p_c^eps
+    (not renormalised). eps = 1 is the plain soft-target cross-entropy. No T² factor; target detached.
+    """
+    p = F.softmax(target_logits.detach().float() / T, dim=1)
+    log_q = F.log_softmax(logits.float() / T, dim=1)
+    y = _label_mask(labels, p.shape[1]).float()
+    weight = (p + y).pow(eps) - y
+    return -(weight * log_q).sum(dim=1).mean()

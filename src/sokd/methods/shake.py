@@ -148,7 +148,7 @@ class SHAKE(Method):
             "shadow_mse_teacher": F.mse_loss(h.float(), t.detach().float()),
         }
         if self.features is not None:
-            terms.update(self.features(s_feats, t_feats, labels, index))
+            terms.update(self.features(s_feats, t_feats, labels, index, target_logits=t_logits))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits, "shadow": h_logits})
 
     @torch.no_grad()

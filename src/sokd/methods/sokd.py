@@ -67,7 +67,7 @@ class SOKD(Method):
             "student_kl_kbm": self.distill(a_logits, s_logits, labels),
         }
         if self.features is not None:
-            terms.update(self.features(s_feats, branch_feats, labels, index))
+            terms.update(self.features(s_feats, branch_feats, labels, index, target_logits=a_logits.detach()))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits, "kbm": a_logits})
 
     @torch.no_grad()

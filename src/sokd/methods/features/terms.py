@@ -53,13 +53,15 @@ class _Kind:
 
     Pairwise kinds give `pair_loss(student feature, target feature) -> scalar`; module kinds give
     `build(pairs, options, context) -> nn.Module` whose forward takes (student stage outputs,
-    target stage outputs, batch) with batch holding `labels` and, where `needs_index`, `index`
-    (each sample's position in the training set).
+    target stage outputs, batch) with batch holding `labels`, `target_logits` (the target's
+    logits, detached by the kinds that read them) and, where `needs_index`, `index` (each sample's
+    position in the training set).
     """
 
     def __init__(self, default_weight: float, source: str, *, pair_loss: Callable | None = None,
                  regressed: bool = False, build: Callable | None = None, options=None,
-                 default_stages: Callable[[int], list[int]] = lambda n: [-1], needs_index: bool = False):
+                 default_stages: Callable[[int], list[int]] = lambda n: [-1], needs_index: bool = False,
+                 target_stages: bool = True):
         self.default_weight = default_weight
         self.source = source            # where the default weight comes from
         self.pair_loss = pair_loss
@@ -68,6 +70,7 @@ class _Kind:
         self.options = options          # pydantic model of the kind's own options (or None)
         self.default_stages = default_stages
         self.needs_index = needs_index
+        self.target_stages = target_stages   # whether it compares target stages (else the target's logits)
 
 
 KINDS = Registry("feature kind")
@@ -104,7 +107,7 @@ def default_weight(kind: str) -> float:
 
 class FeatureSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    kind: str = Field(description="a registered feature kind: at, fitnet, sp, pkt, rkd, crd, nd, reviewkd")
+    kind: str = Field(description="a registered feature kind: at, fitnet, sp, pkt, rkd, crd, nd, ofa, reviewkd")
     stages: list[int] | None = Field(None, min_length=1, description="student stage indices (default: the kind's)")
     target_stages: list[int] | None = Field(None, min_length=1, description="target stage indices (default: same)")
     weight: float | None = Field(None, ge=0, description="default: the kind's (docs/methods.md)")
@@ -161,6 +164,11 @@ class FeatureTerms(nn.Module):
             kind = KINDS[spec.kind]
             stages = spec.stages if spec.stages is not None else kind.default_stages(ns)
             tgt = spec.target_stages if spec.target_stages is not None else stages
+            if not kind.target_stages:
+                if spec.target_stages is not None:
+                    raise SokdError(f"feature term '{spec.kind}' learns from the target's logits, not its stages; "
+                                    f"remove method.features[{spec.kind}].target_stages")
+                tgt = [-1] * len(stages)
             if len(tgt) != len(stages):
                 raise SokdError(f"feature term '{spec.kind}': stages and target_stages differ in length")
             pairs = [(_resolve(i, ns, "student", spec.kind), _resolve(j, nt, "teacher", spec.kind))
@@ -191,7 +199,8 @@ class FeatureTerms(nn.Module):
         return any(k.needs_index for k in self.kinds.values())
 
     def forward(self, student_feats: list[torch.Tensor], target_feats: list[torch.Tensor],
-                labels: torch.Tensor | None = None, index: torch.Tensor | None = None) -> dict:
+                labels: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                target_logits: torch.Tensor | None = None) -> dict:
         student_feats = [stage_map(f, self.prefix[0]) for f in student_feats]
         target_feats = [stage_map(f, self.prefix[1]) for f in target_feats]
         terms = {}
@@ -199,7 +208,7 @@ class FeatureTerms(nn.Module):
             kind = self.kinds[name]
             if kind.build is not None:
                 terms[name] = self.modules_by_term[name](
-                    student_feats, target_feats, {"labels": labels, "index": index})
+                    student_feats, target_feats, {"labels": labels, "index": index, "target_logits": target_logits})
                 continue
             total = 0.0
             for i, j in pairs:

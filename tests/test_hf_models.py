@@ -109,3 +109,31 @@ def test_an_hf_student_trains_and_comes_back_as_an_hf_folder(tmp_path, teacher_f
     cfg["output"]["dir"] = str(other)
     assert cli.main(["train", str(write_config(tmp_path, cfg))]) == 2
     assert (other / "student_hf" / "mine.txt").read_text() == "precious"
+
+
+def test_each_network_gets_its_own_preprocessing_from_its_folder_or_timm(tmp_path):
+    """A Hugging Face teacher whose image processor declares other statistics than the data's
+    gets its images renormalised; a timm network with `weights=` does so on request."""
+    from types import SimpleNamespace
+    from sokd import runner
+    from sokd.config import NetworkSpec
+    folder = saved(tmp_path, "vit")
+    T.ViTImageProcessor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                        size={"height": 16, "width": 16}).save_pretrained(folder)
+    data = SimpleNamespace(mean=[0.5] * 3, std=[0.25] * 3, shape=(3, 16, 16))
+    net = runner.build_network(NetworkSpec(arch=f"hf:{folder}"), "teacher", 4, 3, data)
+    assert net.input_adapter.mean == pytest.approx([0.485, 0.456, 0.406]) and net.input_adapter.size is None
+    u = torch.rand(2, 3, 16, 16)
+    model = T.AutoModelForImageClassification.from_pretrained(folder).eval()
+    own = (u - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(net.eval()((u - 0.5) / 0.25), model(pixel_values=own).logits, atol=1e-4)
+    plain = runner.build_network(NetworkSpec(arch=f"hf:{folder}", preprocess="data"), "teacher", 4, 3, data)
+    assert getattr(plain, "input_adapter", None) is None
+    timm = pytest.importorskip("timm")
+    weights = tmp_path / "w.pt"
+    torch.save(timm.create_model("resnet10t", num_classes=4).state_dict(), weights)   # timm's own layout
+    spec = NetworkSpec(arch="timm.resnet10t", weights=str(weights), preprocess="pretrained")
+    timm_net = runner.build_network(spec, "teacher", 4, 3, data)
+    assert timm_net.input_adapter.std == pytest.approx([0.229, 0.224, 0.225], abs=1e-3)
+    spec = NetworkSpec(arch="timm.resnet10t", weights=str(weights))
+    assert getattr(runner.build_network(spec, "teacher", 4, 3, data), "input_adapter", None) is None

@@ -95,14 +95,24 @@ def run_state(*, method: nn.Module, epoch: int, step: int, data, config: dict, *
 
 def data_record(ckpt: dict) -> dict:
     """What a run checkpoint or model file records about the data its networks were trained on:
-    name, shape, mean, std, num_classes (and, where recorded, train_size and fingerprint). Model
-    files written before they carried the whole record keep shape / mean / std in `preprocess`."""
+    name, shape, mean, std, num_classes (and, where recorded, train_size and fingerprint). A model
+    file's `preprocess` (shape / mean / std: the images the network takes) wins over its data's."""
     record = dict(ckpt.get("data") or {})
-    for key, value in (ckpt.get("preprocess") or {}).items():
-        record.setdefault(key, value)
+    record.update(ckpt.get("preprocess") or {})   # what the network itself takes, where it differs
     if "num_classes" not in record and "num_classes" in ckpt:
         record["num_classes"] = ckpt["num_classes"]
     return record
+
+
+def preprocess_of(module: nn.Module, data) -> dict:
+    """The images `module` takes: the data's, or its own where the run adapted them for it."""
+    adapter = getattr(module, "input_adapter", None)
+    shape = list(data.shape)
+    if adapter is None:
+        return {"shape": shape, "mean": list(data.mean), "std": list(data.std)}
+    if adapter.size is not None:
+        shape = [shape[0], *adapter.size]
+    return {"shape": shape, "mean": list(adapter.mean), "std": list(adapter.std)}
 
 
 def model_file(name: str, module: nn.Module, spec_source: nn.Module, data, config: dict) -> dict:
@@ -111,7 +121,7 @@ def model_file(name: str, module: nn.Module, spec_source: nn.Module, data, confi
     info = {**network_info(spec_source), "params": sum(p.numel() for p in module.parameters())}
     return {"format": MODEL_FORMAT, "version": VERSION, "name": name, **info,
             "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-            "preprocess": {"shape": list(data.shape), "mean": list(data.mean), "std": list(data.std)},
+            "preprocess": preprocess_of(module, data),
             "data": data_facts(data),
             "config": config}
 

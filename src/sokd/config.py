@@ -53,6 +53,10 @@ class NetworkSpec(Strict):
     weights: UserPath | None = Field(None, description="local state dict: tv./timm. model, or a zoo model in "
                                                   "sokd's or RepDistiller/mdistiller's layout")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments")
+    preprocess: Literal["recorded", "pretrained", "data"] = Field(
+        "recorded", description="the images this network gets: recorded = normalised (and sized) as its "
+        "checkpoint or Hugging Face folder records; pretrained = as timm's pretrained config says for its "
+        "weights; data = the data's own, whatever it was trained on")
 
 
 class MethodSpec(BaseModel):

@@ -13,44 +13,68 @@ from .config import Config, NetworkSpec, stored_config
 from .engine import DistContext, FitContext, evaluate, fit, load_state_strict, resolve_device, safe_load
 from .engine import tracking
 from .errors import SokdError
+from .models.staged import InputAdapter
 
 
-def check_preprocess(ckpt: dict, path: str, key: str, data) -> None:
-    """A network trained on images of another shape or normalisation sees noise: refuse it,
-    giving both records (`data`: the run's `DataBundle`). Plain state dicts record nothing."""
-    if artifacts.kind(ckpt) is None or data is None:
-        return
-    recorded = artifacts.data_record(ckpt)
-    theirs = {k: [float(v) for v in recorded.get(k) or []] for k in ("mean", "std")}
-    ours = {"mean": [float(v) for v in data.mean], "std": [float(v) for v in data.std]}
-    shape = list(recorded.get("shape") or [])
-    if shape and shape != list(data.shape):
-        raise SokdError(f"{key} '{path}' was trained on {'x'.join(map(str, shape))} images, but this data "
-                        f"gives {'x'.join(map(str, data.shape))}; train on the same image size "
-                        f"(data.image_size / data.pad_to) or use a network trained for it")
-    close = all(len(theirs[k]) == len(ours[k]) and all(abs(a - b) <= 1e-6 * max(1.0, abs(b))
-                                                        for a, b in zip(theirs[k], ours[k])) for k in ours)
-    if not close:
-        fmt_ = lambda v: "[" + ", ".join(f"{x:.4g}" for x in v) + "]"  # noqa: E731
-        raise SokdError(f"{key} '{path}' was trained on images normalised with mean {fmt_(theirs['mean'])} "
-                        f"std {fmt_(theirs['std'])}, but this data is normalised with mean {fmt_(ours['mean'])} "
-                        f"std {fmt_(ours['std'])}; set data.mean={fmt_(theirs['mean'])} "
-                        f"data.std={fmt_(theirs['std'])} so every network sees what it was trained on")
+def _close(a, b) -> bool:
+    return len(a) == len(b) and all(abs(float(x) - float(y)) <= 1e-6 * max(1.0, abs(float(y))) for x, y in zip(a, b))
+
+
+def input_adapter(net_stats: dict, key: str, where: str, data) -> InputAdapter | None:
+    """The InputAdapter that gives a network its own preprocessing (`net_stats`: the shape, mean
+    and std it was trained with, any of them absent) from the run's data, or None when it matches.
+    A network trained on another number of channels is refused."""
+    if data is None or not net_stats:
+        return None
+    mean, std = [float(v) for v in net_stats.get("mean") or []], [float(v) for v in net_stats.get("std") or []]
+    shape = list(net_stats.get("shape") or [])
+    if shape and shape[0] != data.shape[0]:
+        raise SokdError(f"{key} '{where}' was trained on {shape[0]}-channel images, but this data has "
+                        f"{data.shape[0]}; use data with {shape[0]} channels or a network trained on yours")
+    if len(mean) != data.shape[0] or len(std) != data.shape[0]:
+        mean, std = list(data.mean), list(data.std)   # no (usable) record: the data's own
+    size = tuple(shape[1:]) if shape and list(shape[1:]) != list(data.shape[1:]) else None
+    if size is None and _close(mean, data.mean) and _close(std, data.std):
+        return None
+    return InputAdapter(data.mean, data.std, mean, std, size)
+
+
+def check_preprocess(ckpt: dict, path: str, key: str, data) -> InputAdapter | None:
+    """What a checkpoint's network was trained on (`artifacts.data_record`) against the run's
+    data (`data`: its `DataBundle`): None when they match, else the adapter that gives the network
+    its own images. Plain state dicts record nothing."""
+    if artifacts.kind(ckpt) is None:
+        return None
+    return input_adapter(artifacts.data_record(ckpt), key, path, data)
 
 
 def build_network(spec: NetworkSpec, role: str, num_classes: int, in_channels: int,
                   data=None) -> torch.nn.Module:
+    """The network of a config section. One trained on other images gets its own preprocessing
+    (`StagedNet.input_adapter`, `<role>.preprocess`): by default from the record of its checkpoint
+    or of its Hugging Face folder (the image processor's); with `pretrained`, from timm's pretrained
+    config; with `data`, none."""
     kwargs = dict(spec.kwargs)
     if spec.weights:
         if not Path(spec.weights).is_file():
             raise SokdError(f"{role}.weights file '{spec.weights}' not found; give a local state-dict path")
         kwargs["weights"] = spec.weights
     net = models.create(spec.arch, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    adapter = None
     if spec.checkpoint:
         ckpt = safe_load(spec.checkpoint)
-        check_preprocess(ckpt, spec.checkpoint, f"{role}.checkpoint", data)
+        if spec.preprocess == "recorded":
+            adapter = check_preprocess(ckpt, spec.checkpoint, f"{role}.checkpoint", data)
         state = artifacts.network_state(ckpt, spec.checkpoint, spec.checkpoint_role)
         load_state_strict(net, state, f"{role}.checkpoint '{spec.checkpoint}'")
+    elif spec.preprocess == "pretrained" or (spec.preprocess == "recorded" and spec.arch.startswith("hf:")):
+        stats = getattr(net, "pretrained_stats", None)
+        if spec.preprocess == "pretrained" and not stats:
+            raise SokdError(f"{role}.preprocess=pretrained, but {spec.arch} declares no pretrained normalisation; "
+                            f"set {role}.preprocess=data (or recorded)")
+        adapter = input_adapter(stats or {}, f"{role}.arch", spec.weights or spec.arch, data)
+    if adapter is not None:
+        net.input_adapter = adapter
     return net
 
 

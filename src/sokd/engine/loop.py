@@ -208,6 +208,10 @@ def _probe_batch(data, device) -> torch.Tensor:
 def _fit_prepared(method, data, run: RunContext, ckpt, run_dir, stop, trackers, step_module, inference) -> dict:
     cfg, dist, tr = run.cfg, run.dist, run.cfg.train
     dist.print(run.settings.line(run.device, tuple(inference.notes)))
+    for role, net in method.nets.items():   # a network trained on other images gets its own
+        adapter = getattr(net, "input_adapter", None)
+        if adapter is not None:
+            dist.print(f"{role}: {adapter.describe()}")
     optimizer = build_optimizer(method, cfg.optim, run.device)
     scheduler = build_scheduler(optimizer, cfg.schedule, tr.epochs)
     scaler = grad_scaler(run.device, run.precision)

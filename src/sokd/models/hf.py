@@ -193,6 +193,7 @@ def create_hf(name: str, num_classes: int, in_channels: int = 3, stages=None, **
     net = AdaptedNet(stem, stage_list, head, constants=constant_parameters(model), cut_source=source)
     net.prefix_tokens = prefix
     net.native = [model, folder]   # a list: the modules are the net's own already, not registered twice
+    net.pretrained_stats = _processor_stats(transformers, folder, in_channels)
     size = getattr(model.config, "image_size", 32)
     size = size if isinstance(size, int) else size[0]
     with torch.no_grad():
@@ -203,6 +204,25 @@ def create_hf(name: str, num_classes: int, in_channels: int = 3, stages=None, **
                         f"cut it automatically; cut it with sokd.models.adapt, see docs/byom.md")
     net.train()
     return net
+
+
+def _processor_stats(transformers, folder: Path, channels: int) -> dict:
+    """The preprocessing the folder's image processor declares: mean, std and (when it names both)
+    height x width as {"mean", "std", "shape"}; {} without a processor."""
+    if not (folder / "preprocessor_config.json").is_file():
+        return {}
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return {}
+    stats = {}
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if mean is not None and std is not None:
+        stats.update(mean=list(mean), std=list(std))
+    size = getattr(processor, "size", None) or {}
+    if isinstance(size, dict) and size.get("height") and size.get("width"):
+        stats["shape"] = [channels, int(size["height"]), int(size["width"])]
+    return stats
 
 
 def save_native(net: nn.Module, folder: Path, mean, std) -> Path | None:

@@ -12,6 +12,33 @@ import torch
 from torch import nn
 
 
+class InputAdapter(nn.Module):
+    """Takes images as the run's data pipeline normalises them to what one network was trained on:
+    per channel x * scale + shift (= (x·std_data + mean_data − mean_net) / std_net) and, where the
+    network's image size differs, a bilinear resize. No parameters and no saved state: the run
+    rebuilds it from the records of the network and the data."""
+
+    def __init__(self, data_mean, data_std, net_mean, net_std, size: tuple[int, int] | None = None):
+        super().__init__()
+        dm, ds, nm, ns = (torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                          for v in (data_mean, data_std, net_mean, net_std))
+        self.register_buffer("scale", ds / ns, persistent=False)
+        self.register_buffer("shift", (dm - nm) / ns, persistent=False)
+        self.mean, self.std = [float(v) for v in net_mean], [float(v) for v in net_std]
+        self.size = tuple(size) if size is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = torch.nn.functional.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return x
+
+    def describe(self) -> str:
+        fmt = lambda v: "[" + ", ".join(f"{x:.4g}" for x in v) + "]"  # noqa: E731
+        size = f", resized to {self.size[0]}x{self.size[1]}" if self.size is not None else ""
+        return f"its images renormalised to its own mean {fmt(self.mean)} std {fmt(self.std)}{size}"
+
+
 class StagedNet(nn.Module):
     """A classifier cut into `stem`, `stages` (nn.ModuleList) and `head` (pool + classifier).
 
@@ -25,6 +52,12 @@ class StagedNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.head = head
 
+    def _enter(self, x: torch.Tensor) -> torch.Tensor:
+        """`input_adapter` (a submodule the run sets when the network was trained on images
+        normalised or sized otherwise than the run's data) before the stem."""
+        adapter = self._modules.get("input_adapter")
+        return x if adapter is None else adapter(x)
+
     @property
     def num_stages(self) -> int:
         return len(self.stages)
@@ -35,7 +68,7 @@ class StagedNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(logits, [output of each stage]): what feature terms compare, at no extra cost."""
-        x = self.stem(x)
+        x = self.stem(self._enter(x))
         feats = []
         for stage in self.stages:
             x = stage(x)
@@ -44,7 +77,7 @@ class StagedNet(nn.Module):
 
     def forward_trunk(self, x: torch.Tensor, upto: int):
         """Run stem and stages[:upto]; returns (output, [stage outputs])."""
-        x = self.stem(x)
+        x = self.stem(self._enter(x))
         feats = []
         for stage in self.stages[:upto]:
             x = stage(x)

@@ -481,6 +481,23 @@ def create_timm(name: str, num_classes: int, in_channels: int = 3, weights=None,
     constants = constant_parameters(model)
     if weights is not None:
         load_weights(model, weights, label)
+    stats = _pretrained_stats(model, in_channels)
+    net = _cut_timm(model, label, cuts, fmt, token_model, constants)
+    net.pretrained_stats = stats
+    return net
+
+
+def _pretrained_stats(model: nn.Module, channels: int) -> dict:
+    """The normalisation timm's pretrained config declares for the model's weights (used when
+    the run loads `weights=`): {"mean", "std"} with one value per input channel, or {}."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if not mean or not std or len(mean) != channels or len(std) != channels:
+        return {}
+    return {"mean": list(mean), "std": list(std)}
+
+
+def _cut_timm(model, label, cuts, fmt, token_model, constants) -> StagedNet:
     if token_model:
         net = AdaptedNet(*tokens.staged_token_model(model, label, cuts), constants=constants, cut_source="tokens")
         net.prefix_tokens = int(model.num_prefix_tokens)

@@ -231,3 +231,23 @@ def test_variants_run_a_subset_first_and_the_table_reads_every_finished_run(tmp_
     capsys.readouterr()
     assert cli.main(["compare", str(spec), "--variants", "kd,nope"]) == 2
     assert "--variants names nope" in capsys.readouterr().err
+
+
+def test_the_teacher_recipe_s_constructor_options_reach_every_run_that_builds_it(tmp_path):
+    spec = write_spec(tmp_path, seeds=(0,))
+    tree = yaml.safe_load(spec.read_text())
+    tree["teacher"] = {"arch": "timm.vit_tiny_patch16_224",
+                       "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 4, "num_heads": 2}}
+    spec.write_text(yaml.safe_dump(tree))
+    grid = compare.load(str(spec))
+    assert grid.config(TEACHER_RUN, 0)["model"]["kwargs"]["patch_size"] == 4
+    kd = grid.config("kd", 0)
+    assert kd["teacher"]["kwargs"]["depth"] == 4 and kd["teacher"]["checkpoint"].endswith("model.pt")
+    assert "kwargs" not in kd["student"]
+
+
+@pytest.mark.parametrize("preset", ["vit-teacher-fmnist", "vit-student-fmnist"])
+def test_the_transformer_presets_build_every_run(preset):
+    grid = compare.load(f"preset:{preset}")
+    for name, seed in grid.runs():
+        grid.config(name, seed)

@@ -6,6 +6,7 @@ teacher recipe, and what every run of the grid is made of.
                                # the data, optimiser, schedule and the `student:` network
     seeds: [0, 1, 2]
     teacher: {arch: wrn_16_2, config: {train: {epochs: 30}}}   # one teacher per seed, trained once
+                                                                # (kwargs: its constructor options)
     baseline: kd               # paired differences are taken against this variant
     variants:
       vanilla: {method: {name: vanilla}}
@@ -42,6 +43,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 class TeacherRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     arch: str = Field(min_length=1, description="the teacher's architecture (a `sokd models` name)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="its constructor options (e.g. a ViT's "
+                                   "img_size, patch_size, stages)")
     config: dict[str, Any] = Field(default_factory=dict, description="overrides of the base config for the "
                                                                     "teacher's own training run")
 
@@ -140,7 +143,8 @@ class Grid:
         if name == TEACHER_RUN:
             tree = _deep_merge(self.base, self.spec.teacher.config)
             tree["method"] = {"name": "vanilla"}
-            tree["model"] = {**(tree.get("model") or {}), "arch": self.spec.teacher.arch}
+            tree["model"] = {**(tree.get("model") or {}), "arch": self.spec.teacher.arch,
+                             **({"kwargs": dict(self.spec.teacher.kwargs)} if self.spec.teacher.kwargs else {})}
             given = {"model"}
         else:
             overrides = self.spec.variants[name]
@@ -153,10 +157,12 @@ class Grid:
             if role in given:
                 continue
             decl = methods.role(method, role)
+            teacher_kwargs = ({"kwargs": dict(self.spec.teacher.kwargs)}
+                              if self.spec.teacher is not None and self.spec.teacher.kwargs else {})
             if decl.trained:
-                spec = {"arch": self.spec.teacher.arch, "checkpoint": str(self.teacher_model(seed))}
+                spec = {"arch": self.spec.teacher.arch, "checkpoint": str(self.teacher_model(seed)), **teacher_kwargs}
             elif decl.like == "teacher" and self.spec.teacher is not None:
-                spec = {"arch": self.spec.teacher.arch}
+                spec = {"arch": self.spec.teacher.arch, **teacher_kwargs}
             else:
                 spec = student
             tree[role] = [copy.deepcopy(spec)] if decl.many else copy.deepcopy(spec)

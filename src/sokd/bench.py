@@ -67,6 +67,8 @@ VARIANTS = {
     "kd+ctkd": ("kd", {"temperature": "ctkd"}),
     "kd+nd": ("kd", {"features": [{"kind": "nd"}]}),
     "kd+dot": ("kd", {}),
+    "kd+ofa": ("kd", {"features": [{"kind": "ofa"}]}),
+    "deit": ("deit", {}),   # a distilled DeiT student (--student timm.deit_*_distilled_*)
 }
 #: variants trained by another optimizer than SGD (optim overrides; the rest: SGD, momentum 0.9)
 OPTIMIZERS = {"kd+dot": {"name": "dot"}}

@@ -26,12 +26,12 @@ from .evaluate import FrozenLogits, evaluate
 from .logger import RunLogger
 from .dot import backward
 from .optim import build_optimizer, build_scheduler, check_optimizer
-from .views import step_inputs, usual_view
 from .precision import autocast, configure_cuda, emulation_note, grad_scaler, resolve_device
 from .progress import epoch_progress
 from .selection import best_epoch, best_row, selected, selection_split
 from .signals import ForcedStop, Interrupted, Stopped, StopRequest
 from .stepstats import EpochAccumulator, EpochClock, default_sync_every
+from .views import step_inputs, usual_view
 
 if TYPE_CHECKING:
     from ..config import Config

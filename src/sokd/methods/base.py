@@ -170,6 +170,7 @@ class Method(nn.Module):
     #: shape them (logit_loss, logit_standardize, dkd, dist, nkd, mlkd, temperature, warmup_epochs)
     #: are refused
     distills_logits: bool = True
+    #: why those options are refused ("method 'NAME' " + this, {option} the first one given)
     logit_options_refused: str = ("has no distillation term, so method.{option} does nothing; remove it or pick "
                                   "a method that distils")
     #: the weight of a term when method.weights does not name it (terms not listed: 1)

@@ -38,7 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import SokdError
-from ..models.staged import StagedNet, dry_forward
+from ..models.staged import StagedNet, dry_forward, final_linear
 from ..models.tokens import prefix_tokens, stage_map
 from . import losses
 from .base import Method, MethodOptions, Role
@@ -57,13 +57,13 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Seque
                          nn.ReLU(inplace=True))
 
 
-def final_linear(net: StagedNet) -> nn.Linear:
-    """The linear classifier that ends a network's head; SokdError when its head has none."""
-    linears = [m for m in net.head.modules() if isinstance(m, nn.Linear)]
-    if not linears:
+def teacher_classifier(net: StagedNet) -> nn.Linear:
+    """The teacher's linear classifier, which the shadow head ends in; SokdError when it has none."""
+    linear = final_linear(net)
+    if linear is None:
         raise SokdError(f"the teacher's head ({type(net.head).__name__}) has no linear classifier for SHAKE's "
                         f"shadow head to end in; pick a teacher whose head ends in nn.Linear")
-    return linears[-1]
+    return linear
 
 
 class ShadowHead(nn.Module):
@@ -117,7 +117,7 @@ class SHAKE(Method):
         prefix = prefix_tokens(teacher)   # a ViT teacher's stages reach the head as patch maps
         feats = [stage_map(f, prefix) for f in
                  dry_forward(teacher, tuple(input_shape), lambda n, x: n.forward_features(x)[1])[-k:]]
-        classifier = final_linear(teacher)
+        classifier = teacher_classifier(teacher)
         shadow = ShadowHead([tuple(f.shape[1:]) for f in feats], classifier.in_features, classifier)
         super().__init__({"teacher": teacher, "student": student, "shadow": shadow}, options)
         self.fed, self.prefix = k, prefix

@@ -106,6 +106,12 @@ class StagedNet(nn.Module):
             m.reset_parameters()
 
 
+def final_linear(net: StagedNet) -> nn.Linear | None:
+    """The linear classifier that ends a network's head (the last nn.Linear in it), or None."""
+    linears = [m for m in net.head.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
 def dry_forward(net: nn.Module, input_shape, run):
     """`run(net, x)` on one zero image of `input_shape`, in eval mode without gradients, the net's
     mode restored afterwards: how methods learn a network's shapes before training."""

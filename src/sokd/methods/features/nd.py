@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ...errors import SokdError
-from ...models.staged import dry_forward
+from ...models.staged import dry_forward, final_linear
 from .. import losses
 from .terms import TermContext, _Kind, register_kind
 
@@ -88,13 +88,12 @@ def _build(pairs, options: NDOptions, ctx: TermContext) -> NDTerm:
     num_classes = int(dry_forward(ctx.target, ctx.input_shape, lambda n, x: n(x)).shape[1])
     classifier = None
     if options.centres == "classifier":
-        linears = [m for m in ctx.target.head.modules() if isinstance(m, nn.Linear)]
-        if not linears or linears[-1].in_features != t_dim:
-            width = linears[-1].in_features if linears else None
+        classifier = final_linear(ctx.target)
+        if classifier is None or classifier.in_features != t_dim:
+            width = classifier.in_features if classifier is not None else None
             raise SokdError(f"method.features[nd].options.centres=classifier needs the target's classifier to "
                             f"read embeddings of the compared stage's width ({t_dim}), but it reads {width}; "
                             f"use centres: mean")
-        classifier = linears[-1]
     return NDTerm(i, j, s_dim, t_dim, num_classes, classifier)
 
 

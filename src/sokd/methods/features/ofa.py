@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ...errors import SokdError
-from ...models.staged import dry_forward
+from ...models.staged import dry_forward, final_linear
 from .. import losses
 from .terms import TermContext, _Kind, register_kind
 
@@ -89,17 +89,17 @@ class OFATerm(nn.Module):
         return total
 
 
-def _width(net, input_shape, stage_channels: list[int]) -> int:
+def _width(net, stage_channels: list[int]) -> int:
     """The width of the logits' input: the classifier's in_features, else the last stage's channels."""
-    linears = [m for m in net.head.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].in_features if linears else stage_channels[-1]
+    classifier = final_linear(net)
+    return classifier.in_features if classifier is not None else stage_channels[-1]
 
 
 def _build(pairs, options: OFAOptions, ctx: TermContext) -> OFATerm:
     ns = ctx.student.num_stages
     stages = [i for i, _ in pairs]
     s_ch, t_ch = ctx.channels("student"), ctx.channels("target")
-    width = max(_width(ctx.student, ctx.input_shape, s_ch), _width(ctx.target, ctx.input_shape, t_ch))
+    width = max(_width(ctx.student, s_ch), _width(ctx.target, t_ch))
     num_classes = int(dry_forward(ctx.target, ctx.input_shape, lambda n, x: n(x)).shape[1])
     branches = [branch(s_ch[i], ns - 1 - i, width, num_classes) for i in stages]
     return OFATerm(stages, branches, options)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from ..errors import SokdError
 from . import augment, strong
 
-Batch = tuple[torch.Tensor, ...]  # (images, labels), or (images, labels, index) with `with_index`
+Batch = tuple[torch.Tensor, ...]  # (images, labels[, index with `with_index`][, strong view with `strong_view`])
 _MASK64 = (1 << 64) - 1
 
 

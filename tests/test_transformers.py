@@ -152,6 +152,60 @@ def test_a_deit_student_trains_through_sokd_train(tmp_path):
     assert (tmp_path / "deit" / "student.pt").exists()
 
 
+def test_any_vit_gets_a_distillation_token_and_head_for_deit():
+    torch.manual_seed(0)
+    plain = vit()
+    torch.manual_seed(0)
+    student = vit(distillation_token=True)
+    assert student.stem.prefix_names == ["cls_token", "dist_token"] and student.head.prefix_tokens == 2
+    # a slot for the new token right after the class token; every other position kept
+    assert student.stem.pos_embed.shape[1] == plain.stem.pos_embed.shape[1] + 1
+    assert torch.equal(student.stem.pos_embed[:, 0], plain.stem.pos_embed[:, 0])
+    assert torch.equal(student.stem.pos_embed[:, 2:], plain.stem.pos_embed[:, 1:])
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    tokens, _ = student.forward_trunk(x, student.num_stages)
+    assert tokens.shape[1] == plain.forward_trunk(x, plain.num_stages)[0].shape[1] + 1
+    z_cls, z_dist = student.head.both_heads(tokens)
+    student.eval()
+    assert torch.allclose(student(x), (z_cls + z_dist) / 2)
+    student.train()
+    method = methods.create("deit", teacher=cnn(), student=student, input_shape=(3, 16, 16))
+    method.train()
+    method(x, y)["loss"].backward()
+    assert student.stem.dist_token.grad is not None and student.head.head_dist.weight.grad is not None
+    for bad, match in [(lambda: vit(distillation_token=True, global_pool="avg"), "class token read by the head"),
+                       (lambda: deit_student_with(distillation_token=True), "already has a distillation token"),
+                       (lambda: sokd.models.create("timm.resnet18", num_classes=4, distillation_token=True),
+                        "applies to vision transformers"),
+                       (lambda: vit(distillation_token="yes"), "true or false")]:
+        with pytest.raises(sokd.SokdError, match=match):
+            bad()
+
+
+def deit_student_with(**extra):
+    return sokd.models.create("timm.deit_tiny_distilled_patch16_224", num_classes=4, **{**VIT, **extra})
+
+
+def test_a_vit_given_a_distillation_token_trains_by_deit_and_reloads_from_its_model_file(tmp_path):
+    t = tiny_config(tmp_path, "vanilla", data=_data(), train={"epochs": 1, "precision": "fp32"})
+    t["output"]["dir"] = str(tmp_path / "cnn_teacher")
+    assert cli.main(["train", str(write_config(tmp_path, t))]) == 0
+    run = tiny_config(tmp_path, "deit", data=_data(), train={"epochs": 1, "precision": "fp32"})
+    run["method"] = {"name": "deit"}
+    run["teacher"] = {"arch": "resnet8", "checkpoint": str(tmp_path / "cnn_teacher" / "model.pt")}
+    run["student"] = {"arch": VIT_ARCH, "kwargs": {**VIT, "distillation_token": True}}
+    run["output"]["dir"] = str(tmp_path / "deit")
+    assert cli.main(["train", str(write_config(tmp_path, run))]) == 0
+    path = tmp_path / "deit" / "student.pt"
+    ckpt = sokd.artifacts.load(path)
+    rebuilt = sokd.artifacts.rebuild_model(ckpt, str(path)).eval()
+    assert rebuilt.head.head_dist is not None
+    x = torch.randn(2, 3, 16, 16)
+    fresh = vit(distillation_token=True)
+    fresh.load_state_dict(rebuilt.state_dict())
+    assert torch.equal(rebuilt(x), fresh.eval()(x))
+
+
 @pytest.mark.parametrize("arch, kwargs", [("timm.pvt_v2_b0", {}),
                                           ("timm.swin_tiny_patch4_window7_224",
                                            {"img_size": 32, "window_size": 2, "depths": (1, 1, 1),

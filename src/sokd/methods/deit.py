@@ -1,7 +1,8 @@
 """DeiT's distillation through a token (Touvron et al., ICML 2021): `method.name: deit`.
 
 The student is a vision transformer with a class token and a distillation token, each with its
-own head (timm's distilled DeiTs, e.g. `timm.deit_tiny_distilled_patch16_224`). The class head
+own head (timm's distilled DeiTs, e.g. `timm.deit_tiny_distilled_patch16_224`, or any timm ViT
+built with `kwargs: {distillation_token: true}`). The class head
 learns from the labels, the distillation head from the frozen teacher:
 
     hard (DeiT's default):  0.5 · CE(y, z_cls) + 0.5 · CE(argmax teacher, z_dist)
@@ -49,7 +50,8 @@ class DeiT(Method):
         super().__init__({"teacher": teacher, "student": student}, options or DeiTOptions())
         if getattr(getattr(student, "head", None), "head_dist", None) is None:
             raise SokdError("method 'deit' needs a student with a distillation token and head: a distilled DeiT "
-                            "from timm, e.g. student.arch=timm.deit_tiny_distilled_patch16_224")
+                            "from timm (e.g. student.arch=timm.deit_tiny_distilled_patch16_224), or any timm "
+                            "ViT given one (student.kwargs: {distillation_token: true})")
 
     def forward(self, images, labels, index=None):
         teacher, student = self.nets["teacher"], self.nets["student"]

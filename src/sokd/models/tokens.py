@@ -83,6 +83,40 @@ class TokenHead(nn.Module):
         return self.head(self.head_drop(self.fc_norm(x)))
 
 
+def add_distillation_token(net: StagedNet, label: str) -> None:
+    """Give a staged plain ViT DeiT's distillation token and head, in place (`kwargs:
+    {distillation_token: true}`), so method `deit` can train any ViT student, not only timm's
+    distilled DeiTs. The token sits right after the class token, as in DeiT, with its own slot in
+    the position embedding when the prefix tokens have one; token, slot and head are initialised
+    as timm initialises a distilled DeiT's (truncated normal, std 0.02; zero bias). It is added
+    after the cut was checked against the plain model and after pretrained weights were loaded,
+    so those keep every position they had."""
+    stem, head = net.stem, net.head
+    if not isinstance(stem, TokenStem) or not isinstance(head, TokenHead):
+        raise SokdError(f"{label}: distillation_token applies to vision transformers (ViT, DeiT); remove it")
+    if head.head_dist is not None:
+        raise SokdError(f"{label} already has a distillation token; remove distillation_token")
+    if "cls_token" not in stem.prefix_names or head.global_pool != "token":
+        why = "no class token" if "cls_token" not in stem.prefix_names else f"global_pool {head.global_pool!r}"
+        raise SokdError(f"{label}: a distillation token needs a class token read by the head (global_pool "
+                        f"'token'), as in DeiT; this ViT has {why}")
+    if not isinstance(head.head, nn.Linear):
+        raise SokdError(f"{label}: a distillation head needs a linear classifier (num_classes > 0)")
+    stem.dist_token = nn.Parameter(nn.init.trunc_normal_(torch.empty_like(stem.cls_token), std=0.02))
+    stem.prefix_names.insert(stem.prefix_names.index("cls_token") + 1, "dist_token")
+    pos = stem.pos_embed
+    if pos is not None and not stem.no_embed_class:
+        slot = nn.init.trunc_normal_(torch.empty_like(pos[:, :1]), std=0.02)
+        stem.pos_embed = nn.Parameter(torch.cat([pos.detach()[:, :1], slot, pos.detach()[:, 1:]], dim=1))
+    linear = head.head
+    head.head_dist = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device,
+                               dtype=linear.weight.dtype)
+    nn.init.trunc_normal_(head.head_dist.weight, std=0.02)
+    nn.init.zeros_(head.head_dist.bias)
+    head.prefix_tokens += 1
+    net.prefix_tokens = head.prefix_tokens
+
+
 def default_cuts(depth: int) -> list[int]:
     """The last block of each of four near-equal groups (every block its own stage below four)."""
     if depth < 4:

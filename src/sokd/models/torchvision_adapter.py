@@ -444,7 +444,8 @@ def create_timm(name: str, num_classes: int, in_channels: int = 3, weights=None,
 
     Stages come from the model's own `feature_info` where it maps onto its chain of children
     (see the module docstring), else from the heuristics. Vision transformers (ViT, DeiT: token
-    sequences; `stages=[last block of each stage, ...]` groups their blocks) and Swin-style models
+    sequences; `stages=[last block of each stage, ...]` groups their blocks;
+    `distillation_token=True` gives a plain ViT DeiT's distillation token and head) and Swin-style models
     (channels-last maps) are cut by `models.tokens`. A `drop_rate` option is kept as a Dropout
     before the classifier.
     """
@@ -465,6 +466,7 @@ def create_timm(name: str, num_classes: int, in_channels: int = 3, weights=None,
                         + (f" (close: {', '.join('timm.' + c for c in close)})" if close else "")
                         + "; see sokd models --timm PATTERN")
     cuts = kwargs.pop("stages", None)
+    distillation_token = kwargs.pop("distillation_token", False)
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
     except (TypeError, ValueError) as err:
@@ -479,10 +481,16 @@ def create_timm(name: str, num_classes: int, in_channels: int = 3, weights=None,
         raise SokdError(f"{label} outputs {fmt} feature maps in a layout sokd does not cut automatically; cut it "
                         f"yourself with sokd.models.adapt(stem, stages, head), see docs/byom.md")
     constants = constant_parameters(model)
+    if distillation_token is not True and distillation_token is not False:
+        raise SokdError(f"{label}: distillation_token must be true or false, got {distillation_token!r}")
+    if distillation_token and not token_model:
+        raise SokdError(f"{label}: distillation_token applies to vision transformers (ViT, DeiT); remove it")
     if weights is not None:
         load_weights(model, weights, label)
     stats = _pretrained_stats(model, in_channels)
     net = _cut_timm(model, label, cuts, fmt, token_model, constants)
+    if distillation_token:
+        tokens.add_distillation_token(net, label)
     net.pretrained_stats = stats
     return net
 

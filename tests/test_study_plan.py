@@ -1,15 +1,19 @@
-"""benchmarks/study.py: the order runs are taken in and how workers share them (no training here)."""
+"""benchmarks/study.py, a thin user of `sokd compare`: each study's compare spec reproduces its run
+configs exactly, its phases run in order, and it publishes what finishes (no training here)."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from sokd import compare
+from sokd.config import build, read_yaml
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "study.py"
+REPO = SCRIPT.parent.parent
 
 
 @pytest.fixture
@@ -17,93 +21,94 @@ def study(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("study_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "ROOT", tmp_path)  # run directories go under tmp_path/runs/study
+    shutil.copytree(REPO / "configs" / "study", tmp_path / "configs" / "study")
+    shutil.copytree(REPO / "configs" / "cifar100", tmp_path / "configs" / "cifar100")
+    monkeypatch.setattr(module, "ROOT", tmp_path)   # runs/ and docs/results/ go under tmp_path
     return module
 
 
-def finish(study, name, seed):
-    rd = study.run_dir("fmnist", name, seed)
+def _trained_setup(tree: dict) -> dict:
+    """What a run trains: its validated config less where it writes and what it is called."""
+    dumped = build(tree).model_dump()
+    for key in ("output", "name"):
+        dumped.pop(key, None)
+    return dumped
+
+
+@pytest.mark.parametrize("name", ["fmnist", "fmnist_methods", "cifar100"])
+def test_each_studys_compare_spec_trains_exactly_its_run_configs(study, name):
+    spec = study.write_spec(name)
+    grid = compare.load(str(spec), out=str(study.out_dir(name)))
+    folder = study.ROOT / study.STUDIES[name]["configs"]
+    runs = grid.runs()
+    assert {n for n, _ in runs} == set(study.variants_of(name)) | {"teacher"}
+    for run, seed in runs:
+        ours = grid.config(run, seed)
+        theirs = read_yaml(folder / f"{run}.yaml")
+        theirs["train"] = {**theirs.get("train", {}), "seed": seed}
+        if "teacher" in ours and ours["teacher"].get("checkpoint"):   # the study passed it on the command line
+            theirs["teacher"] = {**theirs["teacher"], "checkpoint": ours["teacher"]["checkpoint"]}
+            assert ours["teacher"]["checkpoint"] == str(grid.teacher_model(seed))
+        assert _trained_setup(ours) == _trained_setup(theirs), (name, run)
+
+
+def test_phases_run_the_core_methods_on_every_seed_first(study, monkeypatch):
+    calls = []
+
+    def fake_phase(name, cmd, commit):
+        calls.append(cmd)
+        return 0
+    monkeypatch.setattr(study, "run_phase", fake_phase)
+    assert study.main(["fmnist", "--workers", "2", "--threads", "1", "data.root=X"]) == 0
+    selections = [(c[c.index("--variants") + 1], c[c.index("--seeds") + 1] if "--seeds" in c else "all")
+                  for c in calls]
+    assert selections[0] == ("vanilla,kd,sokd,dml", "all")
+    assert selections[1][1] == "0" and "sokd_fp32" in selections[1][0]
+    assert selections[-1] == ("sokd_kbm_finetune", "all")
+    first = calls[0]
+    assert first[first.index("compare") + 2] == "data.root=X"   # overrides follow the spec
+    assert first[-5:] == ["--workers", "2", "--worker", "--threads", "1"]
+    assert Path(first[first.index("compare") + 1]) == study.out_dir("fmnist") / "compare.yaml"
+
+
+def _finish(study, name, run, tops):
+    rd = study.out_dir(name) / run
     rd.mkdir(parents=True, exist_ok=True)
     (rd / "summary.json").write_text("{}")
+    (rd / "config.yaml").write_text("name: x\n")
+    (rd / "model.pt").write_bytes(b"teacher weights")
+    (rd / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "wall_time_s": 10.0 * e, "test": {"model": {"top1": t}}}) + "\n"
+        for e, t in enumerate(tops)))
 
 
-def hold(study, name, seed, pid, which="fmnist"):
-    rd = study.run_dir(which, name, seed)
-    rd.mkdir(parents=True, exist_ok=True)
-    (rd / study.LOCK).write_text(str(pid))
+def test_finished_runs_are_published_once_with_the_teachers_model_where_the_study_publishes_it(study):
+    _finish(study, "fmnist_methods", "teacher-s0", [10.0, 65.46])
+    _finish(study, "fmnist_methods", "kd-s0", [10.0, 50.0])
+    assert study.publish_new("fmnist_methods", commit=False) == []
+    published = study.results_dir("fmnist_methods") / "by_run"
+    assert (published / "teacher-s0" / "model.pt").read_bytes() == b"teacher weights"
+    assert not (published / "kd-s0" / "model.pt").exists() and (published / "kd-s0" / "summary.json").exists()
+    # published runs stand for missing run folders only; a teacher only with its model.pt
+    shutil.rmtree(study.out_dir("fmnist_methods"))
+    half = study.out_dir("fmnist_methods") / "teacher-s1"
+    half.mkdir(parents=True)
+    for run, files in (("teacher-s1", ("summary.json", "model.pt")), ("teacher-s2", ("summary.json",))):
+        (published / run).mkdir()
+        for f in files:
+            (published / run / f).write_text("{}")
+    study.restore_published("fmnist_methods")
+    out = study.out_dir("fmnist_methods")
+    assert (out / "teacher-s0" / "model.pt").read_bytes() == b"teacher weights"
+    assert (out / "kd-s0" / "summary.json").exists() and not (out / "kd-s0" / "model.pt").exists()
+    assert list(half.iterdir()) == [] and not (out / "teacher-s2").exists()
 
 
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def test_plan_puts_teachers_then_core_methods_on_every_seed_first(study):
-    order = study.plan("fmnist", [0, 1, 2])
-    assert order[:3] == [("teacher", 0), ("teacher", 1), ("teacher", 2)]
-    core = order[3:3 + 12]
-    assert {n for n, _ in core} == {"vanilla", "kd", "sokd", "dml"} and {s for _, s in core} == {0, 1, 2}
-    seed0_rest = order[15:15 + 3 + 4]
-    assert {s for _, s in seed0_rest} == {0} and ("sokd_fp32", 0) in seed0_rest
-    assert order[-4] == ("sokd_at", 2) and len(order) == len(set(order)) == 3 + 12 + 7 + 6 + 3
-    assert order[-3:] == [("sokd_kbm_finetune", 0), ("sokd_kbm_finetune", 1), ("sokd_kbm_finetune", 2)]
-
-
-def test_students_wait_for_their_teacher_and_held_runs_are_left_to_their_worker(study):
-    todo = [("teacher", 0), ("kd", 0), ("vanilla", 0)]
-    hold(study, "teacher", 0, os.getppid())  # a live process trains the teacher
-    assert study.next_runnable("fmnist", todo, dry_run=False) == ("vanilla", 0)
-    assert todo == [("kd", 0), ("vanilla", 0)]  # the held teacher is dropped, kd still waits
-    assert study.teacher_in_training("fmnist", todo)
-    todo.remove(("vanilla", 0))
-    assert study.next_runnable("fmnist", todo, dry_run=False) is None and todo == [("kd", 0)]
-    finish(study, "teacher", 0)
-    assert study.next_runnable("fmnist", todo, dry_run=False) == ("kd", 0)
-
-
-def test_a_stale_lock_does_not_block_a_run_and_a_lost_teacher_is_reported(study):
-    hold(study, "teacher", 0, dead_pid())
-    todo = [("teacher", 0), ("sokd", 0)]
-    assert study.next_runnable("fmnist", todo, dry_run=False) == ("teacher", 0)
-    # nobody trains the teacher any more: waiting for it would never end
-    assert not study.teacher_in_training("fmnist", [("sokd", 0)])
-
-
-def test_a_worker_ends_when_every_run_left_is_held_by_another(study, monkeypatch, capsys):
-    for name in ("teacher", "vanilla", "kd", "sokd"):
-        hold(study, name, 0, os.getppid(), which="cifar100")
-    monkeypatch.setattr(sys, "argv", ["study.py", "cifar100"])
-    monkeypatch.setattr(study.time, "sleep", lambda s: pytest.fail("the worker waited instead of ending"))
-    assert study.main() == 0
-    assert "run " not in capsys.readouterr().out
-
-
-def test_a_run_gets_its_seeds_teacher_when_its_configs_method_needs_a_trained_one(study, monkeypatch, capsys):
-    names = {n for n, _ in study.plan("fmnist", [0])}
-    assert {n for n in names if not study.needs_teacher("fmnist", n)} == {"teacher", "vanilla", "dml"}
-    monkeypatch.setattr(sys, "argv", ["study.py", "fmnist", "--seeds", "0", "--dry-run"])
-    assert study.main() == 0
-    lines = {Path(next(w for w in ln.split() if w.endswith(".yaml"))).stem: ln
-             for ln in capsys.readouterr().out.splitlines() if ln.startswith("would run")}
-    assert set(lines) == names
-    for name, line in lines.items():
-        assert ("teacher.checkpoint=" in line) == study.needs_teacher("fmnist", name), line
-
-
-def test_a_retrained_teacher_must_reproduce_its_published_run(study):
-    import json
-
-    def write(path, tops):
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "metrics.jsonl").write_text("".join(
-            json.dumps({"epoch": e, "wall_time_s": 10.0 * e, "test": {"model": {"top1": t}}}) + "\n"
-            for e, t in enumerate(tops)))
-
-    ours, theirs = study.run_dir("fmnist", "teacher", 0), study.published_dir("fmnist", "teacher", 0)
-    write(ours, [10.0, 65.46, 70.1])
-    assert study.differs_from_published("fmnist", "teacher", 0) is None      # nothing published
-    write(theirs, [10.0, 65.46, 70.1])
-    assert study.differs_from_published("fmnist", "teacher", 0) is None      # wall times may differ
-    write(theirs, [10.0, 65.47, 70.1])
-    assert study.differs_from_published("fmnist", "teacher", 0).startswith("epoch 1: test")
+def test_a_retrained_run_must_reproduce_its_published_run(study):
+    _finish(study, "fmnist", "teacher-s0", [10.0, 65.46, 70.1])
+    assert study.differs_from_published("fmnist", "teacher-s0") is None      # nothing published
+    assert study.publish_new("fmnist", commit=False) == []
+    assert study.differs_from_published("fmnist", "teacher-s0") is None      # the same curve
+    _finish(study, "fmnist", "teacher-s0", [10.0, 65.47, 70.1])               # wall times may differ, tops not
+    assert study.differs_from_published("fmnist", "teacher-s0").startswith("epoch 1: test")
+    assert study.publish_new("fmnist", commit=False)[0].startswith("teacher-s0 (epoch 1")

@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--variants", default=None, metavar="NAME,...",
                    help="run only these variants (and the teachers they need), e.g. to finish some before "
                         "others; the table covers every finished run")
+    p.add_argument("--seeds", default=None, metavar="N,...",
+                   help="run only these seeds of the spec (with their teachers); the table covers every finished run")
     p.add_argument("--table", action="store_true", help="only write the table of what has finished")
     p.add_argument("--plan", action="store_true", help="list the runs and their state; run nothing")
     p.set_defaults(run=run)
@@ -35,6 +37,12 @@ def run(args) -> int:
     grid = compare.load(args.spec, args.overrides, args.out)
     if args.variants is not None:
         grid.select([v.strip() for v in args.variants.split(",") if v.strip()])
+    if args.seeds is not None:
+        try:
+            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            raise SokdError(f"--seeds takes seeds separated by commas (e.g. --seeds 0,1), got '{args.seeds}'") from None
+        grid.select_seeds(seeds)
     for name, seed in grid.runs():   # every run config is valid before anything starts
         grid.config(name, seed)
     if args.plan:

@@ -89,6 +89,7 @@ class Grid:
     def __init__(self, spec: Spec, base: dict, source: Path | None, out: Path, overrides=()):
         self.spec, self.source, self.out = spec, source, out
         self.selected: set[str] | None = None   # `select`: the variants to run (None: all)
+        self.selected_seeds: set[int] | None = None   # `select_seeds`: the seeds to run (None: all)
         self.base = apply_overrides(base, list(overrides))
         if "student" not in self.base:
             raise SokdError(f"compare spec '{spec.name}': its config has no `student:` section; add "
@@ -115,6 +116,8 @@ class Grid:
         teacher = any(v in self.needs_teacher for v in variants)
         out = []
         for s in self.spec.seeds:
+            if self.selected_seeds is not None and s not in self.selected_seeds:
+                continue
             out += [(TEACHER_RUN, s)] if teacher else []
             out += [(v, s) for v in variants]
         return out
@@ -126,6 +129,14 @@ class Grid:
             raise SokdError(f"--variants names {', '.join(unknown) or 'nothing'}, which is not a variant of "
                             f"compare spec '{self.spec.name}'; its variants: {', '.join(self.spec.variants)}")
         self.selected = set(names)
+
+    def select_seeds(self, seeds: list[int]) -> None:
+        """Run only these seeds (`--seeds`), e.g. one seed of every variant before the others."""
+        unknown = [s for s in seeds if s not in self.spec.seeds]
+        if unknown or not seeds:
+            raise SokdError(f"--seeds names {', '.join(map(str, unknown)) or 'nothing'}, which is not a seed of "
+                            f"compare spec '{self.spec.name}'; its seeds: {', '.join(map(str, self.spec.seeds))}")
+        self.selected_seeds = set(seeds)
 
     def run_dir(self, name: str, seed: int) -> Path:
         return self.out / f"{name}-s{seed}"

@@ -208,10 +208,12 @@ class Worker:
                         if self.stop.is_set():
                             self.stop_child()
                 self.child = None
-            if code == 0 and finished(grid, name, seed):
+            if finished(grid, name, seed):   # a stop that came after its last epoch finished it
                 self.log(f"done   {run} in {time.time() - t0:.0f} s")
             elif self.stop.is_set():
-                self.log(f"stopped {run}; rerun the same command to resume it")
+                saved = (grid.run_dir(name, seed) / "last.pt").exists()
+                self.log(f"stopped {run}; rerun the same command to "
+                         + ("resume it" if saved else "start it (it stopped before its first checkpoint)"))
             else:
                 last = _last_line(log_path)
                 atomic_write_text(failed_note(grid, name, seed), last + "\n")

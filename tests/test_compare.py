@@ -73,6 +73,12 @@ def test_a_grid_trains_one_teacher_per_seed_shares_it_and_writes_table_and_plots
     row = next(r for r in result["rows"] if r["variant"] == "sokd")
     assert row["vs_baseline"]["n"] == 2 and len(row["vs_baseline"]["ci95"]) == 2 and row["vs_baseline"]["p"] is not None
     assert {p.name for p in (grid / "plots").iterdir()} >= {"test_top1.png"}
+    # the seeds' teachers are in the table too, on the headline column
+    key = {"selected": "top1_selected", "final": "top1_final"}[result["headline"]]
+    tops = [json.loads((grid / f"teacher-s{s}" / "summary.json").read_text())["networks"]["model"][key]
+            for s in (0, 1)]
+    assert result["teacher"]["seeds"] == [0, 1] and result["teacher"]["mean"] == pytest.approx(sum(tops) / 2)
+    assert f"Teacher (resnet14, one per seed, trained alone): {sum(tops) / 2:.2f} ± " in table
     # a second run recomputes nothing
     stamps = {p: p.stat().st_mtime_ns for p in grid.glob("*-s*/summary.json")}
     assert cli.main(["compare", str(spec)]) == 0

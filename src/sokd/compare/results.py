@@ -155,7 +155,24 @@ def summarise(grid: Grid) -> dict:
     expected = len(grid.spec.variants) * len(grid.spec.seeds)
     done = sum(len(v) for v in runs.values())
     return {"name": grid.spec.name, "baseline": grid.spec.baseline, "headline": column, "rows": rows,
-            "refused_pairs": refused, "runs_finished": done, "runs_expected": expected}
+            "teacher": teachers(grid, column), "refused_pairs": refused, "runs_finished": done,
+            "runs_expected": expected}
+
+
+def teachers(grid: Grid, column: str) -> dict | None:
+    """The seeds' teachers on the headline column (what the students distil from, and how far
+    above them it is), or None when the grid has no finished teacher."""
+    values = {}
+    for seed in grid.spec.seeds:
+        if finished(grid, TEACHER_RUN, seed):
+            value = _value(report.load(grid.run_dir(TEACHER_RUN, seed)), column)
+            if value is not None:
+                values[seed] = value
+    if not values:
+        return None
+    v = list(values.values())
+    return {"arch": grid.spec.teacher.arch if grid.spec.teacher else None, "seeds": sorted(values),
+            "mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else None}
 
 
 def _ms(mean, std) -> str:
@@ -197,6 +214,10 @@ def markdown(result: dict) -> str:
             cells += [f"{vs['mean']:+.2f} (n={vs['n']})", ci, t, p]
         cells.append(", ".join(p for p in r["precision"] if p) or "—")
         lines.append("| " + " | ".join(cells) + " |")
+    teacher = result.get("teacher")
+    if teacher:
+        lines += ["", f"Teacher ({teacher['arch']}, one per seed, trained alone): {_ms(teacher['mean'], teacher['std'])} "
+                      f"(n={len(teacher['seeds'])}) on the headline column."]
     if result["refused_pairs"]:
         lines += ["", "Not paired:"] + [f"- {line}" for line in result["refused_pairs"]]
     return "\n".join(lines)

@@ -242,15 +242,16 @@ def test_variants_run_a_subset_first_and_the_table_reads_every_finished_run(tmp_
 def test_seeds_run_some_seeds_first(tmp_path, capsys):
     spec = write_spec(tmp_path, seeds=(0, 1), variants={"kd": {"method": {"name": "kd"}},
                                                          "vanilla": {"method": {"name": "vanilla"}}})
-    grid = tmp_path / "grid"
-    assert cli.main(["compare", str(spec), "--variants", "vanilla", "--seeds", "1"]) == 0
-    assert (grid / "vanilla-s1" / "summary.json").exists() and not (grid / "vanilla-s0").exists()
-    capsys.readouterr()
+    assert cli.main(["compare", str(spec), "--variants", "vanilla", "--seeds", "1", "--plan"]) == 0
+    assert capsys.readouterr().out.split() == ["vanilla-s1", "to", "run"]
+    assert cli.main(["compare", str(spec), "--seeds", "1", "--plan"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [f"{TEACHER_RUN}-s1", "kd-s1",
+                                                                                  "vanilla-s1"]
     assert cli.main(["compare", str(spec), "--seeds", "1,5"]) == 2
     assert "--seeds names 5, which is not a seed" in capsys.readouterr().err
     assert cli.main(["compare", str(spec), "--seeds", "one"]) == 2
     assert "--seeds takes seeds separated by commas" in capsys.readouterr().err
-    assert not (grid / "kd-s1").exists()
+    assert not (tmp_path / "grid").exists()
 
 
 def test_the_teacher_recipe_s_constructor_options_reach_every_run_that_builds_it(tmp_path):

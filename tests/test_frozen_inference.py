@@ -214,19 +214,20 @@ def test_frozen_inference_off_runs_the_teacher_as_a_plain_module(tmp_path, teach
 
 def test_a_folded_teacher_trains_the_student_like_the_plain_one(tmp_path, teacher_file):
     """Same seed, fp32: the student's loss curve with the teacher folded matches the plain
-    teacher's (folding changes the teacher's logits by ~1e-6 relative)."""
+    teacher's (folding changes the teacher's logits by ~1e-6 relative). A small learning rate
+    keeps the toy run from amplifying that difference chaotically, and one thread keeps the
+    arithmetic the same whichever tests ran before."""
     shutil.copy(teacher_file, tmp_path / "teacher.pt")
     losses = {}
     for on in (True, False):
-        cfg = tiny_config(tmp_path, "kd", train={"epochs": 2, "seed": 3, "frozen_inference": on},
-                          output={"dir": str(tmp_path / f"runs/{on}")})
+        cfg = tiny_config(tmp_path, "kd", train={"epochs": 2, "seed": 3, "frozen_inference": on, "threads": 1},
+                          optim={"lr": 0.005}, output={"dir": str(tmp_path / f"runs/{on}")})
         summary = runner.train(config.build(cfg))
         rows = [json.loads(line) for line in (Path(cfg["output"]["dir"]) / "metrics.jsonl").read_text().splitlines()]
         losses[on] = [r["train"]["loss"] for r in rows if "train" in r]
         assert summary["networks"]["teacher"]["top1_final"] is not None
-    # training amplifies the ~1e-6 teacher difference a little more each step
-    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-4)
-    assert losses[True][1] == pytest.approx(losses[False][1], rel=1e-2)
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5)
+    assert losses[True][1] == pytest.approx(losses[False][1], rel=1e-4)
 
 
 def test_evaluation_keeps_the_frozen_teachers_logits_and_scores_the_same():

@@ -197,3 +197,15 @@ def test_a_run_saved_before_new_settings_existed_resumes_when_they_are_at_their_
     assert "config differs at 'train.eval_every'" in capsys.readouterr().err
     assert main(["train", str(path), "output.resume=true", "train.epochs=2"]) == 0
     assert [r["epoch"] for r in rows(Path(cfg["output"]["dir"]))] == [0, 1, 2]
+
+
+def test_train_threads_hold_for_the_run_and_the_caller_gets_its_thread_count_back(tmp_path, capsys):
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    try:
+        cfg = tiny_config(tmp_path, "vanilla", train={"epochs": 1, "threads": wanted, "steps_per_epoch": 1})
+        runner.train(config.build(cfg))
+        assert f"({wanted} threads)" in capsys.readouterr().out   # the run itself ran on them
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

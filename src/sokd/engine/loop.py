@@ -99,12 +99,22 @@ def set_views(source, views: int) -> None:
 
 
 def fit(method, data, ctx: FitContext) -> dict:
-    """Train `method` on `data` per the config; returns the summary dict (also summary.json)."""
+    """Train `method` on `data` per the config; returns the summary dict (also summary.json).
+    `train.threads` holds for the run only: the caller's process gets its thread count back."""
+    threads, before = ctx.cfg.train.threads, torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _set_up_and_fit(method, data, ctx)
+    finally:
+        if threads:
+            torch.set_num_threads(before)
+
+
+def _set_up_and_fit(method, data, ctx: FitContext) -> dict:
     steps = ctx.cfg.train.epochs * steps_per_epoch(ctx.cfg.train, data)
     run = RunContext.resolve(ctx, steps)
     cfg, dist, device, tr = run.cfg, run.dist, run.device, run.cfg.train
-    if tr.threads:
-        torch.set_num_threads(tr.threads)
     _apply_layout(method, data, run)
     data.train.with_index = method.needs_index  # training batches then carry each sample's index
     set_views(data.train, method.views)          # and a strong view of each image, for a method that asks

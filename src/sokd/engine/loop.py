@@ -112,6 +112,8 @@ def fit(method, data, ctx: FitContext) -> dict:
 
 
 def _set_up_and_fit(method, data, ctx: FitContext) -> dict:
+    """Resolve the run's settings, check everything that can be checked before the run directory
+    is touched, open it (or resume from it), then train."""
     steps = ctx.cfg.train.epochs * steps_per_epoch(ctx.cfg.train, data)
     run = RunContext.resolve(ctx, steps)
     cfg, dist, device, tr = run.cfg, run.dist, run.device, run.cfg.train

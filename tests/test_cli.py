@@ -106,3 +106,13 @@ def test_demo_comparison_lines_follow_the_measured_spread():
     changed = comparison_lines({"kd": 1.0, "vanilla": 0.0}, spread, ["train.epochs=1"])
     assert changed == ["KD − vanilla = +1.00 points; this run changes the recipe (train.epochs=1), so the seed "
                        "spread is unknown: one seed orders nothing."]
+
+
+def test_starting_the_command_line_leaves_the_heavy_optional_imports_for_later():
+    """torchvision (which pulls in torch._dynamo) and triton cost seconds at every start of `sokd`
+    and of every run `sokd compare` launches; the commands that need them import them on use."""
+    code = ("import sys, sokd.cli, sokd.runner, sokd.engine; "
+            "print(sorted(m for m in ('torchvision', 'triton', 'timm', 'transformers', 'matplotlib', 'scipy') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

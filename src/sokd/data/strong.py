@@ -21,7 +21,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 CUTOUT_FILL = (125, 123, 114)
 GEOMETRIC_FILL = 128.0
@@ -77,12 +76,19 @@ def _solarize(x, u):
     return torch.where(x >= threshold, 255 - x, x)
 
 
+def _tv_functional():
+    """torchvision's v2 functional ops, imported when a strong view is first drawn: importing
+    torchvision pulls in torch._dynamo, a second or more at every start of the command line."""
+    from torchvision.transforms.v2 import functional
+    return functional
+
+
 def _autocontrast(x, u):
-    return TF.autocontrast(x.to(torch.uint8)).float()
+    return _tv_functional().autocontrast(x.to(torch.uint8)).float()
 
 
 def _equalize(x, u):
-    return TF.equalize(x.to(torch.uint8)).float()
+    return _tv_functional().equalize(x.to(torch.uint8)).float()
 
 
 def _identity(x, u):

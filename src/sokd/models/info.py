@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import SokdError
 from .registry import create
@@ -30,6 +29,7 @@ def model_info(name_or_net: str | nn.Module, input_shape: tuple[int, ...] = (3, 
                     dtype=first.dtype if first is not None and first.is_floating_point() else None)
     was_training = net.training
     net.eval()
+    from torch.utils.flop_counter import FlopCounterMode   # imports triton where installed: on use only
     try:
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:

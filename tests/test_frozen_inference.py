@@ -79,13 +79,14 @@ def test_a_teacher_on_batch_statistics_is_cast_never_folded_and_keeps_its_number
     assert prepared.notes == ["frozen teacher: weights cast once to bf16"]
     assert not any(isinstance(m, frozen.FoldedBatchNorm2d) for m in teacher.modules())
     reference.train()
+    methods.base.hold_running_statistics(reference)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = reference(x)
         got = method.nets["teacher"](x)
     assert torch.equal(got, want)
     ours, theirs = dict(teacher.named_buffers()), dict(reference.named_buffers())
     assert set(ours) == set(theirs) | {n for n in ours if n.endswith(("cast_weight", "cast_bias"))}
-    assert all(torch.equal(ours[n], theirs[n]) for n in theirs)   # running statistics moved alike
+    assert all(torch.equal(ours[n], theirs[n]) for n in theirs)   # running statistics held alike
     prepared.release()
 
 
@@ -263,3 +264,22 @@ def test_resuming_a_run_begun_with_other_speed_settings_names_the_setting_and_bo
     with pytest.raises(SokdError, match=r"config differs at 'train.channels_last' \(train.channels_last=false "
                                         r"when the run began, auto now\)"):
         runner.train(config.build(cfg))
+
+
+def test_a_sokd_teacher_on_batch_statistics_scores_the_same_every_epoch_and_is_evaluated_once(
+        tmp_path, teacher_file, monkeypatch):
+    """teacher_bn=train: the teacher trains on batch statistics but holds its running ones, so
+    its evaluation is that of the file it was loaded from, every epoch, and is computed once."""
+    import importlib
+    evaluate_mod = importlib.import_module("sokd.engine.evaluate")
+    shutil.copy(teacher_file, tmp_path / "teacher.pt")
+    cfg = tiny_config(tmp_path, "sokd", train={"epochs": 3, "seed": 0})
+    keep = evaluate_mod.FrozenLogits.keep
+    kept_roles = []
+    monkeypatch.setattr(evaluate_mod.FrozenLogits, "keep",
+                        lambda self, i, logits: (kept_roles.append(self.roles), keep(self, i, logits))[1])
+    runner.train(config.build(cfg))
+    rows = [json.loads(line) for line in (Path(cfg["output"]["dir"]) / "metrics.jsonl").read_text().splitlines()]
+    scores = {json.dumps(r["test"]["teacher"], sort_keys=True) for r in rows}
+    assert len(rows) == 4 and len(scores) == 1   # epoch 0 (as loaded) and the three trained
+    assert kept_roles and all(roles == ("teacher",) for roles in kept_roles)

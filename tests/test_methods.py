@@ -1,6 +1,7 @@
 """Distillation methods: loss algebra, gradient isolation, frozen teachers, KBM construction."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -75,19 +76,66 @@ def test_attention_transfer_zero_for_same_features_and_handles_spatial_mismatch(
 # -- SOKD ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("teacher_bn", ["train", "eval"])
 def test_sokd_frozen_teacher_is_bitwise_unchanged(teacher_bn):
+    """Weights and running statistics alike: under teacher_bn=train the teacher normalises by
+    batch statistics while training, but its running statistics are held, not updated."""
     teacher, student = nets()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     method = sokd.methods.create("sokd", teacher=teacher, student=student, teacher_bn=teacher_bn)
     sgd_steps(method)
     after = teacher.state_dict()
+    assert list(after) == list(before)
     for k, v in before.items():
-        is_buffer = "running" in k or "num_batches" in k
-        if is_buffer and teacher_bn == "train":
-            continue  # batch statistics keep updating by design (reference behaviour)
         assert torch.equal(v, after[k]), k
-    if teacher_bn == "train":
-        key = next(k for k in before if k.endswith("running_mean"))
-        assert not torch.equal(before[key], after[key])
+
+
+def test_sokd_teacher_bn_train_normalises_by_batch_statistics_while_training():
+    teacher, student = nets()
+    method = sokd.methods.create("sokd", teacher=teacher, student=student, teacher_bn="train")
+    x, _ = batch()
+    as_trained = copy.deepcopy(teacher).eval()
+    on_batches = copy.deepcopy(teacher).train()
+    method.train()
+    with torch.no_grad():
+        in_training = method.nets["teacher"](x)
+        assert torch.equal(in_training, on_batches(x))      # batch statistics
+        assert not torch.allclose(in_training, as_trained(x))
+        method.eval()
+        assert torch.equal(method.nets["teacher"](x), as_trained(x))   # running ones, as trained
+
+
+def test_holding_the_teachers_running_statistics_changes_nothing_the_student_learns():
+    """The held statistics are never read while training, so the student's and the bridge's
+    trajectories are those of a run whose teacher updates them (SOKD's released code)."""
+    def trained(hold):
+        teacher, student = nets()
+        method = sokd.methods.create("sokd", teacher=teacher, student=student, teacher_bn="train")
+        torch.manual_seed(3)
+        method.train()
+        if not hold:
+            sokd.methods.base.hold_running_statistics(method.nets["teacher"], False)
+        opt = torch.optim.SGD(method.param_groups(lr=0.1), momentum=0.9)
+        for i in range(3):
+            x, y = batch(seed=i)
+            out = method(x, y)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+        return method, teacher
+    held, held_teacher = trained(hold=True)
+    moved, moved_teacher = trained(hold=False)
+    for role in ("student", "kbm"):
+        a, b = held.nets[role].state_dict(), moved.nets[role].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), role
+    key = next(k for k in held_teacher.state_dict() if k.endswith("running_mean"))
+    assert not torch.equal(held_teacher.state_dict()[key], moved_teacher.state_dict()[key])
+
+
+def test_the_saved_teacher_branch_is_an_ordinary_network_whatever_the_runs_mode():
+    teacher, student = nets()
+    method = sokd.methods.create("sokd", teacher=teacher, student=student, teacher_bn="train").train()
+    branch = method.standalone()["teacher_branch"][1]
+    norms = [m for m in branch.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.track_running_stats for m in norms)
 
 
 def _grads(method, terms):

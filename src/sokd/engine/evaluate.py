@@ -10,8 +10,8 @@ from .precision import autocast
 
 
 class FrozenLogits:
-    """The evaluation logits of roles that never change (`Method.inference_roles`: frozen, on
-    running statistics), kept batch by batch from the first evaluation of a split, so later
+    """The evaluation logits of roles that never change (`Method.constant_roles`: frozen, their
+    running statistics held), kept batch by batch from the first evaluation of a split, so later
     evaluations run only the networks that learn. The evaluation data come in the same order
     every time (no shuffling, no augmentation); a batch whose size differs from the kept one is
     computed again. Nothing is kept past `limit` elements (a large test set on a small device

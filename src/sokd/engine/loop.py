@@ -241,7 +241,7 @@ def _fit_prepared(method, data, run: RunContext, ckpt, run_dir, stop, trackers, 
     logger = RunLogger(run.run_dir, trackers, cfg.to_dict(), history if ckpt else None) if dist.is_main else None
     step_module = compile_step(step_module, run.settings.compile, run.device, dist.print)
 
-    kept = {split: FrozenLogits(method.inference_roles) for split in ("test", "val")}
+    kept = {split: FrozenLogits(method.constant_roles) for split in ("test", "val")}
 
     def scores() -> dict:
         """Test accuracy of every role and the role comparisons, plus the validation split's."""

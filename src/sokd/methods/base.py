@@ -342,9 +342,16 @@ class Method(nn.Module):
         return groups
 
     def train(self, mode: bool = True):
+        """Trainable roles follow `mode`; frozen ones run in inference mode unless the method
+        keeps their BatchNorm on batch statistics while it trains (`frozen_bn_train`). Even then a
+        frozen network stays what it was trained to be: its running statistics are held, not
+        updated from the batches, so its own evaluation, a network built on its trunk (SOKD's
+        teacher branch) and the files saved from it see the statistics it was trained with."""
         super().train(mode)
         for role in self.frozen:
-            self.nets[role].train(mode and self.frozen_bn_train)
+            batch_stats = mode and self.frozen_bn_train
+            self.nets[role].train(batch_stats)
+            hold_running_statistics(self.nets[role], batch_stats)
         return self
 
     frozen_bn_train: bool = False
@@ -356,6 +363,12 @@ class Method(nn.Module):
         BatchNorm folded into the convolutions (`engine.frozen`). A method whose frozen networks
         use batch statistics while it trains (`frozen_bn_train`) has none."""
         return () if self.frozen_bn_train else tuple(r for r in self.frozen if r in self.nets)
+
+    @property
+    def constant_roles(self) -> tuple[str, ...]:
+        """Frozen roles, whose evaluation never changes during a run: their weights are fixed
+        and their running statistics held (`train`), whatever they normalise by in training."""
+        return tuple(r for r in self.frozen if r in self.nets)
 
     def combine(self, terms: dict[str, torch.Tensor], logits: dict[str, torch.Tensor]) -> dict:
         """The step's result: the weighted loss, and the same loss in two parts, "task" (the
@@ -388,3 +401,12 @@ def roles_required(method: str, given: dict[str, object], required: Iterable[str
 
 
 Method._derive_from_roles()
+
+
+def hold_running_statistics(net: nn.Module, hold: bool = True) -> None:
+    """Make `net`'s BatchNorm layers (those that keep running statistics) normalise by batch
+    statistics in training mode without updating the running ones (`hold`), or restore the
+    usual updates. In evaluation mode they use their running statistics either way."""
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.track_running_stats = not hold

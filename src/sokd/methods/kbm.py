@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import SokdError
 from .. import models
 from ..models.staged import StagedNet
+from .base import hold_running_statistics
 
 
 class KnowledgeBridge(nn.Module):
@@ -60,4 +61,5 @@ def teacher_branch(teacher: StagedNet, kbm: KnowledgeBridge) -> StagedNet:
         branch.stages[n - k + i] = copy.deepcopy(kbm.stages[i])
     branch.head = copy.deepcopy(kbm.head)
     branch.requires_grad_(False)
+    hold_running_statistics(branch, False)   # a standalone network: usual BatchNorm, whatever the run's mode
     return branch

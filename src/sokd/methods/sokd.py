@@ -23,7 +23,8 @@ class SOKDOptions(MethodOptions):
     kbm_stages: int = Field(1, ge=1, description="how many of the teacher's last stages the KBM copies")
     kbm_init: Literal["random", "teacher"] = Field("random", description="reference: random")
     teacher_bn: Literal["train", "eval"] = Field(
-        "train", description="frozen teacher's BatchNorm: batch statistics (reference) or running ones")
+        "train", description="frozen teacher's BatchNorm while training: batch statistics (reference) or running "
+                    "ones; its running statistics are never updated either way")
 
 
 @register("sokd")

@@ -301,3 +301,24 @@ def test_a_compiled_step_runs_under_ddp_and_learns_what_the_eager_one_learns(tmp
             assert b["train"]["terms"][term] == pytest.approx(value, rel=1e-4, abs=1e-5), term
         for role, scores in a["test"].items():
             assert b["test"][role]["top1"] == pytest.approx(scores["top1"], abs=1e-6), role
+
+
+def test_synchronising_buffers_leaves_the_frozen_networks_alone(monkeypatch):
+    """A frozen teacher is equal on every rank (one file, running statistics held), so no
+    collective touches it; the learning networks' BatchNorm statistics are averaged."""
+    from types import SimpleNamespace
+    from sokd.engine import ddp
+    method = sokd.methods.create("sokd", teacher=sokd.models.create("resnet14", num_classes=10),
+                                 student=sokd.models.create("resnet8", num_classes=10))
+    touched = []
+    names = {b.data_ptr(): n for n, b in method.named_buffers()}
+    monkeypatch.setattr(ddp.tdist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(ddp.tdist, "all_reduce", lambda buf: touched.append(names[buf.data_ptr()]))
+    monkeypatch.setattr(ddp.tdist, "broadcast", lambda buf, src: touched.append(names[buf.data_ptr()]))
+    teacher = {k: v.clone() for k, v in method.nets["teacher"].state_dict().items()}
+    ddp.sync_buffers(method, SimpleNamespace(enabled=True))
+    assert touched and not any(n.startswith("nets.teacher.") for n in touched)
+    assert any(n.startswith("nets.student.") and n.endswith("running_mean") for n in touched)
+    assert any(n.startswith("nets.kbm.") for n in touched)
+    after = method.nets["teacher"].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in teacher.items())

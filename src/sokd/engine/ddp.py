@@ -15,6 +15,9 @@ before every forward. `sync_buffers` reconciles them once, wherever a run's stat
 saved (the end of every epoch, before evaluation, and before a stop's checkpoint): every
 BatchNorm running mean and variance becomes the mean over ranks (each rank saw different
 images, so the mean estimates the statistics of all of them), every other buffer rank 0's.
+Frozen networks are left out: loaded from one file and never updated (`Method.train` holds their
+running statistics), they are equal on every rank already, and an average over three ranks would
+round them.
 
 Gradients: `gradient_as_bucket_view` makes each parameter's .grad a view into DDP's all-reduce
 bucket, so no copy between the two; `static_graph` (distributed.static_graph, default on) tells
@@ -81,8 +84,11 @@ def sync_buffers(method: nn.Module, ctx) -> None:
     if not ctx.enabled:
         return
     skip = set(getattr(method, "replicated_buffer_names", ()))
+    frozen = tuple(f"nets.{role}" for role in getattr(method, "frozen", ()))
     world = tdist.get_world_size()
     for prefix, module in method.named_modules():
+        if any(prefix == f or prefix.startswith(f + ".") for f in frozen):
+            continue
         averaged = ("running_mean", "running_var") if isinstance(module, nn.modules.batchnorm._BatchNorm) else ()
         for name, buf in module.named_buffers(recurse=False):
             if buf is None or (f"{prefix}.{name}" if prefix else name) in skip:

@@ -86,7 +86,12 @@ def wandb_records(run_file: Path) -> list:
 
 
 def wandb_logged(run_dir: Path, run_id: str) -> tuple[dict, list[dict], dict]:
-    """(config, history rows, summary) of every offline run file of W&B run `run_id`."""
+    """(config, history rows, summary) of every offline run file of W&B run `run_id`. The runs
+    of this test process share one W&B service, which may still be writing a finished run's file
+    when `finish` returns (seen on a loaded machine: the last epoch missing); `wandb.teardown`
+    waits until the service has written everything and stopped."""
+    import wandb
+    wandb.teardown()
     config, history, summary = {}, [], {}
     # a run resumed within the same second as its start gets a "-1" suffix on its folder name
     for run_file in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb")):

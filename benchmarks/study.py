@@ -37,8 +37,11 @@ POLL_S = 30.0
 CORE_FMNIST = ["vanilla", "kd", "sokd", "dml"]
 MORE_FMNIST = ["kd_dml", "kd_at", "sokd_at"]
 ABLATIONS_FMNIST = ["sokd_bn_eval", "sokd_init_teacher", "sokd_kbm2", "sokd_fp32"]
-METHODS_REST = ["kd_dkd", "sokd_dkd", "kd_dist", "kd_crd", "sokd_crd", "kd_reviewkd", "sokd_reviewkd", "one",
-                "kdcl", "kd_rkd", "kd_pkt", "kd_sp", "kd_ls"]
+# SOKD's closest relative (SHAKE) and the logit distillers cited since 2023; they run before the
+# slower feature distillers so a study cut short has them on every seed.
+RELATIVES = ["shake", "kd_mlkd", "sokd_mlkd", "kd_nkd", "kd_ctkd", "kd_nd", "kd_dot"]
+METHODS_REST = ["kd_dkd", "sokd_dkd", "kd_dist", "kd_crd", "sokd_crd"] + RELATIVES + [
+    "kd_reviewkd", "sokd_reviewkd", "one", "kdcl", "kd_rkd", "kd_pkt", "kd_sp", "kd_ls"]
 
 STUDIES = {
     # phases: (variants, seeds or None for all) in the order they run; a study cut short has the

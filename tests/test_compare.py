@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -166,6 +167,30 @@ def test_claims_of_dead_or_silent_workers_are_taken_over(tmp_path):
     old = time.time() - workers.STALE_S - 1
     os.utime(claims.path("kd-s2"), (old, old))
     assert claims.take("kd-s2", "me")   # another machine, silent for too long
+
+
+def test_a_claim_appears_whole_and_one_of_many_racing_takers_wins_it(tmp_path):
+    claims = workers.Claims(tmp_path)
+    claims.dir.mkdir(parents=True, exist_ok=True)
+    claims.path("kd-s0").write_text("")   # created, its text not yet written
+    assert claims.holder("kd-s0") is not None and not claims.take("kd-s0", "me")
+    old = time.time() - workers.STALE_S - 1
+    os.utime(claims.path("kd-s0"), (old, old))
+    assert claims.take("kd-s0", "me")   # never written and silent for too long: stale
+    start = threading.Barrier(8)
+    won = []
+
+    def racer(i):
+        start.wait()
+        if claims.take("kd-s1", f"w{i}"):
+            won.append(i)
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and json.loads(claims.path("kd-s1").read_text())["worker"] == f"w{won[0]}"
+    assert sorted(p.name for p in claims.dir.iterdir()) == ["kd-s0.claim", "kd-s1.claim"]   # no drafts left
 
 
 def test_runs_with_another_precision_or_teacher_are_not_paired_and_say_why(tmp_path, capsys):

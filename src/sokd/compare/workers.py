@@ -4,8 +4,10 @@
 
 This coordinates independent runs; one run spread over several machines is torchrun's job.
 
-A claim is a file `<out>/.claims/<run>.claim` created exclusively (O_EXCL), holding the host,
-the worker's pid and its training process's pid. The holder touches it every HEARTBEAT_S seconds
+A claim is a file `<out>/.claims/<run>.claim` holding the host, the worker's pid and its
+training process's pid. It is written beside its place and hard-linked into it, so it appears
+whole or not at all and never over another claim (a link is exclusive, also on NFS); a claim whose
+text cannot be read yet counts as held until it is stale. The holder touches it every HEARTBEAT_S seconds
 while the run trains. A claim is stale when its host is this one and neither pid is alive, or
 when its host is another and it has not been touched for STALE_S seconds; a stale claim is taken
 over, and the run resumes from its last.pt. A finished run (summary.json) is never run again. A
@@ -47,10 +49,14 @@ class Claims:
         """The live claim on `run`, or None (no claim, or a stale one)."""
         path = self.path(run)
         try:
-            info = json.loads(path.read_text())
             age = time.time() - path.stat().st_mtime
-        except (OSError, ValueError):
+            text = path.read_text()
+        except OSError:
             return None
+        try:
+            info = json.loads(text)
+        except ValueError:
+            return {"worker": None, "unreadable": True} if age < STALE_S else None
         if info.get("host") == self.host:
             alive = any(pid_alive(p) for p in (info.get("pid"), info.get("child")) if isinstance(p, int))
             return info if alive else None
@@ -67,12 +73,14 @@ class Claims:
                 stale.unlink()
             except OSError:
                 pass
+        draft = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+        draft.write_text(json.dumps({"host": self.host, "pid": os.getpid(), "worker": worker, "since": time.time()}))
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(draft, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": self.host, "pid": os.getpid(), "worker": worker, "since": time.time()}, f)
+        finally:
+            draft.unlink(missing_ok=True)
         return True
 
     def note_child(self, run: str, worker: str, child: int) -> None:

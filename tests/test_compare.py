@@ -193,6 +193,55 @@ def test_a_claim_appears_whole_and_one_of_many_racing_takers_wins_it(tmp_path):
     assert sorted(p.name for p in claims.dir.iterdir()) == ["kd-s0.claim", "kd-s1.claim"]   # no drafts left
 
 
+def test_takers_that_all_found_one_claim_stale_leave_it_to_one_of_them(tmp_path):
+    """Every taker judges the stale claim stale before any of them replaces it (the worst
+    interleaving, forced): still exactly one holds the run afterwards."""
+    count = 6
+    judged = threading.Barrier(count)
+    first_look = threading.local()
+
+    class SlowToAct(workers.Claims):
+        def holder(self, run):
+            found = super().holder(run)
+            if not getattr(first_look, "done", False):
+                first_look.done = True
+                judged.wait(timeout=30)
+            return found
+
+    claims = SlowToAct(tmp_path)
+    claims.dir.mkdir(parents=True, exist_ok=True)
+    claims.path("kd-s0").write_text(json.dumps({"host": "elsewhere", "pid": 1, "worker": "gone"}))
+    old = time.time() - workers.STALE_S - 1
+    os.utime(claims.path("kd-s0"), (old, old))
+    won = []
+
+    def racer(i):
+        if claims.take("kd-s0", f"w{i}"):
+            won.append(i)
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1, won
+    assert json.loads(claims.path("kd-s0").read_text())["worker"] == f"w{won[0]}"
+    assert sorted(p.name for p in claims.dir.iterdir()) == ["kd-s0.claim"]   # no lock or draft left
+
+
+def test_a_takeover_lock_left_by_a_dead_taker_is_cleared(tmp_path):
+    claims = workers.Claims(tmp_path)
+    claims.dir.mkdir(parents=True, exist_ok=True)
+    claims.path("kd-s0").write_text(json.dumps({"host": "elsewhere", "pid": 1, "worker": "gone"}))
+    lock = claims.dir / "kd-s0.takeover"
+    lock.write_text("elsewhere 1")
+    old = time.time() - workers.STALE_S - 1
+    os.utime(claims.path("kd-s0"), (old, old))
+    assert not claims.take("kd-s0", "me")   # a young lock: another taker is replacing the claim
+    os.utime(lock, (old, old))
+    assert not claims.take("kd-s0", "me") and not lock.exists()   # an old one is cleared ...
+    assert claims.take("kd-s0", "me")   # ... and the next look takes the run
+
+
 def test_runs_with_another_precision_or_teacher_are_not_paired_and_say_why(tmp_path, capsys):
     variants = {"kd": {"method": {"name": "kd"}},
                 "kd_bf16": {"method": {"name": "kd"}, "train": {"precision": "bf16"}}}

@@ -6,12 +6,13 @@ This coordinates independent runs; one run spread over several machines is torch
 
 A claim is a file `<out>/.claims/<run>.claim` holding the host, the worker's pid and its
 training process's pid. It is written beside its place and hard-linked into it, so it appears
-whole or not at all and never over another claim (a link is exclusive, also on NFS); a claim whose
-text cannot be read yet counts as held until it is stale. The holder touches it every HEARTBEAT_S seconds
-while the run trains. A claim is stale when its host is this one and neither pid is alive, or
-when its host is another and it has not been touched for STALE_S seconds; a stale claim is taken
-over, and the run resumes from its last.pt. A finished run (summary.json) is never run again. A
-failed run leaves `<run>.failed` with its last error line; the next `sokd compare` retries it.
+whole or not at all and never over another claim (a link is exclusive, also on NFS); a claim
+whose text cannot be read yet counts as held until it is stale. The holder touches it every
+HEARTBEAT_S seconds while the run trains. A claim is stale when its host is this one and neither
+pid is alive, or when its host is another and it has not been touched for STALE_S seconds. A
+stale claim is replaced under the run's takeover lock by one taker alone, and the run resumes
+from its last.pt. A finished run (summary.json) is never run again. A failed run leaves
+`<run>.failed` with its last error line; the next `sokd compare` retries it.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from .spec import Grid
 
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
+TAKEOVER_STALE_S = 60.0
 POLL_S = 5.0
 
 
@@ -66,13 +68,22 @@ class Claims:
         """Claim `run` for this worker; False when another live worker holds it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path(run)
-        if path.exists() and self.holder(run) is None:
-            stale = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.stale")
-            try:
-                os.replace(path, stale)   # one taker wins the stale claim
-                stale.unlink()
-            except OSError:
-                pass
+        if not path.exists():
+            return self._link_claim(run, worker)
+        if self.holder(run) is not None:
+            return False
+        # A stale claim is replaced only under the run's takeover lock, and judged stale again
+        # there: two takers that both found it stale would otherwise each move aside whatever claim
+        # is in its place by then, the other's fresh one included, and both run the run.
+        with self._takeover_lock(run) as mine:
+            if not mine:
+                return False
+            if path.exists() and self.holder(run) is None:
+                path.unlink(missing_ok=True)
+            return self._link_claim(run, worker)
+
+    def _link_claim(self, run: str, worker: str) -> bool:
+        path = self.path(run)
         draft = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.new")
         draft.write_text(json.dumps({"host": self.host, "pid": os.getpid(), "worker": worker, "since": time.time()}))
         try:
@@ -82,6 +93,32 @@ class Claims:
         finally:
             draft.unlink(missing_ok=True)
         return True
+
+    @contextmanager
+    def _takeover_lock(self, run: str):
+        """Yields True while this taker alone may replace `run`'s stale claim, False when another
+        is doing it. The lock lives for microseconds; one older than TAKEOVER_STALE_S was left by a
+        taker that died inside it and is cleared."""
+        lock = self.dir / f"{run}.takeover"
+        draft = lock.with_name(f"{lock.name}.{os.getpid()}.{threading.get_ident()}.new")
+        draft.write_text(f"{self.host} {os.getpid()}")
+        try:
+            try:
+                os.link(draft, lock)
+            except FileExistsError:
+                try:
+                    if time.time() - lock.stat().st_mtime > TAKEOVER_STALE_S:
+                        lock.unlink(missing_ok=True)
+                except OSError:
+                    pass
+                yield False
+                return
+        finally:
+            draft.unlink(missing_ok=True)
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
 
     def note_child(self, run: str, worker: str, child: int) -> None:
         atomic_write_text(self.path(run), json.dumps({"host": self.host, "pid": os.getpid(), "worker": worker,
@@ -143,6 +180,9 @@ class Worker:
                 waiting = True
                 continue
             if self.claims.take(run, self.label):
+                if finished(self.grid, name, seed):   # its holder finished it and let go meanwhile
+                    self.claims.release(run)
+                    continue
                 return name, seed
             waiting = True
         return None if waiting else False

@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -223,16 +224,34 @@ def compare_command(study: str, spec: Path, variants: list[str], seeds: list[int
 
 
 def run_phase(study: str, cmd: list[str], commit: bool) -> int:
-    """`sokd compare` for one phase, publishing runs as they finish."""
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    """`sokd compare` for one phase, publishing runs as they finish.
+
+    compare runs in its own session and hears SIGINT/SIGTERM only from here, each signal once:
+    a Ctrl-C or a `kill` of this script stops the runs in progress, which save a resumable
+    last.pt (a second signal stops them at once); the next call resumes them."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    received: list[int] = []
+
+    def pass_on(signum, frame) -> None:
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while proc.poll() is None:
+            if received:
+                proc.wait()
+                break
             time.sleep(POLL_S)
-            publish_new(study, commit)
-    except KeyboardInterrupt:
-        proc.wait()   # compare stops its runs on the same signal; they resume on the next call
-        raise
+            if not received:
+                publish_new(study, commit)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     refused = publish_new(study, commit)
+    if received:
+        return 128 + received[0]
     if refused:
         print(f"STOP     not published, they do not reproduce their published runs: {'; '.join(refused)}. "
               f"Runs paired with the published ones would not be paired with these: compare the machines "

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -240,6 +241,20 @@ def test_a_takeover_lock_left_by_a_dead_taker_is_cleared(tmp_path):
     os.utime(lock, (old, old))
     assert not claims.take("kd-s0", "me") and not lock.exists()   # an old one is cleared ...
     assert claims.take("kd-s0", "me")   # ... and the next look takes the run
+
+
+def test_a_stopping_worker_asks_its_run_to_stop_once_however_long_it_takes_to_save(tmp_path, monkeypatch):
+    monkeypatch.setattr(workers, "POLL_S", 0.05)
+    count, ready = tmp_path / "signals", tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, str(ROOT / "tests" / "slow_to_stop.py"), count, ready])
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker = workers.Worker(SimpleNamespace(out=tmp_path), "me", None)
+    worker.child = child
+    worker.stop.set()
+    worker.stop_child()
+    assert worker.wait_for(child, "kd-s0") == 0 and count.read_text() == "1"   # saved, not forced
 
 
 def test_runs_with_another_precision_or_teacher_are_not_paired_and_say_why(tmp_path, capsys):

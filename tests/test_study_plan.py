@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +117,21 @@ def test_a_retrained_run_must_reproduce_its_published_run(study):
     _finish(study, "fmnist", "teacher-s0", [10.0, 65.47, 70.1])               # wall times may differ, tops not
     assert study.differs_from_published("fmnist", "teacher-s0").startswith("epoch 1: test")
     assert study.publish_new("fmnist", commit=False)[0].startswith("teacher-s0 (epoch 1")
+
+
+def test_a_signal_to_the_study_reaches_its_compare_once_and_stops_it(study, monkeypatch, tmp_path):
+    """compare runs in its own session: a signal to the script alone (a `kill`) still stops it,
+    and a Ctrl-C to the whole group does not reach it twice (which would stop its runs unsaved)."""
+    monkeypatch.setattr(study, "POLL_S", 0.05)
+    monkeypatch.setattr(study, "publish_new", lambda name, commit: [])
+    count, ready = tmp_path / "signals", tmp_path / "ready"
+    slow = [sys.executable, str(REPO / "tests" / "slow_to_stop.py"), str(count), str(ready)]
+
+    def interrupt():
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=interrupt, daemon=True).start()
+    assert study.run_phase("fmnist", slow, False) == 128 + signal.SIGINT
+    assert count.read_text() == "1"   # asked once, and it stopped in its own time

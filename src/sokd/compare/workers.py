@@ -155,11 +155,15 @@ class Worker:
         self.stop = stop or threading.Event()
         self.failures: list[str] = []
         self.child: subprocess.Popen | None = None   # the run training now
+        self._asked: subprocess.Popen | None = None   # the run already asked to stop
 
-    def stop_child(self) -> None:
-        """Ask the run training now to stop: `sokd train` saves a resumable last.pt and exits."""
+    def stop_child(self, force: bool = False) -> None:
+        """Ask the run training now to stop: `sokd train` finishes its step (or evaluation), saves
+        a resumable last.pt and exits. It is asked once: a second signal tells `sokd train` to stop
+        at once without saving, which only a second signal to the worker (`force`) may pass on."""
         child = self.child
-        if child is not None and child.poll() is None:
+        if child is not None and child.poll() is None and (force or self._asked is not child):
+            self._asked = child
             child.terminate()
 
     def pick(self, tried: set) -> tuple[str, int] | None | bool:
@@ -217,6 +221,20 @@ class Worker:
                 return False
         return True
 
+    def wait_for(self, child: subprocess.Popen, run: str) -> int:
+        """The exit code of `run`'s training process; meanwhile its claim is touched every
+        HEARTBEAT_S, and once the worker is stopping the process is asked (once) to stop."""
+        beat = time.monotonic()
+        while True:
+            try:
+                return child.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() - beat >= HEARTBEAT_S:
+                    self.claims.touch(run)
+                    beat = time.monotonic()
+                if self.stop.is_set():
+                    self.stop_child()
+
     def run(self, name: str, seed: int) -> None:
         run = run_name(name, seed)
         grid = self.grid
@@ -244,17 +262,7 @@ class Worker:
                     env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())},
                     start_new_session=True)
                 self.claims.note_child(run, self.label, child.pid)
-                beat = time.monotonic()
-                while True:
-                    try:
-                        code = child.wait(timeout=POLL_S)
-                        break
-                    except subprocess.TimeoutExpired:
-                        if time.monotonic() - beat >= HEARTBEAT_S:
-                            self.claims.touch(run)
-                            beat = time.monotonic()
-                        if self.stop.is_set():
-                            self.stop_child()
+                code = self.wait_for(child, run)
                 self.child = None
             if finished(grid, name, seed):   # a stop that came after its last epoch finished it
                 self.log(f"done   {run} in {time.time() - t0:.0f} s")
@@ -283,7 +291,8 @@ def run_workers(grid: Grid, count: int, threads: int | None, log=print) -> list[
     """Run the grid with `count` workers in this process (threads); returns the failures.
 
     SIGINT and SIGTERM (what a scheduler sends before it kills a job) are passed on to the runs
-    in progress, which save a resumable last.pt and exit; then `Stopped` is raised. No training
+    in progress, once, however long they take to save a resumable last.pt and exit; a second
+    signal is passed on too and stops them at once, unsaved. Then `Stopped` is raised. No training
     process outlives its worker."""
     label = f"{socket.gethostname()}:{os.getpid()}"
     stop = threading.Event()
@@ -296,7 +305,7 @@ def run_workers(grid: Grid, count: int, threads: int | None, log=print) -> list[
         received.append(signum)
         stop.set()
         for w in workers:
-            w.stop_child()
+            w.stop_child(force=len(received) > 1)
 
     threads_ = [threading.Thread(target=w.work, daemon=True) for w in workers]
     with _signals_to(pass_on):

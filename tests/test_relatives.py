@@ -99,6 +99,18 @@ def test_mlkd_is_its_closed_form():
     assert m.item() == 0.5 and c.item() == 0.5   # distinct values: the shares are one half
 
 
+def test_mlkds_class_level_is_not_normalised_for_the_number_of_classes():
+    """As released, ||P_t^T P_t - P_s^T P_s||^2_F / C: the Gram matrices of a batch sum to B
+    whatever C is, so the class level grows as C falls. A one-hot-like teacher against a uniform
+    student: below the instance level on a hundred classes, far above it on ten (docs/methods.md)."""
+    b, ratio = 128, {}
+    for c in (10, 100):
+        t, s = F.one_hot(torch.arange(b) % c, c).float() * 50.0, torch.zeros(b, c)
+        class_level = losses._class_gram_distance(F.softmax(t / 4.0, 1), F.softmax(s / 4.0, 1))
+        ratio[c] = (class_level / losses.soft_target(t, s, 4.0)).item()
+    assert ratio[100] < 1 < ratio[10] and ratio[10] > 50 * ratio[100]
+
+
 def test_mlkd_with_standardisation_changes_the_instance_level_only():
     t = _logits(b=8, c=4, seed=10)
     s = t * 3.0 + 1.0   # the same shape of logits, another scale and shift

@@ -39,6 +39,20 @@ TAKEOVER_STALE_S = 60.0
 POLL_S = 5.0
 
 
+def _create_whole(path: Path, text: str) -> bool:
+    """Create `path` holding `text` unless it exists (then False): written beside it and
+    hard-linked in, so it appears whole or not at all (a link is exclusive, also on NFS)."""
+    draft = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+    draft.write_text(text)
+    try:
+        os.link(draft, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        draft.unlink(missing_ok=True)
+
+
 class Claims:
     def __init__(self, out: Path):
         self.dir = out / ".claims"
@@ -83,16 +97,8 @@ class Claims:
             return self._link_claim(run, worker)
 
     def _link_claim(self, run: str, worker: str) -> bool:
-        path = self.path(run)
-        draft = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.new")
-        draft.write_text(json.dumps({"host": self.host, "pid": os.getpid(), "worker": worker, "since": time.time()}))
-        try:
-            os.link(draft, path)
-        except FileExistsError:
-            return False
-        finally:
-            draft.unlink(missing_ok=True)
-        return True
+        return _create_whole(self.path(run), json.dumps({"host": self.host, "pid": os.getpid(), "worker": worker,
+                                                         "since": time.time()}))
 
     @contextmanager
     def _takeover_lock(self, run: str):
@@ -100,21 +106,14 @@ class Claims:
         is doing it. The lock lives for microseconds; one older than TAKEOVER_STALE_S was left by a
         taker that died inside it and is cleared."""
         lock = self.dir / f"{run}.takeover"
-        draft = lock.with_name(f"{lock.name}.{os.getpid()}.{threading.get_ident()}.new")
-        draft.write_text(f"{self.host} {os.getpid()}")
-        try:
+        if not _create_whole(lock, f"{self.host} {os.getpid()}"):
             try:
-                os.link(draft, lock)
-            except FileExistsError:
-                try:
-                    if time.time() - lock.stat().st_mtime > TAKEOVER_STALE_S:
-                        lock.unlink(missing_ok=True)
-                except OSError:
-                    pass
-                yield False
-                return
-        finally:
-            draft.unlink(missing_ok=True)
+                if time.time() - lock.stat().st_mtime > TAKEOVER_STALE_S:
+                    lock.unlink(missing_ok=True)
+            except OSError:
+                pass
+            yield False
+            return
         try:
             yield True
         finally:

@@ -239,13 +239,13 @@ def run_phase(study: str, cmd: list[str], commit: bool) -> int:
 
     old = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while proc.poll() is None:
-            if received:
-                proc.wait()
+        while True:
+            try:
+                proc.wait(timeout=POLL_S)
                 break
-            time.sleep(POLL_S)
-            if not received:
-                publish_new(study, commit)
+            except subprocess.TimeoutExpired:
+                if not received:
+                    publish_new(study, commit)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)

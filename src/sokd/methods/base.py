@@ -243,6 +243,12 @@ class Method(nn.Module):
                                 "take the two views of each image method.logit_loss=mlkd trains on; set "
                                 "method.mlkd.strong_view=false or drop that term")
 
+    @property
+    def features_embedding(self) -> bool:
+        """Whether the feature terms compare embeddings: the method's forwards then ask each network
+        for its embedding too (`forward_features(..., embedding=True)`)."""
+        return self.features is not None and self.features.uses_embedding
+
     def distill(self, target_logits: torch.Tensor, logits: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
         """The configured logit distance from `target_logits` (detached) to `logits`.

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import SokdError
 from .. import models
-from ..models.staged import StagedNet
+from ..models.staged import StagedNet, run_tail
 from .base import hold_running_statistics
 
 
@@ -25,13 +25,10 @@ class KnowledgeBridge(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.head = head
 
-    def forward(self, x: torch.Tensor):
-        """(logits, [output of each KBM stage])."""
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return self.head(x), feats
+    def forward(self, x: torch.Tensor, embedding: bool = False):
+        """(logits, [output of each KBM stage]), and with `embedding` the embedding its classifier
+        reads, third (`models.staged.head_with_embedding`)."""
+        return run_tail(self.stages, self.head, x, embedding)
 
 
 def build_kbm(teacher: StagedNet, stages: int = 1,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.staged import split_embedding
 from .base import Method, MethodOptions
 from . import losses
 from .registry import register
@@ -22,13 +23,15 @@ class KD(Method):
 
     def forward(self, images, labels, index=None):
         teacher, student = self.nets["teacher"], self.nets["student"]
+        emb = self.features_embedding
         with torch.no_grad():
-            t_logits, t_feats = teacher.forward_features(images)
-        s_logits, s_feats = student.forward_features(images)
+            t_logits, t_feats, t_emb = split_embedding(teacher.forward_features(images, embedding=emb))
+        s_logits, s_feats, s_emb = split_embedding(student.forward_features(images, embedding=emb))
         terms = {
             "student_ce": losses.cross_entropy(s_logits, labels),
             "student_kl_teacher": self.distill(t_logits, s_logits, labels),
         }
         if self.features is not None:
-            terms.update(self.features(s_feats, t_feats, labels, index, target_logits=t_logits))
+            terms.update(self.features(s_feats, t_feats, labels, index, target_logits=t_logits,
+                                       student_embedding=s_emb, target_embedding=t_emb))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits})

@@ -38,7 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import SokdError
-from ..models.staged import StagedNet, dry_forward, final_linear
+from ..models.staged import StagedNet, dry_forward, final_linear, split_embedding
 from ..models.tokens import prefix_tokens, stage_map
 from . import losses
 from .base import Method, MethodOptions, Role
@@ -131,13 +131,15 @@ class SHAKE(Method):
 
     def _teacher_and_shadow(self, images):
         with torch.no_grad():
-            t_logits, t_feats = self.nets["teacher"].forward_features(images)
+            t_logits, t_feats, t_emb = split_embedding(
+                self.nets["teacher"].forward_features(images, embedding=self.features_embedding))
         h_logits = self.nets["shadow"]([stage_map(f.detach(), self.prefix) for f in t_feats[-self.fed:]])
-        return t_logits, h_logits, t_feats
+        return t_logits, h_logits, t_feats, t_emb
 
     def forward(self, images, labels, index=None):
-        t_logits, h_logits, t_feats = self._teacher_and_shadow(images)
-        s_logits, s_feats = self.nets["student"].forward_features(images)
+        t_logits, h_logits, t_feats, t_emb = self._teacher_and_shadow(images)
+        s_logits, s_feats, s_emb = split_embedding(
+            self.nets["student"].forward_features(images, embedding=self.features_embedding))
         t, h, s = self._norm(t_logits), self._norm(h_logits), self._norm(s_logits)
         terms = {
             "student_ce": losses.cross_entropy(s, labels),
@@ -148,12 +150,13 @@ class SHAKE(Method):
             "shadow_mse_teacher": F.mse_loss(h.float(), t.detach().float()),
         }
         if self.features is not None:
-            terms.update(self.features(s_feats, t_feats, labels, index, target_logits=t_logits))
+            terms.update(self.features(s_feats, t_feats, labels, index, target_logits=t_logits,
+                                       student_embedding=s_emb, target_embedding=t_emb))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits, "shadow": h_logits})
 
     @torch.no_grad()
     def predict(self, images, known=None):
-        t_logits, h_logits, _ = self._teacher_and_shadow(images)
+        t_logits, h_logits, _, _ = self._teacher_and_shadow(images)
         if known and "teacher" in known:
             t_logits = known["teacher"]
         return {"student": self.nets["student"](images), "teacher": t_logits, "shadow": h_logits}

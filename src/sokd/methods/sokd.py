@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..models.staged import split_embedding
 from .base import Method, MethodOptions, Role
 from .kbm import build_kbm, teacher_branch
 from . import losses
@@ -54,12 +55,13 @@ class SOKD(Method):
         with torch.no_grad():
             trunk, trunk_feats = teacher.forward_trunk(images, self.split)
             t_logits, _ = teacher.forward_tail(trunk, self.split)
-        a_logits, a_feats = kbm(trunk.detach())
-        return t_logits, a_logits, trunk_feats + a_feats
+        a_logits, a_feats, a_emb = split_embedding(kbm(trunk.detach(), embedding=self.features_embedding))
+        return t_logits, a_logits, trunk_feats + a_feats, a_emb
 
     def forward(self, images, labels, index=None):
-        t_logits, a_logits, branch_feats = self._branches(images)
-        s_logits, s_feats = self.nets["student"].forward_features(images)
+        t_logits, a_logits, branch_feats, a_emb = self._branches(images)
+        s_logits, s_feats, s_emb = split_embedding(
+            self.nets["student"].forward_features(images, embedding=self.features_embedding))
         terms = {
             "kbm_ce": losses.cross_entropy(a_logits, labels),
             "kbm_kl_teacher": self.distill(t_logits, a_logits, labels),
@@ -68,7 +70,8 @@ class SOKD(Method):
             "student_kl_kbm": self.distill(a_logits, s_logits, labels),
         }
         if self.features is not None:
-            terms.update(self.features(s_feats, branch_feats, labels, index, target_logits=a_logits.detach()))
+            terms.update(self.features(s_feats, branch_feats, labels, index, target_logits=a_logits.detach(),
+                                       student_embedding=s_emb, target_embedding=a_emb))
         return self.combine(terms, {"student": s_logits, "teacher": t_logits, "kbm": a_logits})
 
     @torch.no_grad()

@@ -76,11 +76,15 @@ class _TokenHead(nn.Module):
         self.norm, self.classifier, self.distillation_classifier = norm, classifier, distillation
 
     def forward(self, x):
+        return self.forward_embedding(x)[0]
+
+    def forward_embedding(self, x):
+        """(logits, embedding): the embedding is the normalised class token the classifier reads."""
         x = self.norm(x)
         logits = self.classifier(x[:, 0])
         if self.distillation_classifier is not None:
             logits = (logits + self.distillation_classifier(x[:, 1])) / 2
-        return logits
+        return logits, x[:, 0]
 
 
 class _SwinStem(nn.Module):

@@ -66,13 +66,19 @@ class StagedNet(nn.Module):
         """Logits."""
         return self.forward_features(x)[0]
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(logits, [output of each stage]): what feature terms compare, at no extra cost."""
+    def forward_features(self, x: torch.Tensor, embedding: bool = False):
+        """(logits, [output of each stage]): what feature terms compare, at no extra cost.
+
+        With `embedding`, (logits, [stage outputs], embedding): the embedding is what the final
+        classifier reads (`head_with_embedding`)."""
         x = self.stem(self._enter(x))
         feats = []
         for stage in self.stages:
             x = stage(x)
             feats.append(x)
+        if embedding:
+            logits, emb = head_with_embedding(self.head, x)
+            return logits, feats, emb
         return self.head(x), feats
 
     def forward_trunk(self, x: torch.Tensor, upto: int):
@@ -84,13 +90,10 @@ class StagedNet(nn.Module):
             feats.append(x)
         return x, feats
 
-    def forward_tail(self, x: torch.Tensor, start: int):
-        """Run stages[start:] and the head on a trunk output; returns (logits, [stage outputs])."""
-        feats = []
-        for stage in self.stages[start:]:
-            x = stage(x)
-            feats.append(x)
-        return self.head(x), feats
+    def forward_tail(self, x: torch.Tensor, start: int, embedding: bool = False):
+        """Run stages[start:] and the head on a trunk output; returns (logits, [stage outputs]),
+        and the embedding third with `embedding` (as `forward_features`)."""
+        return run_tail(self.stages[start:], self.head, x, embedding)
 
     def reset_parameters(self, module: nn.Module | None = None) -> None:
         """Fresh initialisation of `module` (default: the whole net), as at construction.
@@ -104,6 +107,69 @@ class StagedNet(nn.Module):
         """Default init: each layer's own `reset_parameters`."""
         if hasattr(m, "reset_parameters") and m is not self:
             m.reset_parameters()
+
+
+def split_embedding(out: tuple) -> tuple:
+    """(logits, [stage outputs], embedding or None) from what `forward_features` or
+    `forward_tail` returned, with or without `embedding`."""
+    return out if len(out) == 3 else (*out, None)
+
+
+def run_tail(stages, head: nn.Module, x: torch.Tensor, embedding: bool = False):
+    """`stages` then `head` on `x`: (logits, [stage outputs]) and, with `embedding`, the
+    embedding the head's classifier reads, third."""
+    feats = []
+    for stage in stages:
+        x = stage(x)
+        feats.append(x)
+    if embedding:
+        logits, emb = head_with_embedding(head, x)
+        return logits, feats, emb
+    return head(x), feats
+
+
+def embedding_cut(head: nn.Module) -> int | None:
+    """Where a sequential head's classifier begins: the index of its last nn.Linear, moved back over
+    the dropouts right before it (the embedding is taken before dropout, as the penultimate
+    features distillers compare are). None when the head is not an nn.Sequential with a linear."""
+    if not isinstance(head, nn.Sequential):
+        return None
+    linears = [k for k, m in enumerate(head) if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    cut = linears[-1]
+    while cut > 0 and isinstance(head[cut - 1], nn.Dropout):
+        cut -= 1
+    return cut
+
+
+def has_embedding(head: nn.Module) -> bool:
+    """Whether `head_with_embedding` can split this head into embedding and classifier."""
+    return hasattr(head, "forward_embedding") or embedding_cut(head) is not None
+
+
+def head_with_embedding(head: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, embedding) of `head` on a last-stage output, in one pass.
+
+    The embedding is the penultimate representation: what the final classifier reads, after the
+    head's own normalisation, activation and pooling (a pre-activation network's final BN + ReLU,
+    a MobileNet's last 1x1 convolution, a transformer's final norm and token pooling). PKT, RKD,
+    CRD and KD++ compare this vector, not a raw stage output. Heads that are not a plain
+    sequence give it through their own `forward_embedding(x) -> (logits, embedding)`.
+    """
+    own = getattr(head, "forward_embedding", None)
+    if own is not None:
+        return own(x)
+    cut = embedding_cut(head)
+    if cut is None:
+        raise TypeError(f"{type(head).__name__} has no embedding to give: it is neither an nn.Sequential "
+                        "ending in a linear classifier nor a head with forward_embedding")
+    for module in head[:cut]:
+        x = module(x)
+    emb = x
+    for module in head[cut:]:
+        x = module(x)
+    return x, emb
 
 
 def final_linear(net: StagedNet) -> nn.Linear | None:

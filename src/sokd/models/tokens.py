@@ -73,14 +73,22 @@ class TokenHead(nn.Module):
         return self.head(self.head_drop(x[:, 0])), self.head_dist(self.head_drop(x[:, 1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_embedding(x)[0]
+
+    def forward_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, embedding): the embedding is the pooled, normalised token the classifier reads
+        (a distilled DeiT's: its class token; its logits are the mean of both heads)."""
         if self.head_dist is not None:   # DeiT: the mean of the class and distillation heads
-            cls, dist = self.both_heads(x)
-            return (cls + dist) / 2
+            x = self.norm(x)
+            cls = self.head(self.head_drop(x[:, 0]))
+            dist = self.head_dist(self.head_drop(x[:, 1]))
+            return (cls + dist) / 2, x[:, 0]
         x = self.norm(x)
         from timm.layers import global_pool_nlc
         x = global_pool_nlc(x, pool_type=self.global_pool, num_prefix_tokens=self.prefix_tokens,
                             reduce_include_prefix=self.include_prefix)
-        return self.head(self.head_drop(self.fc_norm(x)))
+        emb = self.fc_norm(x)
+        return self.head(self.head_drop(emb)), emb
 
 
 def add_distillation_token(net: StagedNet, label: str) -> None:

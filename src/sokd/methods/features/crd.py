@@ -1,8 +1,9 @@
 """CRD (Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020) as the
 module feature kind "crd".
 
-The student's and the target's last-stage outputs are pooled to one vector each
-(`losses.embedding`), mapped by a linear head to `feat_dim` and L2-normalised: v_s, v_t. Two
+The student's and the target's embeddings (by default what each classifier reads, as the
+official code's last feature; a stage output given in `stages` is pooled, `losses.embedding`)
+are mapped by a linear head to `feat_dim` and L2-normalised: v_s, v_t. Two
 memory banks (N x feat_dim buffers, N = training-set size) hold one embedding per training
 sample: M_s of the student's, M_t of the target's. For a batch with training-set indices i_b,
 every anchor gets K negatives n_b1..n_bK drawn uniformly from the other N - 1 indices, and
@@ -47,7 +48,7 @@ from torch import nn
 
 from ...errors import SokdError
 from .. import losses
-from .terms import TermContext, _Kind, register_kind
+from .terms import EMBEDDING, TermContext, _Kind, register_kind
 
 EPS = 1e-7
 #: score every anchor against the whole bank with one matmul when B x N stays below this many
@@ -203,7 +204,7 @@ class CRDTerm(nn.Module):
 def _build(pairs, options: CRDOptions, ctx: TermContext) -> CRDTerm:
     if len(pairs) != 1:
         raise SokdError(f"the crd feature term compares one student stage with one target stage, got "
-                        f"{len(pairs)}; give one entry in method.features[crd].stages (default: the last)")
+                        f"{len(pairs)}; give one entry in method.features[crd].stages (default: embedding)")
     if ctx.num_samples is None or ctx.num_samples < 2:
         raise SokdError(f"the crd feature term needs the training-set size (>= 2 samples) for its memory "
                         f"banks, got {ctx.num_samples}; build the method with num_samples=")
@@ -213,4 +214,5 @@ def _build(pairs, options: CRDOptions, ctx: TermContext) -> CRDTerm:
 
 register_kind("crd", _Kind(
     0.8, "RepDistiller's CIFAR-100 setting for CRD (-b 0.8; with KD: -r 1 -a 1 -b 0.8)",
-    build=_build, options=CRDOptions, needs_index=True))
+    build=_build, options=CRDOptions, needs_index=True, embedding=True,
+    default_stages=lambda n: [EMBEDDING]))

@@ -1,11 +1,12 @@
 """KD++'s norm-and-direction term (Wang et al., "Improving Knowledge Distillation via Regularizing
 Feature Norm and Direction", 2023) as the module feature kind "nd".
 
-Student and target embeddings are their stage outputs pooled to one vector per sample
-(`losses.embedding`); a student embedding of another width goes through a projector
-(BatchNorm1d -> Dropout(0.5) -> Linear, as the released code's) first. The loss
-(`losses.norm_direction`) pulls each student embedding towards the direction of its class's
-centre and, while it is shorter than the target's embedding of the same image, lengthens it.
+Student and target embeddings are by default what each classifier reads (the released code's
+features before the fc; a stage output given in `stages` is pooled, `losses.embedding`); a
+student embedding of another width goes through a projector (BatchNorm1d -> Dropout(0.5) ->
+Linear, as the released code's) first. The loss (`losses.norm_direction`) pulls each student
+embedding towards the direction of its class's centre and, while it is shorter than the target's
+embedding of the same image, lengthens it.
 
 Class centres (`options.centres`):
 - "mean" (the released code's): the mean target embedding of each class over the training data.
@@ -31,7 +32,7 @@ from torch import nn
 from ...errors import SokdError
 from ...models.staged import dry_forward, final_linear
 from .. import losses
-from .terms import TermContext, _Kind, register_kind
+from .terms import EMBEDDING, TermContext, _Kind, register_kind
 
 
 class NDOptions(BaseModel):
@@ -82,7 +83,7 @@ class NDTerm(nn.Module):
 def _build(pairs, options: NDOptions, ctx: TermContext) -> NDTerm:
     if len(pairs) != 1:
         raise SokdError(f"the nd feature term compares one student stage with one target stage, got "
-                        f"{len(pairs)}; give one entry in method.features[nd].stages (default: the last)")
+                        f"{len(pairs)}; give one entry in method.features[nd].stages (default: embedding)")
     (i, j), = pairs
     s_dim, t_dim = ctx.channels("student")[i], ctx.channels("target")[j]
     num_classes = int(dry_forward(ctx.target, ctx.input_shape, lambda n, x: n(x)).shape[1])
@@ -99,4 +100,4 @@ def _build(pairs, options: NDOptions, ctx: TermContext) -> NDTerm:
 
 register_kind("nd", _Kind(
     2.0, "KD++'s CIFAR-100 scripts (nd 2.0 for ResNet pairs, 1.5 for WRN-40-2 -> WRN-40-1), with KD at T = 4",
-    build=_build, options=NDOptions))
+    build=_build, options=NDOptions, embedding=True, default_stages=lambda n: [EMBEDDING]))

@@ -9,6 +9,11 @@ Two shapes of term share one configuration (`method.features`):
 - pairwise kinds (at, fitnet, sp, pkt, rkd) compare student stage i with target stage j (default
   j = i, counted the same way, so negative indices pair the last stages of nets with different
   depths); FitNet's 1x1-conv regressors are trainable;
+- a "stage" may also be `embedding`: the vector each network's final classifier reads (after a
+  pre-activation network's final BN + ReLU and the pooling; `models.staged.head_with_embedding`).
+  PKT, RKD, CRD and KD++'s ND are defined on it, and it is their default; on a network whose last
+  stage output is post-activation and pooled by the head (the CIFAR ResNets) it equals the pooled
+  last stage;
 - module kinds (crd, reviewkd) are nn.Modules built from the stage lists as a whole, with their
   own trainable parts (embedding heads, fusion blocks) and state (CRD's memory bank).
 Everything trainable here is optimised with the student, in one param group; buffers are part
@@ -17,14 +22,14 @@ of the method's state, so a checkpoint holds them and a resume continues them ex
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ...errors import SokdError, suggest
-from ...models.staged import StagedNet, dry_forward
+from ...models.staged import StagedNet, dry_forward, has_embedding
 from ...models.tokens import prefix_tokens, stage_map
 from ...registry import Registry
 from ...validation import validate
@@ -42,10 +47,17 @@ class TermContext:
     _channels: dict = field(default_factory=dict)
 
     def channels(self, who: str) -> list[int]:
-        """Channels of each stage output of "student" or "target" (one dry forward, cached)."""
+        """Channels of each stage output of "student" or "target", then the width of its embedding
+        where its head gives one (index num_stages; one dry forward, cached)."""
         if who not in self._channels:
             self._channels[who] = _stage_channels(getattr(self, who), self.input_shape)
         return self._channels[who]
+
+
+#: the "stage" naming a network's embedding, the vector its final classifier reads
+EMBEDDING = "embedding"
+
+Stage = Union[int, Literal["embedding"]]
 
 
 class _Kind:
@@ -60,8 +72,8 @@ class _Kind:
 
     def __init__(self, default_weight: float, source: str, *, pair_loss: Callable | None = None,
                  regressed: bool = False, build: Callable | None = None, options=None,
-                 default_stages: Callable[[int], list[int]] = lambda n: [-1], needs_index: bool = False,
-                 target_stages: bool = True):
+                 default_stages: Callable[[int], list] = lambda n: [-1], needs_index: bool = False,
+                 target_stages: bool = True, embedding: bool = False):
         self.default_weight = default_weight
         self.source = source            # where the default weight comes from
         self.pair_loss = pair_loss
@@ -71,6 +83,7 @@ class _Kind:
         self.default_stages = default_stages
         self.needs_index = needs_index
         self.target_stages = target_stages   # whether it compares target stages (else the target's logits)
+        self.embedding = embedding           # whether it may compare embeddings (vectors), not only maps
 
 
 KINDS = Registry("feature kind")
@@ -86,9 +99,10 @@ register_kind("at", _Kind(1000.0, "AT paper (beta = 1000)",
 register_kind("fitnet", _Kind(1.0, "FitNets (hint weight 1)", regressed=True,
                               pair_loss=lambda s, t, o: losses.hint(s, t)))
 register_kind("sp", _Kind(3000.0, "RepDistiller's CIFAR-100 setting for SP (the SP paper's gamma)",
-                          pair_loss=lambda s, t, o: losses.similarity_preserving(s, t)))
+                          pair_loss=lambda s, t, o: losses.similarity_preserving(s, t), embedding=True))
 register_kind("pkt", _Kind(30000.0, "RepDistiller's CIFAR-100 setting for PKT",
-                           pair_loss=lambda s, t, o: losses.pkt(s, t)))
+                           pair_loss=lambda s, t, o: losses.pkt(s, t), embedding=True,
+                           default_stages=lambda n: [EMBEDDING]))
 
 
 class RKDOptions(BaseModel):
@@ -98,7 +112,8 @@ class RKDOptions(BaseModel):
 
 
 register_kind("rkd", _Kind(1.0, "RKD paper (w_dist 25, w_angle 50 inside the term)", options=RKDOptions,
-                           pair_loss=lambda s, t, o: losses.rkd(s, t, o.w_dist, o.w_angle)))
+                           pair_loss=lambda s, t, o: losses.rkd(s, t, o.w_dist, o.w_angle), embedding=True,
+                           default_stages=lambda n: [EMBEDDING]))
 
 
 def default_weight(kind: str) -> float:
@@ -108,8 +123,9 @@ def default_weight(kind: str) -> float:
 class FeatureSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: str = Field(description="a registered feature kind: at, fitnet, sp, pkt, rkd, crd, nd, ofa, reviewkd")
-    stages: list[int] | None = Field(None, min_length=1, description="student stage indices (default: the kind's)")
-    target_stages: list[int] | None = Field(None, min_length=1, description="target stage indices (default: same)")
+    stages: list[Stage] | None = Field(None, min_length=1, description=(
+        "student stage indices, or 'embedding' for the vector the classifier reads (default: the kind's)"))
+    target_stages: list[Stage] | None = Field(None, min_length=1, description="target stage indices (default: same)")
     weight: float | None = Field(None, ge=0, description="default: the kind's (docs/methods.md)")
     options: dict[str, Any] = Field(default_factory=dict, description="the kind's own options")
 
@@ -122,7 +138,20 @@ class FeatureSpec(BaseModel):
         return kind
 
 
-def _resolve(idx: int, n: int, who: str, kind: str) -> int:
+def _resolve(idx: Stage, n: int, who: str, kind: str, net: StagedNet) -> int:
+    """A stage index as a position in the stage list the term is given: 0..n-1 for stages, n for
+    the embedding (appended after the stages when some term compares it)."""
+    if idx == EMBEDDING:
+        if not KINDS[kind].embedding:
+            raise SokdError(f"feature term '{kind}' compares feature maps and cannot take the {who}'s embedding; "
+                            f"give stage indices in method.features[{kind}]")
+        if not has_embedding(net.head):
+            raise SokdError(
+                f"feature term '{kind}' compares the {who}'s embedding (what its classifier reads), but the "
+                f"{who}'s head ({type(net.head).__name__}) gives none: it is neither a sequence ending in a "
+                f"linear classifier nor a head with forward_embedding; set method.features[{kind}].stages "
+                f"(e.g. [-1]) to compare pooled stage outputs instead")
+        return n
     if not -n <= idx < n:
         raise SokdError(f"feature term '{kind}' asks for {who} stage {idx}, but the {who} has {n} "
                         f"stages (valid: 0..{n - 1} or -{n}..-1); fix method.features")
@@ -130,9 +159,12 @@ def _resolve(idx: int, n: int, who: str, kind: str) -> int:
 
 
 def _stage_channels(net: StagedNet, input_shape) -> list[int]:
-    """Channels of each stage output (as a map, `stage_map`), from one dry forward."""
-    feats = dry_forward(net, input_shape, lambda n, x: n.forward_features(x)[1])
-    return [stage_map(f, prefix_tokens(net)).shape[1] for f in feats]
+    """Channels of each stage output (as a map, `stage_map`), then the embedding's width where the
+    head gives one, from one dry forward."""
+    emb = has_embedding(net.head)
+    out = dry_forward(net, input_shape, lambda n, x: n.forward_features(x, embedding=emb))
+    channels = [stage_map(f, prefix_tokens(net)).shape[1] for f in out[1]]
+    return channels + [out[2].shape[-1]] if emb else channels
 
 
 class FeatureTerms(nn.Module):
@@ -154,6 +186,7 @@ class FeatureTerms(nn.Module):
         # a transformer's stage outputs are token sequences: every term compares them as maps
         self.prefix = (prefix_tokens(student), prefix_tokens(target))
         ns, nt = student.num_stages, target.num_stages
+        self.num_stages = (ns, nt)
         self.pairs: dict[str, list[tuple[int, int]]] = {}
         self.kinds: dict[str, _Kind] = {}
         self.kind_options: dict[str, Any] = {}
@@ -171,8 +204,10 @@ class FeatureTerms(nn.Module):
                 tgt = [-1] * len(stages)
             if len(tgt) != len(stages):
                 raise SokdError(f"feature term '{spec.kind}': stages and target_stages differ in length")
-            pairs = [(_resolve(i, ns, "student", spec.kind), _resolve(j, nt, "teacher", spec.kind))
+            pairs = [(_resolve(i, ns, "student", spec.kind, student), _resolve(j, nt, "teacher", spec.kind, target))
                      for i, j in zip(stages, tgt)]
+            if kind.regressed and any(i == ns or j == nt for i, j in pairs):
+                raise SokdError(f"feature term '{spec.kind}' regresses maps and cannot take an embedding")
             if kind.options is not None:
                 opts = validate(kind.options, spec.options, prefix=f"method.features[{spec.kind}].options.")
             elif spec.options:
@@ -194,15 +229,28 @@ class FeatureTerms(nn.Module):
                         nn.Conv2d(s_ch[i], t_ch[j], kernel_size=1, bias=False), nn.BatchNorm2d(t_ch[j]))
 
     @property
+    def uses_embedding(self) -> bool:
+        """Whether some term compares an embedding: the networks' forward must then give theirs
+        (`forward_features(..., embedding=True)`) and `forward` be passed both."""
+        return any(i == self.num_stages[0] or j == self.num_stages[1]
+                   for pairs in self.pairs.values() for i, j in pairs)
+
+    @property
     def needs_index(self) -> bool:
         """Whether some term needs each sample's training-set index (`index=` in forward)."""
         return any(k.needs_index for k in self.kinds.values())
 
     def forward(self, student_feats: list[torch.Tensor], target_feats: list[torch.Tensor],
                 labels: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                target_logits: torch.Tensor | None = None) -> dict:
+                target_logits: torch.Tensor | None = None, student_embedding: torch.Tensor | None = None,
+                target_embedding: torch.Tensor | None = None) -> dict:
         student_feats = [stage_map(f, self.prefix[0]) for f in student_feats]
         target_feats = [stage_map(f, self.prefix[1]) for f in target_feats]
+        if self.uses_embedding:
+            if student_embedding is None or target_embedding is None:
+                raise RuntimeError("a feature term compares embeddings, but the method did not pass them")
+            student_feats.append(student_embedding)
+            target_feats.append(target_embedding)
         terms = {}
         for name, pairs in self.pairs.items():
             kind = self.kinds[name]

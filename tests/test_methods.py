@@ -356,3 +356,17 @@ def test_methods_without_feature_terms_refuse_them_in_one_place():
             sokd.methods.create(name, features=feats, **kwargs)
         assert " or ".join(users) in str(err.value) or "/".join(users) in str(err.value)
 
+
+
+def test_each_feature_kind_defaults_to_the_stages_its_paper_compares():
+    teacher, student = nets()
+    n = student.num_stages
+
+    def pairs(kind):
+        m = sokd.methods.create("kd", teacher=teacher, student=student, features=[{"kind": kind}],
+                                input_shape=(3, 16, 16), num_samples=32)
+        return m.features.pairs[f"student_{kind}"]
+    assert pairs("at") == [(i, i) for i in range(n)]          # the end of every group (AT paper)
+    assert pairs("sp") == [(n - 1, teacher.num_stages - 1)]   # the last group's map (RepDistiller)
+    for kind in ("pkt", "rkd", "crd", "nd"):                  # the embedding the classifier reads
+        assert pairs(kind) == [(n, teacher.num_stages)]

@@ -21,6 +21,7 @@ of the method's state, so a checkpoint holds them and a resume continues them ex
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Union
 
@@ -72,7 +73,7 @@ class _Kind:
 
     def __init__(self, default_weight: float, source: str, *, pair_loss: Callable | None = None,
                  regressed: bool = False, build: Callable | None = None, options=None,
-                 default_stages: Callable[[int], list] = lambda n: [-1], needs_index: bool = False,
+                 default_stages: Callable[..., list] = lambda n: [-1], needs_index: bool = False,
                  target_stages: bool = True, embedding: bool = False):
         self.default_weight = default_weight
         self.source = source            # where the default weight comes from
@@ -80,10 +81,21 @@ class _Kind:
         self.regressed = regressed      # a trainable 1x1-conv regressor maps student to target channels
         self.build = build
         self.options = options          # pydantic model of the kind's own options (or None)
-        self.default_stages = default_stages
+        self.default_stages = default_stages   # (student stages[, target stages]) -> student stage list
         self.needs_index = needs_index
         self.target_stages = target_stages   # whether it compares target stages (else the target's logits)
         self.embedding = embedding           # whether it may compare embeddings (vectors), not only maps
+
+    def stages_by_default(self, student_stages: int, target_stages: int) -> list:
+        """The student stages compared when the config names none; `default_stages` may take the
+        student's stage count alone (as kinds registered by plugins do) or both counts."""
+        try:
+            takes_both = len(inspect.signature(self.default_stages).parameters) >= 2
+        except (TypeError, ValueError):
+            takes_both = False
+        if takes_both:
+            return self.default_stages(student_stages, target_stages)
+        return self.default_stages(student_stages)
 
 
 KINDS = Registry("feature kind")
@@ -94,8 +106,9 @@ def register_kind(name: str, kind: _Kind, overwrite: bool = False) -> _Kind:
     return KINDS.add(name, kind, overwrite)
 
 
-register_kind("at", _Kind(1000.0, "AT paper (beta = 1000)",
-                          pair_loss=lambda s, t, o: losses.attention_transfer(s, t)))
+register_kind("at", _Kind(1000.0, "AT paper (beta = 1000, at the end of every group of blocks)",
+                          pair_loss=lambda s, t, o: losses.attention_transfer(s, t),
+                          default_stages=lambda ns, nt: list(range(-min(ns, nt), 0))))
 register_kind("fitnet", _Kind(1.0, "FitNets (hint weight 1)", regressed=True,
                               pair_loss=lambda s, t, o: losses.hint(s, t)))
 register_kind("sp", _Kind(3000.0, "RepDistiller's CIFAR-100 setting for SP (the SP paper's gamma)",
@@ -195,7 +208,7 @@ class FeatureTerms(nn.Module):
         self.modules_by_term = nn.ModuleDict()  # module kinds, keyed by term name
         for spec in specs:
             kind = KINDS[spec.kind]
-            stages = spec.stages if spec.stages is not None else kind.default_stages(ns)
+            stages = spec.stages if spec.stages is not None else kind.stages_by_default(ns, nt)
             tgt = spec.target_stages if spec.target_stages is not None else stages
             if not kind.target_stages:
                 if spec.target_stages is not None:

@@ -199,7 +199,6 @@ class FeatureTerms(nn.Module):
         # a transformer's stage outputs are token sequences: every term compares them as maps
         self.prefix = (prefix_tokens(student), prefix_tokens(target))
         ns, nt = student.num_stages, target.num_stages
-        self.num_stages = (ns, nt)
         self.pairs: dict[str, list[tuple[int, int]]] = {}
         self.kinds: dict[str, _Kind] = {}
         self.kind_options: dict[str, Any] = {}
@@ -240,13 +239,9 @@ class FeatureTerms(nn.Module):
                 for i, j in pairs:
                     self.regressors[f"{i}_{j}"] = nn.Sequential(
                         nn.Conv2d(s_ch[i], t_ch[j], kernel_size=1, bias=False), nn.BatchNorm2d(t_ch[j]))
-
-    @property
-    def uses_embedding(self) -> bool:
-        """Whether some term compares an embedding: the networks' forward must then give theirs
-        (`forward_features(..., embedding=True)`) and `forward` be passed both."""
-        return any(i == self.num_stages[0] or j == self.num_stages[1]
-                   for pairs in self.pairs.values() for i, j in pairs)
+        #: whether some term compares an embedding: the networks' forwards must then give theirs
+        #: (`forward_features(..., embedding=True)`) and `forward` be passed both
+        self.uses_embedding = any(i == ns or j == nt for pairs in self.pairs.values() for i, j in pairs)
 
     @property
     def needs_index(self) -> bool:

@@ -368,5 +368,7 @@ def test_each_feature_kind_defaults_to_the_stages_its_paper_compares():
         return m.features.pairs[f"student_{kind}"]
     assert pairs("at") == [(i, i) for i in range(n)]          # the end of every group (AT paper)
     assert pairs("sp") == [(n - 1, teacher.num_stages - 1)]   # the last group's map (RepDistiller)
+    assert pairs("fitnet") == [((n - 1) // 2, (n - 1) // 2)]   # hint layer 2, the middle group
+    assert sokd.methods.features.default_weight("fitnet") == 100.0
     for kind in ("pkt", "rkd", "crd", "nd"):                  # the embedding the classifier reads
         assert pairs(kind) == [(n, teacher.num_stages)]

@@ -109,8 +109,10 @@ def register_kind(name: str, kind: _Kind, overwrite: bool = False) -> _Kind:
 register_kind("at", _Kind(1000.0, "AT paper (beta = 1000, at the end of every group of blocks)",
                           pair_loss=lambda s, t, o: losses.attention_transfer(s, t),
                           default_stages=lambda ns, nt: list(range(-min(ns, nt), 0))))
-register_kind("fitnet", _Kind(1.0, "FitNets (hint weight 1)", regressed=True,
-                              pair_loss=lambda s, t, o: losses.hint(s, t)))
+register_kind("fitnet", _Kind(100.0, "RepDistiller's and mdistiller's CIFAR-100 setting (weight 100, hint layer 2: "
+                                     "the middle group)", regressed=True,
+                              pair_loss=lambda s, t, o: losses.hint(s, t),
+                              default_stages=lambda n: [(n - 1) // 2]))
 register_kind("sp", _Kind(3000.0, "RepDistiller's CIFAR-100 setting for SP (the SP paper's gamma)",
                           pair_loss=lambda s, t, o: losses.similarity_preserving(s, t), embedding=True))
 register_kind("pkt", _Kind(30000.0, "RepDistiller's CIFAR-100 setting for PKT",

@@ -24,22 +24,26 @@ def _wrn_term(**options):
     return student, target, terms, terms.modules_by_term["student_reviewkd"]
 
 
-def test_kind_is_registered_with_its_source_and_all_stages_by_default():
+def test_kind_is_registered_with_its_source_and_all_stages_and_the_embedding_by_default():
     kind = KINDS["reviewkd"]
     assert kind.default_weight == 5.0 and "ReviewKD" in kind.source and kind.build is not None
-    assert kind.default_stages(3) == [0, 1, 2]
+    assert kind.default_stages(3) == [0, 1, 2, "embedding"]
 
 
-def test_fused_outputs_match_the_target_stage_shapes_wrn16_1_to_wrn16_2():
+def test_fused_outputs_match_the_target_shapes_wrn16_1_to_wrn16_2_embedding_first():
     student, target, terms, term = _wrn_term()
-    assert term.pairs == [(2, 2), (1, 1), (0, 0)]
-    assert term.mid_channels == 64  # min(512, channels of the deepest student stage)
+    # the released code's four levels for WRNs: the pooled feature (a 1 x 1 map), then the stages
+    assert term.pairs == [(3, 3), (2, 2), (1, 1), (0, 0)]
+    assert term.mid_channels == 64  # min(512, channels of the deepest student level)
     x = torch.randn(2, 3, 32, 32)
-    _, s_feats = student.forward_features(x)
-    _, t_feats = target.forward_features(x)
+    _, s_feats, s_emb = student.forward_features(x, embedding=True)
+    _, t_feats, t_emb = target.forward_features(x, embedding=True)
     assert [f.shape[1] for f in s_feats] != [f.shape[1] for f in t_feats]  # channels differ
-    outs = term.fused(s_feats, t_feats)
-    assert [o.shape for o in outs] == [t_feats[j].shape for _, j in term.pairs]
+    outs = term.fused(s_feats + [s_emb], t_feats + [t_emb])
+    assert outs[0].shape == (2, t_emb.shape[1], 1, 1)
+    assert [o.shape for o in outs[1:]] == [t_feats[j].shape for _, j in term.pairs[1:]]
+    loss = terms(s_feats, t_feats, student_embedding=s_emb, target_embedding=t_emb)["student_reviewkd"]
+    assert torch.isfinite(loss).item() and loss.item() > 0
 
 
 def test_spatial_mismatch_and_cross_level_pairs_resize_to_the_target():
@@ -107,10 +111,10 @@ def test_bf16_autocast_gives_a_finite_fp32_loss():
     student, target, terms, _ = _wrn_term(pool_levels=[2, 1])
     x = torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, s_feats = student.forward_features(x)
+        _, s_feats, s_emb = student.forward_features(x, embedding=True)
         with torch.no_grad():
-            _, t_feats = target.forward_features(x)
-        loss = terms(s_feats, t_feats)["student_reviewkd"]
+            _, t_feats, t_emb = target.forward_features(x, embedding=True)
+        loss = terms(s_feats, t_feats, student_embedding=s_emb, target_embedding=t_emb)["student_reviewkd"]
     assert loss.dtype == torch.float32 and torch.isfinite(loss).item()
     loss.backward()
 

@@ -2,7 +2,9 @@
 module feature kind "reviewkd".
 
 Knowledge review: each target stage is learnt from the student's stage at the same level *and*
-every deeper one. A chain of attention-based fusion (ABF) blocks runs over the paired student
+every deeper one. The levels are every stage and, deepest, the embedding each classifier reads as
+a 1 x 1 map (the released code's four levels for a 3-stage network: its pooled feature, shape 1,
+then the stages). A chain of attention-based fusion (ABF) blocks runs over the paired student
 stages from the deepest to the shallowest; level k's output is compared with its target stage by
 the hierarchical context loss (HCL). The ABF blocks exist only for training: the student keeps
 its own architecture, and the blocks learn with it (FeatureTerms' param group).
@@ -30,6 +32,11 @@ mdistiller's configs/cifar100/reviewkd.yaml sets the same 5.0 over its global de
 CE weight 1 and a linear warm-up of the ReviewKD weight over the first 20 of 240 epochs. The
 warm-up is `method.warmup_epochs` here, which ramps every non-CE term (the KD term too);
 the official recipe has no KD term.
+
+One difference remains: the released code reads the teacher's stage maps before their last ReLU
+(`preact=True`). sokd's stage outputs are the blocks' outputs, which on a pre-activation network
+(the WideResNets) are the same maps and on a post-activation one (the CIFAR ResNets) come after
+that ReLU.
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ...errors import SokdError
-from .terms import TermContext, _Kind, register_kind
+from .terms import EMBEDDING, TermContext, _Kind, register_kind
 
 
 class ReviewKDOptions(BaseModel):
@@ -135,7 +142,7 @@ class ReviewKDTerm(nn.Module):
         """The ABF outputs, one per pair, in the chain's (deepest-first) order."""
         outs, deeper = [], None
         for abf, (i, j) in zip(self.abfs, self.pairs):
-            y, deeper = abf(student_feats[i], deeper, target_feats[j].shape[-2:])
+            y, deeper = abf(as_map(student_feats[i]), deeper, as_map(target_feats[j]).shape[-2:])
             outs.append(y)
         return outs
 
@@ -144,8 +151,13 @@ class ReviewKDTerm(nn.Module):
         total = 0.0
         for y, (_, j) in zip(self.fused(student_feats, target_feats), self.pairs):
             # fp32 loss under autocast: squared differences of bf16/fp16 maps lose precision
-            total = total + hcl_level(y.float(), target_feats[j].detach().float(), self.pool_levels)
+            total = total + hcl_level(y.float(), as_map(target_feats[j]).detach().float(), self.pool_levels)
         return total
+
+
+def as_map(feat: torch.Tensor) -> torch.Tensor:
+    """An embedding (B x C) as the 1 x 1 map the fusion chain takes; maps as they are."""
+    return feat[:, :, None, None] if feat.dim() == 2 else feat
 
 
 def _build(pairs, options: ReviewKDOptions, ctx: TermContext) -> ReviewKDTerm:
@@ -157,4 +169,5 @@ register_kind("reviewkd", _Kind(
     5.0, "ReviewKD official CIFAR-100 scripts (github.com/dvlab-research/ReviewKD: weight 5 for "
     "WRN-40-2 -> WRN-16-2/WRN-40-1, also mdistiller's cifar100 config; both warm it up over 20 "
     "epochs: method.warmup_epochs)",
-    build=_build, options=ReviewKDOptions, default_stages=lambda n: list(range(n))))
+    build=_build, options=ReviewKDOptions, embedding=True,
+    default_stages=lambda n: list(range(n)) + [EMBEDDING]))

@@ -69,7 +69,9 @@ class TokenHead(nn.Module):
 
     def both_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A distilled DeiT's (class-token logits, distillation-token logits)."""
-        x = self.norm(x)
+        return self._heads_of_normed(self.norm(x))
+
+    def _heads_of_normed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.head_drop(x[:, 0])), self.head_dist(self.head_drop(x[:, 1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,12 +80,10 @@ class TokenHead(nn.Module):
     def forward_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, embedding): the embedding is the pooled, normalised token the classifier reads
         (a distilled DeiT's: its class token; its logits are the mean of both heads)."""
-        if self.head_dist is not None:   # DeiT: the mean of the class and distillation heads
-            x = self.norm(x)
-            cls = self.head(self.head_drop(x[:, 0]))
-            dist = self.head_dist(self.head_drop(x[:, 1]))
-            return (cls + dist) / 2, x[:, 0]
         x = self.norm(x)
+        if self.head_dist is not None:   # DeiT: the mean of the class and distillation heads
+            cls, dist = self._heads_of_normed(x)
+            return (cls + dist) / 2, x[:, 0]
         from timm.layers import global_pool_nlc
         x = global_pool_nlc(x, pool_type=self.global_pool, num_prefix_tokens=self.prefix_tokens,
                             reduce_include_prefix=self.include_prefix)

@@ -32,8 +32,6 @@ def refused(capsys, *args) -> str:
     assert main([str(a) for a in args]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sokd: error: ") and "internal error" not in lines[0], lines
-    with capsys.disabled():
-        print(f"\n{lines[0]}")  # what the user sees (pytest -s shows it)
     return lines[0]
 
 
@@ -180,8 +178,6 @@ def test_report_counts_each_run_once_and_never_reads_set_aside_folders(tmp_path,
     row = next(line for line in out.splitlines() if line.startswith("| vanilla"))
     assert "| 2 " in row, row                                       # two seeds, not five
     note = out.strip().splitlines()[-1]
-    with capsys.disabled():
-        print(f"\n{note}")
     kept = runs / "backup" / "vanilla"  # the first in path order stands for the run
     assert note == (f"note: 2 copies of runs already counted were ignored (same name, seed, summary and metrics): "
                     f"{a} (same run as {kept}), {runs / 'vanilla-copy'} (same run as {kept})")

@@ -34,14 +34,20 @@ def test_bench_measures_every_requested_variant_and_the_plain_baseline():
     assert res["matmul_peak_gflops"] > 0
 
 
-def test_peak_memory_on_cpu_keeps_the_profilers_start_stop_lines_off_stderr_but_not_warnings(capfd):
+def test_peak_memory_on_cpu_keeps_the_profilers_chatter_off_stderr_but_not_warnings_or_errors(capfd):
     def step():
         os.write(2, b"a real warning\n")
+        os.write(2, b"ERROR:2026-12-07 16:55:53 1:1 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\n")
+        os.write(2, b"[W1207 CPUAllocator.cpp:245] Memory block of unknown size was allocated before the "
+                    b"profiling started, profiler results will not include the deallocation event\n")
+        os.write(2, b"ERROR: a real error\n")
         torch.ones(256, 256).mul(2).sum()
     mb = bench.peak_memory_mb(step, torch.device("cpu"))
     err = capfd.readouterr().err
     assert mb > 0
-    assert "USDT:" not in err and "a real warning" in err
+    assert "a real warning" in err and "ERROR: a real error" in err
+    for chatter in bench.PROFILER_CHATTER:
+        assert chatter not in err
 
 
 def test_report_aggregates_seeds_with_final_and_best_columns_and_plots(tmp_path, capsys):

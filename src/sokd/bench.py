@@ -153,11 +153,18 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
+#: what the CPU profiler prints on every start, whatever the step does: kineto's start/stop
+#: probes, its search for a GPU on a machine without a CUDA driver ("ERROR: ... gpuGetDeviceCount
+#: failed"), and the allocator's note that blocks made before the profiler are not attributed
+#: (the peak it measures is the step's own allocations by design)
+PROFILER_CHATTER = ("USDT:", "gpuGetDeviceCount failed", "was allocated before the profiling started")
+
+
 @contextlib.contextmanager
-def without_profiler_chatter(prefix: str = "USDT:"):
-    """Kineto prints `USDT: ... profiler_start/stop` straight to file descriptor 2 every time a
-    profiler starts; in `sokd bench` those lines interleave with the table. Capture fd 2 while
-    profiling and pass every other line (warnings, errors) on to stderr."""
+def without_profiler_chatter(chatter: tuple[str, ...] = PROFILER_CHATTER):
+    """Kineto writes lines straight to file descriptor 2 every time a profiler starts (see
+    PROFILER_CHATTER); in `sokd bench` they interleave with the table and read as failures.
+    Capture fd 2 while profiling and pass every other line (warnings, errors) on to stderr."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
@@ -170,7 +177,7 @@ def without_profiler_chatter(prefix: str = "USDT:"):
             os.close(saved)
             captured.seek(0)
             lines = captured.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(l for l in lines if not l.startswith(prefix)))
+            sys.stderr.write("".join(l for l in lines if not any(c in l for c in chatter)))
             sys.stderr.flush()
 
 
